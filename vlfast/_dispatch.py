@@ -1,0 +1,54 @@
+"""Choosing an implementation for an op: impl="auto" | "reference" | "triton" | "cuda".
+
+"auto" (or the environment variable VLFAST_IMPL) prefers the CUDA extension, then Triton on a GPU,
+then the reference. Any other value is an explicit choice: it runs or raises with the reason, it
+never falls back.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, Optional
+
+import torch
+
+IMPLS = ("reference", "triton", "cuda")
+_AUTO_ORDER = ("cuda", "triton", "reference")
+
+
+class ImplUnavailableError(RuntimeError):
+    """An explicitly requested implementation cannot run these inputs."""
+
+
+def requested_impl(impl: str) -> str:
+    """The caller's choice, with "auto" replaced by VLFAST_IMPL when that is set."""
+    if impl not in ("auto",) + IMPLS:
+        raise ValueError(f"impl must be one of {('auto',) + IMPLS}, got {impl!r}")
+    if impl == "auto":
+        env = os.environ.get("VLFAST_IMPL", "auto").strip() or "auto"
+        if env not in ("auto",) + IMPLS:
+            raise ValueError(f"environment variable VLFAST_IMPL must be one of {('auto',) + IMPLS}, got {env!r}")
+        impl = env
+    return impl
+
+
+def resolve_impl(op: str, impl: str, device: torch.device,
+                 why_not: Mapping[str, Callable[[], Optional[str]]]) -> str:
+    """Pick the implementation that runs `op`.
+
+    why_not maps each implementation to a function returning None when it can run the inputs at
+    hand, or a sentence saying why it cannot.
+    """
+    choice = requested_impl(impl)
+    if choice != "auto":
+        reason = why_not[choice]()
+        if reason is not None:
+            raise ImplUnavailableError(f"vlfast.{op}: impl={choice!r} cannot run here: {reason}")
+        return choice
+    for name in _AUTO_ORDER:
+        # The Triton interpreter can run CPU tensors, but only on request: auto keeps to GPUs.
+        if name == "triton" and device.type != "cuda":
+            continue
+        if why_not[name]() is None:
+            return name
+    raise ImplUnavailableError(f"vlfast.{op}: no implementation can run these inputs: "
+                               + "; ".join(f"{n}: {why_not[n]()}" for n in IMPLS))

@@ -1,0 +1,321 @@
+"""Triton kernels for the contrastive loss; the math is in reference.py.
+
+Forward, one pass over the logits (the N x M matrix is never stored):
+  _positive_logit_kernel  z at each row's positive, (N,)
+  _logit_stats_kernel     per (row block, column split): the row statistic over its columns and,
+                          for the symmetric softmax, a per-row-block partial column statistic;
+                          softmax keeps log-sum-exp of the margins z - z_positive over negatives,
+                          sigmoid the sum of softplus terms. Partials are combined in PyTorch:
+                          O(N * splits + M * N / BLOCK_M) floats.
+Backward, per chunk of rows (bounded extra memory):
+  _logit_grad_kernel      recomputes the logits tile and writes s * dLoss/dz (C x M, input dtype),
+                          plus per-tile partial sums for d_scale and d_bias in float32;
+  two GEMMs on the chunk  d_a = G @ b (cuBLAS) and d_b += G^T @ a into a float32 accumulator.
+That is 4 GEMMs of 2*N*M*D in all: the floor for a loss whose column statistics need every row.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..._backends import triton_interpreting
+from .reference import softplus
+
+_INTERPRET = triton_interpreting()
+# Column splits are multiples of the widest column tile, so every config tiles them exactly.
+_MAX_BN = 256
+# Row block of the stats kernel: fixed (the column partials are sized by it), autotuned otherwise.
+STATS_BM = 32 if _INTERPRET else 128
+# Bytes of the backward's G chunk (C x M in the input dtype).
+GRAD_CHUNK_BYTES = int(os.environ.get("VLFAST_CLIP_CHUNK_BYTES", 256 << 20))
+
+
+def _configs(bm_choices, bn_choices, bk_choices, warps, stages):
+    if _INTERPRET:  # one small config: the interpreter is slow, and several tiles get exercised
+        return [triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+            for bm in bm_choices for bn in bn_choices for bk in bk_choices for w in warps for s in stages]
+
+
+# Hopper-oriented starting points (128 x 128..256 tiles, 8 warps, 3-4 stages); to be narrowed by
+# measurement on the H200 (benchmarks/gpu_check.sh).
+_STATS_CONFIGS = _configs([STATS_BM], [128, 256], [64], [8], [3, 4])
+_GRAD_CONFIGS = _configs([128], [128, 256], [64], [8], [3, 4])
+
+
+def _even_k(args):
+    return args["D"] % args["BK"] == 0
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) accurate for tiny x (Goldberg's trick); triton.language has no log1p.
+    u = 1.0 + x
+    d = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, x, tl.log(u) * (x / d))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """<a_row, b_col> for a BM x BN tile, float32 accumulation."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    ks = tl.arange(0, BK)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
+    b_cols = b_ptr + cols.to(tl.int64)[None, :] * stride_b
+    for k0 in range(0, D, BK):
+        k = k0 + ks
+        if EVEN_K:
+            a = tl.load(a_rows + k[None, :], mask=row_ok[:, None], other=0.0)
+            bt = tl.load(b_cols + k[:, None], mask=col_ok[None, :], other=0.0)
+        else:
+            a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < D), other=0.0)
+            bt = tl.load(b_cols + k[:, None], mask=col_ok[None, :] & (k[:, None] < D), other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong; fp32 is exact there
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _positive_logit_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_ptr, N, D, offset, stride_a, stride_b,
+                           HAS_BIAS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = rows < N
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
+    b_rows = b_ptr + (rows + offset).to(tl.int64)[:, None] * stride_b
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        k = d0 + tl.arange(0, BD)
+        m = ok[:, None] & (k[None, :] < D)
+        x = tl.load(a_rows + k[None, :], mask=m, other=0.0).to(tl.float32)
+        y = tl.load(b_rows + k[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(x * y, axis=1)
+    z = tl.load(scale_ptr) * acc
+    if HAS_BIAS:
+        z += tl.load(bias_ptr)
+    tl.store(out_ptr + rows, z, mask=ok)
+
+
+@triton.autotune(configs=_STATS_CONFIGS, key=["D", "SIGMOID", "SYMMETRIC"])
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _logit_stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_part_ptr, col_part_ptr,
+                        N, M, D, offset, cols_per_split, stride_a, stride_b,
+                        SIGMOID: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                        EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    scale = tl.load(scale_ptr)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr)
+    if not SIGMOID:
+        pos_r = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)
+    # softmax: running max and sum of exp(margin - max) over negatives; sigmoid: running sum.
+    m_r = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    l_r = tl.zeros((BM,), dtype=tl.float32)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(M, col_start + cols_per_split)
+    for c0 in range(col_start, col_end, BN):
+        cols = c0 + tl.arange(0, BN)
+        col_ok = cols < col_end
+        dot = _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
+                        BM, BN, BK, EVEN_K, DOT_PRECISION, UPCAST)
+        z = scale * dot + bias
+        valid = row_ok[:, None] & col_ok[None, :]
+        if HAS_POS:
+            is_pos = cols[None, :] == rows[:, None] + offset
+        else:
+            is_pos = tl.zeros((BM, BN), dtype=tl.int1)
+        if SIGMOID:
+            x = tl.where(is_pos, -z, z)  # softplus(-t z): t = +1 at the positive, -1 elsewhere
+            l_r += tl.sum(tl.where(valid, _softplus(x), 0.0), axis=1)
+        else:
+            keep = valid & (is_pos == 0)
+            t = tl.where(keep, z - pos_r[:, None], float("-inf"))
+            m_new = tl.maximum(m_r, tl.max(t, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_r = l_r * tl.exp(m_r - m_use) + tl.sum(tl.exp(t - m_use[:, None]), axis=1)
+            m_r = m_new
+            if SYMMETRIC:  # the same tile, read down its columns (square block: column j's positive is row j)
+                pos_c = tl.load(pos_ptr + cols, mask=col_ok, other=0.0)
+                tc = tl.where(keep, z - pos_c[None, :], float("-inf"))
+                mc = tl.max(tc, axis=0)
+                mc_use = tl.where(mc == float("-inf"), 0.0, mc)
+                lc = tl.sum(tl.exp(tc - mc_use[None, :]), axis=0)
+                # lc is 0 (no negatives) or >= 1 (the max contributes exp(0)), so the log is exact.
+                part = tl.where(lc > 0.0, mc_use + tl.log(tl.maximum(lc, 1.0)), float("-inf"))
+                tl.store(col_part_ptr + pid_m.to(tl.int64) * M + cols, part, mask=col_ok)
+    if SIGMOID:
+        out = l_r
+    else:
+        m_use = tl.where(m_r == float("-inf"), 0.0, m_r)
+        out = tl.where(l_r > 0.0, m_use + tl.log(tl.maximum(l_r, 1.0)), float("-inf"))
+    tl.store(row_part_ptr + pid_s.to(tl.int64) * N + rows, out, mask=row_ok)
+
+
+@triton.autotune(configs=_GRAD_CONFIGS, key=["D", "SIGMOID", "SYMMETRIC"])
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _logit_grad_kernel(a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, stats_ptr, em_ptr, w_ptr, ds_part_ptr,
+                       db_part_ptr, C, N, M, D, r0, offset, stride_a, stride_b, stride_g,
+                       SIGMOID: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """G = scale * dLoss/dz for rows [r0, r0 + C) of a (a_ptr points at row r0) against all of b."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local = pid_m * BM + tl.arange(0, BM)
+    row_ok = local < C
+    rows = r0 + local
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < M
+    dot = _dot_tile(a_ptr, b_ptr, local, cols, row_ok, col_ok, D, stride_a, stride_b,
+                    BM, BN, BK, EVEN_K, DOT_PRECISION, UPCAST)
+    scale = tl.load(scale_ptr)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr)
+    z = scale * dot + bias
+    valid = row_ok[:, None] & col_ok[None, :]
+    if HAS_POS:
+        is_pos = cols[None, :] == rows[:, None] + offset
+    else:
+        is_pos = tl.zeros((BM, BN), dtype=tl.int1)
+    w_r = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    if SIGMOID:
+        sign = tl.where(is_pos, 1.0, -1.0)
+        g = w_r[:, None] * (-sign) / (1.0 + tl.exp(sign * z))  # d softplus(-t z)/dz = -t sigmoid(-t z)
+    else:
+        pos_r = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        loss_r = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+        em_r = tl.load(em_ptr + rows, mask=row_ok, other=0.0)
+        p = tl.exp(z - pos_r[:, None] - loss_r[:, None])
+        g = w_r[:, None] * tl.where(is_pos, em_r[:, None], p)  # softmax - 1 = expm1(-loss) at the positive
+        if SYMMETRIC:
+            pos_c = tl.load(stats_ptr + cols, mask=col_ok, other=0.0)
+            loss_c = tl.load(stats_ptr + 2 * N + cols, mask=col_ok, other=0.0)
+            em_c = tl.load(em_ptr + N + cols, mask=col_ok, other=0.0)
+            w_c = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
+            q = tl.exp(z - pos_c[None, :] - loss_c[None, :])
+            g += w_c[None, :] * tl.where(is_pos, em_c[None, :], q)
+    g = tl.where(valid, g, 0.0)
+    pid = pid_m * tl.num_programs(1) + pid_n
+    tl.store(ds_part_ptr + pid, tl.sum(tl.sum(g * dot, axis=1), axis=0))
+    if SIGMOID:
+        tl.store(db_part_ptr + pid, tl.sum(tl.sum(g, axis=1), axis=0))
+    out = g_ptr + local.to(tl.int64)[:, None] * stride_g + cols[None, :]
+    tl.store(out, (scale * g).to(g_ptr.dtype.element_ty), mask=valid)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 follows PyTorch's own matmul setting: exact unless the user allowed TF32.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _flags(a: Tensor, bias: Optional[Tensor], kind: str, symmetric: bool, offset: int) -> dict:
+    return dict(SIGMOID=kind == "sigmoid", SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
+                HAS_POS=offset >= 0, DOT_PRECISION=_dot_precision(a.dtype),
+                UPCAST=_INTERPRET and a.dtype != torch.float32)
+
+
+def _num_splits(n_row_blocks: int, m: int, device: torch.device) -> int:
+    """Column splits so that the stats grid fills the GPU about four times over."""
+    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * sms // n_row_blocks)
+    return max(1, min(want, -(-m // _MAX_BN)))
+
+
+def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: str, symmetric: bool,
+            offset: int) -> tuple[Tensor, Tensor]:
+    """Per-row losses (N,) float32 and stats (3, N): [z at the positive, row loss, column loss]."""
+    n, d = a.shape
+    m = b.shape[0]
+    flags = _flags(a, bias, kind, symmetric, offset)
+    bias_arg = bias if bias is not None else scale  # never read when HAS_BIAS is False
+    stats = torch.zeros(3, n, dtype=torch.float32, device=a.device)
+    if kind == "softmax":
+        _positive_logit_kernel[(triton.cdiv(n, 64),)](a, b, scale, bias_arg, stats[0], n, d, offset,
+                                                      a.stride(0), b.stride(0), HAS_BIAS=bias is not None,
+                                                      BR=64, BD=64)
+    row_blocks = triton.cdiv(n, STATS_BM)
+    splits = _num_splits(row_blocks, m, a.device)
+    cols_per_split = triton.cdiv(triton.cdiv(m, splits), _MAX_BN) * _MAX_BN
+    splits = triton.cdiv(m, cols_per_split)
+    row_part = torch.empty(splits, n, dtype=torch.float32, device=a.device)
+    col_part = (torch.empty(row_blocks, m, dtype=torch.float32, device=a.device) if symmetric
+                else row_part)  # a placeholder pointer when there is no column direction
+    _logit_stats_kernel[(row_blocks, splits)](a, b, scale, bias_arg, stats[0], row_part, col_part, n, m, d,
+                                              offset, cols_per_split, a.stride(0), b.stride(0), **flags)
+    if kind == "sigmoid":
+        stats[1] = row_part.sum(dim=0)
+        return stats[1].clone(), stats
+    stats[1] = softplus(torch.logsumexp(row_part, dim=0))
+    if not symmetric:
+        return stats[1].clone(), stats
+    stats[2] = softplus(torch.logsumexp(col_part, dim=0))
+    return (stats[1] + stats[2]) / 2, stats
+
+
+def _accumulate_mm(acc: Tensor, x: Tensor, y: Tensor) -> None:
+    """acc (float32) += x @ y, with float32 accumulation and no rounding of the product to x's dtype."""
+    if x.dtype == torch.float32:
+        acc.addmm_(x, y)
+    elif acc.is_cuda:
+        torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
+    else:  # the interpreter on a CPU: small shapes only
+        acc.addmm_(x.float(), y.float())
+
+
+def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], stats: Tensor,
+             kind: str, symmetric: bool, offset: int, need_a: bool, need_b: bool):
+    """(d_a, d_b, d_scale, d_bias) of sum_i grad_i * loss_i."""
+    n, d = a.shape
+    m = b.shape[0]
+    flags = _flags(a, bias, kind, symmetric, offset)
+    bias_arg = bias if bias is not None else scale
+    w = grad.float() * (0.5 if symmetric else 1.0)
+    em = torch.expm1(-stats[1:3]).contiguous()  # (2, N): softmax - 1 at each row's / column's positive
+    chunk = max(128, GRAD_CHUNK_BYTES // max(1, m * a.element_size()) // 128 * 128)
+    chunk = min(chunk, n)
+    g_buf = torch.empty(chunk, m, dtype=a.dtype, device=a.device)
+    n_chunks = triton.cdiv(n, chunk)
+    most_programs = triton.cdiv(chunk, 32) * triton.cdiv(m, 32)  # the smallest tile any config uses
+    ds_part = torch.zeros(n_chunks, most_programs, dtype=torch.float32, device=a.device)
+    db_part = torch.zeros_like(ds_part)
+    da = torch.empty_like(a) if need_a else a.new_empty(0, d)
+    db_acc = torch.zeros(m, d, dtype=torch.float32, device=a.device) if need_b else None
+    for i, r0 in enumerate(range(0, n, chunk)):
+        c = min(chunk, n - r0)
+        a_c = a[r0:r0 + c]
+        g = g_buf[:c]
+
+        def grid(meta):
+            return (triton.cdiv(c, meta["BM"]), triton.cdiv(m, meta["BN"]))
+
+        _logit_grad_kernel[grid](a_c, b, g, scale, bias_arg, stats, em, w, ds_part[i], db_part[i],
+                                 c, n, m, d, r0, offset, a.stride(0), b.stride(0), g.stride(0), **flags)
+        if need_a:
+            torch.mm(g, b, out=da[r0:r0 + c])
+        if need_b:
+            _accumulate_mm(db_acc, g.T, a_c)
+    db = db_acc.to(b.dtype) if need_b else b.new_empty(0, d)
+    return da, db, ds_part.sum(), db_part.sum()
