@@ -1,11 +1,17 @@
-"""Whether the Triton kernels and the CUDA extension can run, and if not, why."""
+"""Whether the Triton kernels and the CUDA extension can run, and if not, why.
+
+Probed once at import (cheaply: triton is located, not imported) so that dispatch code traced by
+torch.compile reads constants.
+"""
 from __future__ import annotations
 
+import importlib.util
 import os
-from functools import lru_cache
 from typing import Optional
 
 import torch
+
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreting() -> bool:
@@ -13,21 +19,10 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
-def triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"triton does not import ({type(e).__name__}: {e})"
-    return None
-
-
 def triton_why_not(device: torch.device) -> Optional[str]:
     """None when Triton kernels can run on `device`, else the reason."""
-    err = triton_import_error()
-    if err:
-        return err
+    if not _TRITON_FOUND:
+        return "triton is not installed (pip install triton; Linux only)"
     if device.type == "cuda":
         if torch.version.hip is not None:
             return "vlfast's Triton kernels are tuned and tested on NVIDIA GPUs only"
@@ -38,9 +33,7 @@ def triton_why_not(device: torch.device) -> Optional[str]:
             "(or TRITON_INTERPRET=1, set before triton is imported, to run them in the interpreter)")
 
 
-@lru_cache(maxsize=None)
-def extension():
-    """The compiled module vlfast._C and None, or None and why it is missing."""
+def _load_extension():
     try:
         from vlfast import _C  # type: ignore[attr-defined]
     except ImportError as e:
@@ -49,12 +42,19 @@ def extension():
     return _C, None
 
 
+_EXTENSION, _EXTENSION_ERROR = _load_extension()
+
+
+def extension():
+    """The compiled module vlfast._C and None, or None and why it is missing."""
+    return _EXTENSION, _EXTENSION_ERROR
+
+
 def cuda_why_not(op: str, device: torch.device) -> Optional[str]:
     """None when vlfast._C has kernels for `op` and the inputs are CUDA tensors, else the reason."""
-    ext, err = extension()
-    if ext is None:
-        return err
-    if not hasattr(ext, f"{op}_forward"):
+    if _EXTENSION is None:
+        return _EXTENSION_ERROR
+    if not hasattr(_EXTENSION, f"{op}_forward"):
         return f"vlfast._C was built without {op} kernels"
     if device.type != "cuda":
         return f"the inputs are on {device.type}; the CUDA kernels need CUDA tensors"

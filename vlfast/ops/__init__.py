@@ -1,5 +1,5 @@
 """The ops: each package holds reference.py (the spec and CPU path), triton.py, cuda.py, and the
-public function with validation, dispatch and its torch.library boundary in __init__.py."""
-from .clip_loss import clip_loss
+public function with validation, dispatch and its torch.library boundary in __init__.py.
 
-__all__ = ["clip_loss"]
+The public functions are exported from `vlfast` itself; not re-exported here, so that
+vlfast.ops.<op> stays the package."""

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ... import _scratch
 from ..._backends import triton_interpreting
 from .reference import softplus
 
@@ -200,8 +201,11 @@ def _logit_grad_kernel(a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, stats_ptr, em_p
         is_pos = tl.zeros((BM, BN), dtype=tl.int1)
     w_r = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
     if SIGMOID:
-        sign = tl.where(is_pos, 1.0, -1.0)
-        g = w_r[:, None] * (-sign) / (1.0 + tl.exp(sign * z))  # d softplus(-t z)/dz = -t sigmoid(-t z)
+        # d softplus(-t z)/dz = -t sigmoid(-t z), t = +1 at the positive; exp(-|x|) never overflows
+        x = tl.where(is_pos, z, -z)
+        e = tl.exp(-tl.abs(x))
+        sig = tl.where(x >= 0.0, e / (1.0 + e), 1.0 / (1.0 + e))  # sigmoid(-x)
+        g = w_r[:, None] * tl.where(is_pos, -sig, sig)
     else:
         pos_r = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
         loss_r = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
@@ -260,8 +264,8 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     splits = _num_splits(row_blocks, m, a.device)
     cols_per_split = triton.cdiv(triton.cdiv(m, splits), _MAX_BN) * _MAX_BN
     splits = triton.cdiv(m, cols_per_split)
-    row_part = torch.empty(splits, n, dtype=torch.float32, device=a.device)
-    col_part = (torch.empty(row_blocks, m, dtype=torch.float32, device=a.device) if symmetric
+    row_part = _scratch.empty(splits, n, dtype=torch.float32, device=a.device)
+    col_part = (_scratch.empty(row_blocks, m, dtype=torch.float32, device=a.device) if symmetric
                 else row_part)  # a placeholder pointer when there is no column direction
     _logit_stats_kernel[(row_blocks, splits)](a, b, scale, bias_arg, stats[0], row_part, col_part, n, m, d,
                                               offset, cols_per_split, a.stride(0), b.stride(0), **flags)
@@ -296,12 +300,12 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     em = torch.expm1(-stats[1:3]).contiguous()  # (2, N): softmax - 1 at each row's / column's positive
     chunk = max(128, GRAD_CHUNK_BYTES // max(1, m * a.element_size()) // 128 * 128)
     chunk = min(chunk, n)
-    g_buf = torch.empty(chunk, m, dtype=a.dtype, device=a.device)
+    g_buf = _scratch.empty(chunk, m, dtype=a.dtype, device=a.device)
     n_chunks = triton.cdiv(n, chunk)
     most_programs = triton.cdiv(chunk, 32) * triton.cdiv(m, 32)  # the smallest tile any config uses
     ds_part = torch.zeros(n_chunks, most_programs, dtype=torch.float32, device=a.device)
     db_part = torch.zeros_like(ds_part)
-    da = torch.empty_like(a) if need_a else a.new_empty(0, d)
+    da = _scratch.empty(n if need_a else 0, d, dtype=a.dtype, device=a.device)
     db_acc = torch.zeros(m, d, dtype=torch.float32, device=a.device) if need_b else None
     for i, r0 in enumerate(range(0, n, chunk)):
         c = min(chunk, n - r0)
