@@ -198,6 +198,14 @@ def test_result_dtype_and_device():
     assert vlfast.clip_loss(a, a, 1.0, reduction="none").shape == (5,)
 
 
+def test_python_scalars_keep_float64_precision():
+    a = torch.nn.functional.normalize(torch.randn(5, 24, dtype=torch.float64), dim=-1)
+    as_float = vlfast.clip_loss(a, a.flip(0), 1 / 0.07, 0.25)
+    as_tensor = vlfast.clip_loss(a, a.flip(0), torch.tensor(1 / 0.07, dtype=torch.float64),
+                                 torch.tensor(0.25, dtype=torch.float64))
+    assert torch.allclose(as_float, as_tensor, rtol=1e-14)
+
+
 def test_non_contiguous_inputs():
     base = torch.randn(20, 32, dtype=torch.float64)
     a, b = base[::2], base[1::2, :]  # strided rows

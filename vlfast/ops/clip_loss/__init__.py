@@ -115,7 +115,8 @@ def _backward(ctx, grad_loss, _grad_stats):
 clip_loss_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _as_scalar_tensor(name: str, x, device: torch.device) -> Tensor:
+def _as_scalar_tensor(name: str, x, device: torch.device, features_dtype: torch.dtype) -> Tensor:
+    """A 0-d float32 tensor on `device` (float64 for float64 tensors, or numbers with float64 features)."""
     if isinstance(x, Tensor):
         if x.numel() != 1:
             raise ValueError(f"vlfast.clip_loss: {name} must hold one value, got shape {tuple(x.shape)}")
@@ -128,7 +129,7 @@ def _as_scalar_tensor(name: str, x, device: torch.device) -> Tensor:
     if isinstance(x, Real) and not isinstance(x, bool):
         if not math.isfinite(float(x)):
             raise ValueError(f"vlfast.clip_loss: {name} must be finite, got {x}")
-        return torch.tensor(float(x), device=device)
+        return torch.tensor(float(x), device=device, dtype=_reference.compute_dtype(features_dtype))
     raise TypeError(f"vlfast.clip_loss: {name} must be a tensor or a real number, got {type(x).__name__}")
 
 
@@ -224,9 +225,10 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[
     n, m = image_features.shape[0], text_features.shape[0]
     offset = _check_layout(kind, reduction, symmetric, positive_offset, n, m)
     device = image_features.device
-    scale = _as_scalar_tensor("logit_scale", logit_scale, device)
-    bias = None if logit_bias is None else _as_scalar_tensor("logit_bias", logit_bias, device)
-    impl = resolve_impl("clip_loss", impl, device, _why_not(device, image_features.dtype))
+    dtype = image_features.dtype
+    scale = _as_scalar_tensor("logit_scale", logit_scale, device, dtype)
+    bias = None if logit_bias is None else _as_scalar_tensor("logit_bias", logit_bias, device, dtype)
+    impl = resolve_impl("clip_loss", impl, device, _why_not(device, dtype))
     loss, _ = clip_loss_forward(image_features, text_features, scale, bias, kind,
                                 bool(symmetric) and kind == "softmax", offset, impl)
     if reduction == "mean":

@@ -32,19 +32,32 @@ _INTERPRET = triton_interpreting()
 _MAX_BN = 256
 # Row block of the stats kernel: fixed (the column partials are sized by it), autotuned otherwise.
 STATS_BM = 32 if _INTERPRET else 128
-# Bytes of the backward's G chunk (C x M in the input dtype).
-GRAD_CHUNK_BYTES = int(os.environ.get("VLFAST_CLIP_CHUNK_BYTES", 256 << 20))
+# Bytes of the backward's G chunk (C x M in the input dtype): about the size of the features
+# ((N + M) * D), so extra memory stays O((N + M) * D), within [64, 384] MiB for GEMM efficiency.
+# VLFAST_CLIP_CHUNK_BYTES overrides it.
+GRAD_CHUNK_BYTES = int(os.environ.get("VLFAST_CLIP_CHUNK_BYTES", 0)) or None
+
+
+def _grad_chunk_rows(n: int, m: int, d: int, element_size: int) -> int:
+    budget = GRAD_CHUNK_BYTES or min(384 << 20, max(64 << 20, (n + m) * d * element_size))
+    rows = max(128, budget // max(1, m * element_size) // 128 * 128)
+    return min(rows, n)
+
+
+_AUTOTUNE = os.environ.get("VLFAST_AUTOTUNE", "0") == "1"
 
 
 def _configs(bm_choices, bn_choices, bk_choices, warps, stages):
+    """The first combination alone, or all of them with VLFAST_AUTOTUNE=1 (each costs a compile)."""
     if _INTERPRET:  # one small config: the interpreter is slow, and several tiles get exercised
         return [triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-            for bm in bm_choices for bn in bn_choices for bk in bk_choices for w in warps for s in stages]
+    configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+               for bm in bm_choices for bn in bn_choices for bk in bk_choices for w in warps for s in stages]
+    return configs if _AUTOTUNE else configs[:1]
 
 
-# Hopper-oriented starting points (128 x 128..256 tiles, 8 warps, 3-4 stages); to be narrowed by
-# measurement on the H200 (benchmarks/gpu_check.sh).
+# Hopper-oriented starting points (128 x 128..256 tiles, 8 warps, 3-4 stages), first = default;
+# to be narrowed by measurement on the H200 (benchmarks/gpu_check.sh).
 _STATS_CONFIGS = _configs([STATS_BM], [128, 256], [64], [8], [3, 4])
 _GRAD_CONFIGS = _configs([128], [128, 256], [64], [8], [3, 4])
 
@@ -298,8 +311,7 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     bias_arg = bias if bias is not None else scale
     w = grad.float() * (0.5 if symmetric else 1.0)
     em = torch.expm1(-stats[1:3]).contiguous()  # (2, N): softmax - 1 at each row's / column's positive
-    chunk = max(128, GRAD_CHUNK_BYTES // max(1, m * a.element_size()) // 128 * 128)
-    chunk = min(chunk, n)
+    chunk = _grad_chunk_rows(n, m, d, a.element_size())
     g_buf = _scratch.empty(chunk, m, dtype=a.dtype, device=a.device)
     n_chunks = triton.cdiv(n, chunk)
     most_programs = triton.cdiv(chunk, 32) * triton.cdiv(m, 32)  # the smallest tile any config uses

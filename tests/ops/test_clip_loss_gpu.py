@@ -1,0 +1,88 @@
+"""The Triton kernels on a GPU at real sizes (run by benchmarks/gpu_check.sh; skipped without CUDA)."""
+import pytest
+import torch
+
+import vlfast
+
+from .clip_loss_cases import Case, assert_relative_rule, make_inputs, pytorch_same_dtype, reference64, run_vlfast
+
+pytestmark = pytest.mark.gpu
+
+LAYOUTS = [("softmax", True, 0, 0), ("softmax", False, 64, 200), ("sigmoid", True, 0, 0), ("sigmoid", True, None, 33)]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-sym{l[1]}-off{l[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,d", [(1, 32), (7, 100), (97, 512), (1000, 768), (1025, 72), (4097, 256)])
+def test_triton_matches_float64_on_gpu(n, d, dtype, layout, monkeypatch):
+    monkeypatch.setenv("VLFAST_POISON", "1")
+    kind, symmetric, offset, extra = layout
+    case = Case(n=n, m=n + extra, d=d, dtype=dtype, kind=kind, symmetric=symmetric, offset=offset,
+                bias=-5.0 if kind == "sigmoid" else None, scale=30.0, device="cuda")
+    a, b, s, bias, grad = make_inputs(case)
+    ref = reference64(case, a, b, s, bias, grad)
+    got = run_vlfast(case, "triton", a, b, s, bias, grad)
+    base = pytorch_same_dtype(case, a, b, s, bias, grad)
+    assert_relative_rule(got, ref, base, ATOL[dtype], f"triton {case}")
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_backward_is_bitwise_deterministic(kind):
+    a = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.tensor(10.0, device="cuda", requires_grad=True)
+    grads = []
+    for _ in range(2):
+        vlfast.clip_loss(a, b, s, kind=kind, impl="triton").backward()
+        grads.append([x.grad.clone() for x in (a, b, s)])
+        a.grad = b.grad = s.grad = None
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
+def test_extra_memory_stays_linear_in_n():
+    """16384 x 768 bf16 forward + backward: the goal is <= 0.3 GB beyond inputs and gradients."""
+    n, d = 16384, 768
+    a = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.tensor(14.0, device="cuda", requires_grad=True)
+    vlfast.clip_loss(a, b, s, impl="triton").backward()  # warm-up: autotuning allocates too
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()  # inputs and their (kept) gradients
+    vlfast.clip_loss(a, b, s, impl="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 0.3e9, f"extra memory {extra / 1e9:.3f} GB"
+
+
+def test_auto_picks_triton_on_gpu(monkeypatch):
+    from vlfast.ops import clip_loss as op
+    seen = []
+    real = op._FORWARD["triton"]
+    monkeypatch.setitem(op._FORWARD, "triton", lambda *args: seen.append(1) or real(*args))
+    monkeypatch.delenv("VLFAST_IMPL", raising=False)
+    x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    vlfast.clip_loss(x, x, 1.0)
+    assert seen
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_compile_fullgraph_on_gpu(kind):
+    torch._dynamo.reset()
+    a = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.tensor(2.5, device="cuda", requires_grad=True)
+
+    def step(a, b, s):
+        return vlfast.clip_loss(a, b, s.exp(), -2.0, kind=kind)
+
+    out = torch.compile(step, fullgraph=True)(a, b, s)
+    out.backward()
+    g = [x.grad.clone() for x in (a, b, s)]
+    a.grad = b.grad = s.grad = None
+    step(a, b, s).backward()
+    torch.testing.assert_close(out, step(a, b, s))
+    for x, y in zip(g, (a.grad, b.grad, s.grad)):
+        torch.testing.assert_close(x, y)
