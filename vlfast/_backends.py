@@ -34,11 +34,13 @@ def triton_why_not(device: torch.device) -> Optional[str]:
 
 
 def _load_extension():
+    if importlib.util.find_spec("vlfast._C") is None:
+        return None, ("the CUDA extension vlfast._C is not built "
+                      "(build it with VLFAST_BUILD_CUDA=1 pip install -e . on a machine with nvcc)")
     try:
         from vlfast import _C  # type: ignore[attr-defined]
-    except ImportError as e:
-        return None, (f"the CUDA extension vlfast._C is not built ({e}); "
-                      "build it with VLFAST_BUILD_CUDA=1 pip install -e . on a machine with nvcc")
+    except ImportError as e:  # built, but does not load (e.g. a CUDA runtime mismatch)
+        return None, f"the CUDA extension vlfast._C is built but does not import: {e}"
     return _C, None
 
 

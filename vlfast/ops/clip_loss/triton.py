@@ -335,3 +335,9 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
             _accumulate_mm(db_acc, g.T, a_c)
     db = db_acc.to(b.dtype) if need_b else b.new_empty(0, d)
     return da, db, ds_part.sum(), db_part.sum()
+
+
+def tuned_configs() -> dict:
+    """The configs the autotuner chose so far, per kernel and tuning key (for benchmark reports)."""
+    return {name: {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+            for name, kernel in (("stats", _logit_stats_kernel), ("grad", _logit_grad_kernel))}

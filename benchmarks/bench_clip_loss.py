@@ -1,0 +1,253 @@
+"""vlfast.clip_loss against PyTorch's dense logits and the fused-loss peers, loss and every gradient.
+
+    python -m vlfast bench clip_loss [--quick] [--json PATH] [--plot PATH]
+    python benchmarks/bench_clip_loss.py [same options]
+
+Peers (each only where it imports; the summary lists the rest):
+  torch-dense  logits = scale * img @ txt.T in the input dtype (bf16 logits, as users write it);
+               softmax: F.cross_entropy on the logits and their transpose, / 2;
+               sigmoid: open_clip's SigLipLoss, -logsigmoid(labels * logits).sum() / N
+  inf-cl       inf_cl.cal_flash_loss both directions, / 2 (computes in fp32; D % 256 == 0)
+  liger        Liger's fused linear cross-entropy, called twice as a CLIP loss
+  cce          cut-cross-entropy's linear_cross_entropy, likewise
+logit_scale is the multiplier itself (already exponentiated), as vlfast.clip_loss takes it.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import vlfast  # noqa: E402
+from benchmarks.common import FWD, FWD_BWD, Case, Contender  # noqa: E402
+from vlfast.ops.clip_loss import implementation_status  # noqa: E402
+from vlfast.ops.clip_loss import reference as spec  # noqa: E402
+
+OP = "clip_loss"
+GRADS = ("d_image", "d_text", "d_scale", "d_bias")
+CLIP_SCALE = 1 / 0.07  # CLIP's initial temperature
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initial scale and bias
+
+# Largest N*N*D for the slow paths: the fp64 reference (error columns), vlfast's reference impl and
+# inf-cl. On the GPU 2**42 keeps N=65536, D=768 (seconds a call) and skips N=131072, D=1024, where
+# each costs 10 s or more a call and the GPU script has minutes for everything.
+SLOW_WORK_LIMIT = {"cuda": 2**42, "cpu": 2**33}
+TOO_SLOW = "too slow at this size for this bench's time budget"
+
+
+def _case(kind, n, d, dtype, modes=(FWD_BWD,), scale=None, corr=0.15, label=""):
+    if scale is None:
+        scale = CLIP_SCALE if kind == "softmax" else SIGLIP_SCALE
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = f"{kind}-{n}x{d}-{short}" + (f"-s{scale:g}" if scale not in (CLIP_SCALE, SIGLIP_SCALE) else "") + label
+    params = {"kind": kind, "scale": scale, "bias": SIGLIP_BIAS if kind == "sigmoid" else None, "corr": corr}
+    return Case(name=name, shape=(n, d), dtype=dtype, modes=modes, params=params)
+
+
+def cases(device: torch.device, size: str) -> list:
+    """size: "full" (the issue's goal table on a GPU), "quick", or "tiny" (tests)."""
+    both = (FWD_BWD, FWD)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    if size == "tiny":
+        return [_case("softmax", 64, 32, fp32, both), _case("sigmoid", 64, 32, fp32)]
+    if device.type != "cuda":  # small sizes: the reference path and PyTorch on a few cores
+        plan = [_case("softmax", 512, 256, fp32, both), _case("softmax", 2048, 512, fp32, both),
+                _case("softmax", 2048, 512, bf16),
+                _case("softmax", 2048, 512, fp32, scale=100.0, corr=0.5, label="-nearperfect"),
+                _case("sigmoid", 2048, 512, fp32)]
+        return plan if size == "quick" else plan + [_case("softmax", 4096, 512, fp32, both),
+                                                    _case("sigmoid", 4096, 512, fp32)]
+    # Accuracy at scale 100 (a trained CLIP's), and with near-perfect pairs, where the loss is ~1e-11.
+    typical = {dt: _case("softmax", 4096, 512, dt, scale=100.0) for dt in (fp32, bf16)}
+    nearperfect = {dt: _case("softmax", 4096, 512, dt, scale=100.0, corr=0.5, label="-nearperfect")
+                   for dt in (fp32, bf16)}
+    if size == "quick":
+        return [typical[bf16], nearperfect[fp32], _case("softmax", 16384, 768, bf16, both),
+                _case("sigmoid", 16384, 512, bf16), _case("softmax", 32768, 512, bf16)]
+    # Cheapest first: a run cut short by its time limit still has the accuracy rows.
+    return [typical[fp32], typical[bf16], nearperfect[fp32], nearperfect[bf16],
+            _case("sigmoid", 4096, 512, fp32), _case("sigmoid", 4096, 512, bf16),
+            _case("softmax", 16384, 768, bf16, both), _case("sigmoid", 32768, 512, bf16, both),
+            _case("softmax", 65536, 512, bf16), _case("softmax", 65536, 768, bf16),
+            _case("softmax", 131072, 1024, bf16)]
+
+
+@dataclass
+class Inputs:
+    img: torch.Tensor
+    txt: torch.Tensor
+    scale: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+    def leaves(self) -> list:
+        return [self.img, self.txt, self.scale] + ([self.bias] if self.bias is not None else [])
+
+
+def make_inputs(case: Case, device: torch.device) -> Inputs:
+    """Unit-norm features; text i = corr * image i + noise, so positives stand out as after training."""
+    n, d = case.shape
+    p = case.params
+    g = torch.Generator(device=device).manual_seed(0)
+    img = F.normalize(torch.randn(n, d, device=device, generator=g), dim=-1)
+    noise = F.normalize(torch.randn(n, d, device=device, generator=g), dim=-1)
+    txt = F.normalize(p["corr"] * img + math.sqrt(1 - p["corr"] ** 2) * noise, dim=-1)
+    del noise
+    scale, bias = (torch.tensor(v, device=device, dtype=torch.float32, requires_grad=True) if v is not None
+                   else None for v in (p["scale"], p["bias"]))
+    return Inputs(img.to(case.dtype).requires_grad_(), txt.to(case.dtype).requires_grad_(), scale, bias)
+
+
+def _work(case: Case) -> int:
+    n, d = case.shape
+    return n * n * d
+
+
+def flops(case: Case, mode: str) -> float:
+    """Model FLOPs: the logits GEMM, plus the two gradient GEMMs for fwd+bwd (recomputation not counted)."""
+    return 2.0 * _work(case) * (1 if mode == FWD else 3)
+
+
+def reference(case: Case, x: Inputs, device: torch.device) -> tuple:
+    """(fp64 loss and gradients, how they were computed), or (None, why there are none)."""
+    limit = SLOW_WORK_LIMIT[device.type]
+    if _work(case) > limit:
+        return None, f"no fp64 reference: N*N*D = {_work(case):.2g} is above this bench's limit {limit:.2g}"
+    kind, n = case.params["kind"], case.shape[0]
+    x64 = Inputs(*(t.detach().double().requires_grad_() if t is not None else None
+                   for t in (x.img, x.txt, x.scale, x.bias)))
+    a, b, s, bias = x64.img, x64.txt, x64.scale, x64.bias
+    sym = kind == "softmax"
+    # The chunked path works in margin form (z - z_positive): unlike logsumexp(z) - z_positive in the
+    # dense spec, it keeps relative accuracy when the loss is ~1e-11 (the near-perfect cases).
+    with torch.no_grad():
+        rows, stats = spec.forward_chunked(a, b, s, bias, kind, sym, 0)
+        loss = rows.mean()
+        grads = spec.backward_chunked(torch.full_like(rows, 1 / n), a, b, s, bias, stats, kind, sym, 0)
+    grads = grads if bias is not None else grads[:3]
+    how = "fp64 chunked (margin form)"
+    return {"loss": loss.detach(), **dict(zip(GRADS, (g.detach() for g in grads)))}, how
+
+
+def _runner(loss_fn):
+    """run(inputs, mode): the loss, and for fwd+bwd the gradient of every input, as named outputs."""
+    def run(x: Inputs, mode: str) -> dict:
+        if mode == FWD:
+            with torch.no_grad():
+                return {"loss": loss_fn(x)}
+        loss = loss_fn(x)
+        grads = torch.autograd.grad(loss, x.leaves())
+        return {"loss": loss.detach(), **dict(zip(GRADS, grads))}
+    return run
+
+
+def _labels(x: Inputs) -> torch.Tensor:
+    return torch.arange(x.img.shape[0], device=x.img.device)
+
+
+def _torch_softmax(x: Inputs):
+    logits = x.scale * x.img @ x.txt.t()
+    labels = _labels(x)
+    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.t().float(), labels)) / 2
+
+
+def _torch_sigmoid(x: Inputs):
+    # open_clip's SigLipLoss: labels +1 on the diagonal, -1 elsewhere; sum over pairs / N.
+    logits = x.scale * x.img @ x.txt.t() + x.bias
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+def _two_calls(linear_ce):
+    """A CLIP loss from a fused linear cross-entropy: texts as the classes of images, then the reverse."""
+    def loss(x: Inputs):
+        labels = _labels(x)
+        return (linear_ce(x.scale * x.img, x.txt, labels) + linear_ce(x.scale * x.txt, x.img, labels)) / 2
+    return loss
+
+
+def _inf_cl(cal_flash_loss):
+    def loss(x: Inputs):
+        labels = _labels(x)
+        return (cal_flash_loss(x.img, x.txt, labels, x.scale).mean()
+                + cal_flash_loss(x.txt, x.img, labels, x.scale).mean()) / 2
+    return loss
+
+
+# name -> (module, attribute, how the attribute becomes a loss); all run on CUDA tensors only.
+FUSED_PEERS = {
+    "inf-cl": ("inf_cl", "cal_flash_loss", _inf_cl),
+    "liger": ("liger_kernel.transformers.functional", "liger_fused_linear_cross_entropy", _two_calls),
+    "cce": ("cut_cross_entropy", "linear_cross_entropy", _two_calls),
+}
+
+
+@lru_cache(maxsize=None)
+def _import_peer(module: str, attr: str):
+    """(the function, None) or (None, why it does not import)."""
+    try:
+        return getattr(importlib.import_module(module), attr), None
+    except Exception as e:  # ImportError, or a peer broken against this torch/triton
+        return None, f"not importable: {type(e).__name__}: {e}"
+
+
+def _fused_peer(name: str, case: Case, device: torch.device) -> Contender:
+    module, attr, make = FUSED_PEERS[name]
+    if device.type != "cuda":
+        return Contender(name, skip="runs on CUDA devices only")
+    if name == "inf-cl" and case.shape[1] % 256:
+        return Contender(name, skip="inf-cl needs the feature dimension to be a multiple of 256")
+    if name == "inf-cl" and _work(case) > SLOW_WORK_LIMIT[device.type]:
+        return Contender(name, skip=TOO_SLOW)
+    fn, why = _import_peer(module, attr)
+    if fn is None:
+        return Contender(name, skip=why)
+    # Liger and cce compute the gradient inside the forward: a forward-only time would not compare.
+    return Contender(name, _runner(make(fn)), modes=(FWD_BWD,))
+
+
+def _triton_configs() -> dict:
+    from vlfast.ops.clip_loss import triton
+    return triton.tuned_configs()
+
+
+def _vlfast(case: Case, device: torch.device) -> list:
+    kind = case.params["kind"]
+    out = []
+    for impl, why in implementation_status(device, case.dtype).items():
+        name = f"vlfast-{impl}"
+        if impl == "triton" and device.type != "cuda":
+            why = "Triton on a CPU is its interpreter: tested, not benchmarked"
+        elif impl == "reference" and _work(case) > SLOW_WORK_LIMIT[device.type]:
+            why = TOO_SLOW
+        if why is not None:
+            out.append(Contender(name, skip=why))
+            continue
+
+        def loss(x: Inputs, impl=impl):
+            return vlfast.clip_loss(x.img, x.txt, x.scale, x.bias, kind=kind, impl=impl)
+        out.append(Contender(name, _runner(loss), describe=_triton_configs if impl == "triton" else None))
+    return out
+
+
+def contenders(case: Case, device: torch.device) -> list:
+    """vlfast's implementations first, then the peers that compute this case's loss."""
+    if case.params["kind"] == "sigmoid":  # the fused peers have no sigmoid loss
+        return _vlfast(case, device) + [Contender("torch-dense", _runner(_torch_sigmoid))]
+    return (_vlfast(case, device) + [Contender("torch-dense", _runner(_torch_softmax))]
+            + [_fused_peer(name, case, device) for name in FUSED_PEERS])
+
+
+if __name__ == "__main__":
+    from benchmarks.runner import main
+    sys.exit(main([OP] + sys.argv[1:]))

@@ -1,0 +1,111 @@
+"""What every op's benchmark shares: the case and contender records, timing, peak memory, error.
+
+An op's bench_<op>.py builds Cases and Contenders; the runner measures them with these functions.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+FWD_BWD = "fwd+bwd"
+FWD = "fwd"
+
+# A call this long (ms) is timed by a few plain runs instead of triton's do_bench, whose estimate
+# alone costs five calls: an 8-second peer would eat a minute of the GPU script's budget.
+DO_BENCH_BELOW_MS = 50.0
+# Time spent timing one contender beyond its first measured call (ms).
+TIMING_BUDGET_MS = 1000.0
+MAX_REPS = 9
+
+
+@dataclass
+class Case:
+    """One input configuration of an op, e.g. softmax loss on 16384 x 768 bf16 features."""
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    modes: tuple = (FWD_BWD,)
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Contender:
+    """An implementation under test: vlfast's own or a peer.
+
+    run(inputs, mode) returns named outputs ({"loss": ..., "d_image": ...}); skip says why it does
+    not run in this case (not installed, no GPU, too slow here) and then run is None.
+    """
+    name: str
+    run: Optional[Callable[[Any, str], dict]] = None
+    skip: Optional[str] = None
+    modes: Optional[tuple] = None  # None: every mode of the case
+    describe: Optional[Callable[[], dict]] = None  # e.g. the kernel configs chosen, for the row
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Return cached blocks between contenders, so one's cache cannot push the next out of memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Optional[int]]:
+    """(ms, extra bytes at peak above what was allocated before the call; None on a CPU)."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    ms = (time.perf_counter() - t0) * 1e3
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    return ms, peak
+
+
+def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, Optional[int]]:
+    """Median milliseconds of a warmed-up `fn`, and its peak extra memory in bytes (None on a CPU).
+
+    CUDA: triton.testing.do_bench's median for short calls, else the median of a few synchronised
+    runs. CPU: the median of a few perf_counter runs.
+    """
+    first, peak = _timed_call(fn, device)
+    if device.type == "cuda" and first < DO_BENCH_BELOW_MS:
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median")), peak
+    reps = max(0, min(MAX_REPS - 1, int(TIMING_BUDGET_MS // max(first, 1e-3))))
+    times = [first] + [_timed_call(fn, device)[0] for _ in range(reps)]
+    return statistics.median(times), peak
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref|, in float64; the absolute error where ref is all zeros."""
+    x = x.detach().to(device=ref.device, dtype=torch.float64)
+    ref = ref.detach().to(torch.float64)
+    diff = (x - ref).abs().max().item()
+    size = ref.abs().max().item()
+    return diff / size if size > 0 else diff
+
+
+def compare(outputs: dict, reference: dict) -> dict:
+    """{output name: rel_error} for every output that the reference also has."""
+    return {k: rel_error(v, reference[k]) for k, v in outputs.items() if k in reference}
+
+
+def worst(errors: dict) -> Optional[float]:
+    """The largest error, NaN if any is NaN (a NaN output is the worst result there is)."""
+    if not errors:
+        return None
+    values = list(errors.values())
+    return math.nan if any(math.isnan(v) for v in values) else max(values)

@@ -1,0 +1,134 @@
+"""Where the rows go: the run's metadata, the stdout table, the JSON file and the PNG plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git_sha() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:  # not a git checkout (the GPU machine gets a copy of the tree)
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def metadata_fields(device: torch.device) -> dict:
+    """The fields every row carries, so one row read alone says where and with what it was measured."""
+    import vlfast
+    from vlfast._info import dist_version
+    return {"device": device_name(device), "torch": torch.__version__, "triton": dist_version("triton"),
+            "python": platform.python_version(), "vlfast": vlfast.__version__, "git_sha": _git_sha()}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(x):
+    # NaN and inf are not JSON: keep them visible as strings rather than dropping them to null.
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_json(rows: list, path: str) -> None:
+    """Rewritten after every row (atomically), so a run cut short by a timeout still leaves its rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(rows), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(x, spec: str) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    return format(x, spec)
+
+
+HEADER = ("case", "impl", "dtype", "mode", "ms", "TFLOP/s", "peak MiB", "max rel err", "note")
+LEFT = 4  # the first four columns are text, aligned left; numbers align right
+
+
+def table(rows: list) -> str:
+    """Measured and failed rows (skipped ones go to the summary); errors are max |x-ref| / max |ref|."""
+    body = []
+    for r in rows:
+        if r["status"] == "skipped":
+            continue
+        peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else None
+        note = r["message"] if r["status"] == "error" else (r["error_note"] or "")
+        body.append([r["case"], r["impl"], r["dtype"], r["mode"], _fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".3g"),
+                     _fmt(peak, ".1f"), _fmt(r["error"], ".2e"), note[:100]])
+    widths = [max(len(line[i]) for line in [HEADER] + body) for i in range(len(HEADER) - 1)]
+    return "\n".join("  ".join([c.ljust(w) if i < LEFT else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+                               + [line[-1]]).rstrip() for line in [HEADER] + body)
+
+
+def summary(rows: list) -> str:
+    """Contenders that did not run, once each with the reason and how many cases it missed."""
+    seen = {}
+    for r in rows:
+        if r["status"] == "skipped":
+            seen.setdefault((r["impl"], r["message"]), set()).add(r["case"])
+    if not seen:
+        return "skipped: none"
+    return "skipped:\n" + "\n".join(f"  {impl}: {why} ({len(c)} case{'s' * (len(c) > 1)})"
+                                    for (impl, why), c in seen.items())
+
+
+def plot(rows: list, path: str) -> Optional[str]:
+    """Grouped bars per (case, mode), log-scale ms; returns why there is no plot, or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no plot: matplotlib does not import ({e}); pip install matplotlib"
+    timed = [r for r in rows if r["ms"] is not None]
+    if not timed:
+        return "no plot: no row was timed"
+    groups = list(dict.fromkeys(f"{r['case']}\n{r['mode']}" for r in timed))
+    impls = list(dict.fromkeys(r["impl"] for r in timed))
+    width = 0.8 / len(impls)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.5))
+    for k, impl in enumerate(impls):
+        ms = {f"{r['case']}\n{r['mode']}": r["ms"] for r in timed if r["impl"] == impl}
+        xs = [i for i, g in enumerate(groups) if g in ms]
+        ax.bar([i + (k - (len(impls) - 1) / 2) * width for i in xs], [ms[groups[i]] for i in xs], width, label=impl)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms (log)")
+    ax.set_xticks(range(len(groups)), groups, rotation=60, ha="right", fontsize=7)
+    ax.set_title(f"{timed[0]['op']} on {timed[0]['device']}" if len({r["op"] for r in timed}) == 1
+                 else f"vlfast bench on {timed[0]['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

@@ -1,0 +1,168 @@
+"""The harness behind `python -m vlfast bench`: every op's cases, every contender, one row each.
+
+The ops are the files benchmarks/bench_<op>.py; each provides
+  cases(device, size) -> [Case]                      size: "full", "quick" or "tiny"
+  make_inputs(case, device) -> inputs
+  reference(case, inputs, device) -> (float64 outputs, how) or (None, why there are none)
+  contenders(case, device) -> [Contender]            vlfast's implementations and the peers
+  flops(case, mode) -> float or None
+A failure in one case or contender becomes an error row and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import report
+from benchmarks.common import compare, free_memory, measure, synchronize, worst
+
+HERE = Path(__file__).resolve().parent
+
+
+def known_ops() -> list:
+    return sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+
+
+def parse_args(argv) -> argparse.Namespace:
+    ops = known_ops()
+    p = argparse.ArgumentParser(prog="python -m vlfast bench",
+                                description="vlfast's implementations and their peers side by side: max "
+                                            "relative error vs float64, median time, peak extra memory.")
+    p.add_argument("ops", nargs="*", metavar="OP", help=f"ops to run (default: all): {', '.join(ops)}")
+    p.add_argument("--quick", action="store_true", help="fewer, mid sizes; on a CPU, small ones in under 2 minutes")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, a few seconds (for tests)")
+    p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: grouped bars per case, log-scale ms")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
+    args = p.parse_args(argv)
+    unknown = [op for op in args.ops if op not in ops]
+    if unknown:
+        p.error(f"unknown op{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+                f"known ops: {', '.join(ops)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    args.ops = args.ops or ops
+    return args
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, a line per step in a log."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        line = f"[{self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {label}"
+        print(("\r" + line[:119].ljust(119)) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self.done:
+            print(file=sys.stderr)
+
+
+def _modes(contender, case) -> tuple:
+    return tuple(m for m in case.modes if contender.modes is None or m in contender.modes)
+
+
+def _describe(e: Exception) -> str:
+    """The exception's type and first line: CUDA and Triton messages run to pages."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}"[:300] if lines else type(e).__name__
+
+
+def _time_one(contender, inputs, mode, ref, device) -> dict:
+    """One contender in one mode: errors from a first (warm-up) call, then time and memory."""
+    try:
+        outputs = contender.run(inputs, mode)
+        synchronize(device)
+        errors = compare(outputs, ref) if ref is not None else {}
+        del outputs
+        ms, peak = measure(lambda: contender.run(inputs, mode), device)
+        return {"status": "ok", "ms": ms, "peak_bytes": peak, "errors": errors}
+    except Exception as e:  # out of memory, a peer's own limits, a bug: record it and go on
+        return {"status": "error", "message": _describe(e)}
+
+
+def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -> None:
+    """Every case of `op`; emit(row) receives each row as soon as it is measured."""
+    plan = [(case, module.contenders(case, device)) for case in module.cases(device, size)]
+    progress = Progress(sum(len(_modes(c, case)) for case, cs in plan for c in cs if c.skip is None))
+    for case, contenders in plan:
+        base = {"op": op, "case": case.name, "shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
+                "params": case.params}
+
+        def row(impl, mode, **fields):
+            r = {**base, "impl": impl, "mode": mode, "status": "ok", "message": None, "ms": None,
+                 "peak_bytes": None, "tflops": None, "error": None, "errors": {}, "error_ref": None,
+                 "error_note": None, "config": None, **meta, "timestamp": report.now()}
+            r.update(fields)
+            emit(r)
+
+        runnable = [(c, m) for c in contenders if c.skip is None for m in _modes(c, case)]
+        for c in contenders:
+            for m in _modes(c, case) if c.skip is not None else ():
+                row(c.name, m, status="skipped", message=c.skip)
+        try:
+            inputs = module.make_inputs(case, device)
+        except Exception as e:
+            for c, m in runnable:
+                progress.step(f"{op} {case.name} {c.name} {m}")
+                row(c.name, m, status="error", message=f"making inputs: {_describe(e)}")
+            free_memory(device)
+            continue
+        try:
+            ref, how = module.reference(case, inputs, device)
+        except Exception as e:
+            ref, how = None, f"fp64 reference failed: {_describe(e)}"
+        free_memory(device)
+        for c, m in runnable:
+            progress.step(f"{op} {case.name} {c.name} {m}")
+            result = _time_one(c, inputs, m, ref, device)
+            free_memory(device)
+            errors = result.get("errors", {})
+            flops = module.flops(case, m)
+            if c.describe is not None and result["status"] == "ok":
+                result["config"] = c.describe()
+            row(c.name, m, **result, error=worst(errors), error_ref=how if ref is not None else None,
+                error_note=None if ref is not None else how,
+                tflops=flops / result["ms"] / 1e9 if flops and result.get("ms") else None)
+        del inputs, ref
+        free_memory(device)
+    progress.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    meta = report.metadata_fields(device)
+    print(f"vlfast bench: {', '.join(args.ops)} on {meta['device']} ({size} sizes); torch {meta['torch']}, "
+          f"triton {meta['triton']}, vlfast {meta['vlfast']}, git {meta['git_sha'] or 'unknown'}", file=sys.stderr)
+    rows = []
+
+    def emit(r):
+        rows.append(r)
+        if args.json:
+            report.write_json(rows, args.json)
+
+    for op in args.ops:
+        module = importlib.import_module(f"benchmarks.bench_{op}")
+        start = len(rows)
+        run_op(op, module, device, size, meta, emit)
+        print(f"\n{op}\n{report.table(rows[start:])}\n{report.summary(rows[start:])}")
+    if args.json:
+        report.write_json(rows, args.json)  # also when there are no rows
+        print(f"rows written to {args.json}")
+    if args.plot:
+        why_not = report.plot(rows, args.plot)
+        print(why_not or f"plot written to {args.plot}")
+    # Peers failing (out of memory, unsupported dtypes) is a result; vlfast failing is not.
+    return 1 if any(r["status"] == "error" and r["impl"].startswith("vlfast-") for r in rows) else 0

@@ -1,0 +1,157 @@
+"""`python -m vlfast info` and `python -m vlfast bench`, run as a user runs them (subprocesses)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlfast
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"op", "case", "impl", "shape", "dtype", "mode", "status", "message", "ms", "peak_bytes", "error",
+            "errors", "error_ref", "error_note", "tflops", "device", "torch", "triton", "python", "vlfast",
+            "git_sha", "timestamp"}
+
+
+def _run(*args, env=None, timeout=180):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _env_without_interpreter():
+    # As a user's shell has it: conftest turns the Triton interpreter on for this test process.
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def info_json():
+    out = _run("-m", "vlfast", "info", "--json", env=_env_without_interpreter())
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_info_json_fields(info_json):
+    assert info_json["vlfast"] == vlfast.__version__
+    assert info_json["torch"] == torch.__version__
+    assert set(info_json["env"]) == {"VLFAST_IMPL", "VLFAST_NVTX", "TRITON_INTERPRET"}
+    assert isinstance(info_json["extension"]["built"], bool)
+    assert (info_json["cuda"] is None) == (not torch.cuda.is_available())
+    assert "clip_loss" in info_json["ops"]
+    for entry in info_json["ops"].values():
+        assert set(entry["impls"]) == set(vlfast.IMPLS)
+        assert all(why is None or (isinstance(why, str) and why) for why in entry["impls"].values())
+
+
+def test_info_text_names_every_impl_and_each_reason(info_json):
+    out = _run("-m", "vlfast", "info", env=_env_without_interpreter())
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in text
+    for op, entry in info_json["ops"].items():
+        assert op in text
+        for impl, why in entry["impls"].items():
+            assert f"{impl:<10} " + ("available" if why is None else f"unavailable: {why}") in text
+    # Without a GPU or the interpreter, Triton must say why it cannot run.
+    if not torch.cuda.is_available():
+        assert info_json["ops"]["clip_loss"]["impls"]["triton"] is not None
+
+
+def test_info_rejects_unknown_arguments():
+    out = _run("-m", "vlfast", "info", "--nope")
+    assert out.returncode != 0
+    assert "--nope" in out.stderr
+
+
+def test_bench_tiny_writes_rows_table_and_plot(tmp_path):
+    path, png = tmp_path / "rows.json", tmp_path / "bench.png"
+    out = _run("-m", "vlfast", "bench", "clip_loss", "--quick", "--tiny", "--device", "cpu",
+               "--json", str(path), "--plot", str(png))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads(path.read_text())
+    assert rows and all(ROW_KEYS <= set(r) for r in rows)
+    assert {r["op"] for r in rows} == {"clip_loss"}
+    ref = [r for r in rows if r["impl"] == "vlfast-reference"]
+    assert {(r["case"], r["mode"]) for r in ref} >= {("softmax-64x32-fp32", "fwd+bwd"), ("softmax-64x32-fp32", "fwd"),
+                                                      ("sigmoid-64x32-fp32", "fwd+bwd")}
+    for r in ref:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["error_ref"].startswith("fp64")
+        expected = {"loss"} if r["mode"] == "fwd" else {"loss", "d_image", "d_text", "d_scale"}
+        assert expected <= set(r["errors"])
+        assert math.isfinite(r["error"]) and r["error"] < 1e-4  # fp32 math against fp64
+        assert r["error"] == max(r["errors"].values())
+    assert any(r["impl"] == "torch-dense" and r["status"] == "ok" for r in rows)
+    # Triton on a CPU is its interpreter: listed as skipped, never timed.
+    assert all(r["status"] == "skipped" for r in rows if r["impl"] == "vlfast-triton")
+    assert "vlfast-reference" in out.stdout and "skipped:" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_unknown_op_lists_the_known_ones():
+    out = _run("-m", "vlfast", "bench", "no_such_op")
+    assert out.returncode != 0
+    assert "unknown op 'no_such_op'" in out.stderr and "clip_loss" in out.stderr
+
+
+def test_bench_script_form_runs():
+    out = _run("benchmarks/bench_clip_loss.py", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "clip_loss" in out.stdout
+
+
+def test_bench_without_benchmarks_folder_says_so(tmp_path, monkeypatch):
+    from vlfast import __main__ as cli
+    monkeypatch.setattr(vlfast, "__file__", str(tmp_path / "site-packages" / "vlfast" / "__init__.py"))
+    with pytest.raises(SystemExit, match="no benchmarks/ folder"):
+        cli._benchmarks_package()
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
+    from vlfast import __main__ as cli
+    cli._benchmarks_package()
+    from benchmarks import report
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    why = report.plot([{"ms": 1.0}], str(tmp_path / "x.png"))
+    assert why and "matplotlib" in why and not (tmp_path / "x.png").exists()
+
+
+def test_a_failing_contender_or_reference_becomes_a_row_and_the_run_goes_on():
+    from types import SimpleNamespace
+
+    from vlfast import __main__ as cli
+    runner = cli._benchmarks_package()
+    from benchmarks.common import Case, Contender
+
+    def broken(x, mode):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB\nmore detail")
+
+    def fine(x, mode):
+        return {"loss": x.sum()}
+
+    def reference(case, x, device):
+        if case.name == "b":
+            raise ValueError("no reference here")
+        return {"loss": x.double().sum()}, "fp64 dense"
+
+    op = SimpleNamespace(
+        cases=lambda device, size: [Case("a", (4,), torch.float32), Case("b", (4,), torch.float32)],
+        make_inputs=lambda case, device: torch.ones(4),
+        reference=reference,
+        contenders=lambda case, device: [Contender("broken", broken), Contender("fine", fine),
+                                         Contender("absent", skip="not installed")],
+        flops=lambda case, mode: None)
+    rows = []
+    runner.run_op("fake", op, torch.device("cpu"), "tiny", {}, rows.append)
+    by = {(r["case"], r["impl"]): r for r in rows}
+    assert by["a", "broken"]["status"] == "error"
+    assert by["a", "broken"]["message"] == "RuntimeError: CUDA out of memory. Tried to allocate 64.00 GiB"
+    assert by["a", "fine"]["status"] == "ok" and by["a", "fine"]["error"] == 0.0
+    assert by["a", "absent"]["status"] == "skipped" and by["a", "absent"]["message"] == "not installed"
+    assert by["b", "fine"]["status"] == "ok" and by["b", "fine"]["error"] is None
+    assert by["b", "fine"]["error_note"] == "fp64 reference failed: ValueError: no reference here"
