@@ -28,10 +28,9 @@ from ..._backends import triton_interpreting
 from .reference import softplus
 
 _INTERPRET = triton_interpreting()
+_AUTOTUNE = os.environ.get("VLFAST_AUTOTUNE", "0") == "1"
 # Column splits are multiples of the widest column tile, so every config tiles them exactly.
-_MAX_BN = 256
-# Row block of the stats kernel: fixed (the column partials are sized by it), autotuned otherwise.
-STATS_BM = 32 if _INTERPRET else 128
+_MAX_BN = 128
 # Bytes of the backward's G chunk (C x M in the input dtype): about the size of the features
 # ((N + M) * D), so extra memory stays O((N + M) * D), within [64, 384] MiB for GEMM efficiency.
 # VLFAST_CLIP_CHUNK_BYTES overrides it.
@@ -44,22 +43,36 @@ def _grad_chunk_rows(n: int, m: int, d: int, element_size: int) -> int:
     return min(rows, n)
 
 
-_AUTOTUNE = os.environ.get("VLFAST_AUTOTUNE", "0") == "1"
+def _configs(bm, bn_choices, bk, warps, stage_choices):
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=s)
+            for bn in bn_choices for s in stage_choices]
 
 
-def _configs(bm_choices, bn_choices, bk_choices, warps, stages):
-    """The first combination alone, or all of them with VLFAST_AUTOTUNE=1 (each costs a compile)."""
-    if _INTERPRET:  # one small config: the interpreter is slow, and several tiles get exercised
-        return [triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)]
-    configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-               for bm in bm_choices for bn in bn_choices for bk in bk_choices for w in warps for s in stages]
-    return configs if _AUTOTUNE else configs[:1]
+# Two families, the first config of each the default (all of a family with VLFAST_AUTOTUNE=1; each
+# costs a compile). Tensor cores (fp16, bf16, fp32 as TF32): 128 x 128 tiles on 8 warps pipeline
+# 3-4 stages on wgmma without spills in ahead-of-time compiles for sm_90a (tests/tools/triton_aot.py);
+# 128 x 256 spills 1-3 KB. Exact fp32 runs on the FMA units, where 128 x 128 spills ~9 KB: smaller
+# tiles. Every config of a family has the same BM (the stats kernel sizes its column partials by it).
+# To be narrowed by measurement on the H200.
+if _INTERPRET:  # one small config: the interpreter is slow, and several tiles get exercised
+    _TENSOR_CORE = _EXACT_FP32 = _configs(32, [32], 32, 4, [1])
+else:
+    _TENSOR_CORE = _configs(128, [128, 64], 64, 8, [3, 4])
+    _EXACT_FP32 = _configs(64, [64, 32], 32, 4, [3, 2])
 
 
-# Hopper-oriented starting points (128 x 128..256 tiles, 8 warps, 3-4 stages), first = default;
-# to be narrowed by measurement on the H200 (benchmarks/gpu_check.sh).
-_STATS_CONFIGS = _configs([STATS_BM], [128, 256], [64], [8], [3, 4])
-_GRAD_CONFIGS = _configs([128], [128, 256], [64], [8], [3, 4])
+def _family(precision: str) -> list:
+    return _EXACT_FP32 if precision == "ieee" else _TENSOR_CORE
+
+
+def _pick_configs(configs, named_args, **kwargs):
+    """Autotuner pruning: the family for this dot precision; its default alone unless autotuning."""
+    family = _family(kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")))
+    return family if _AUTOTUNE else family[:1]
+
+
+_PRUNE = {"early_config_prune": _pick_configs}
+_KEY = ["D", "SIGMOID", "SYMMETRIC", "DOT_PRECISION"]
 
 
 def _even_k(args):
@@ -123,7 +136,7 @@ def _positive_logit_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_ptr, N, D, off
     tl.store(out_ptr + rows, z, mask=ok)
 
 
-@triton.autotune(configs=_STATS_CONFIGS, key=["D", "SIGMOID", "SYMMETRIC"])
+@triton.autotune(configs=_TENSOR_CORE + _EXACT_FP32, key=_KEY, prune_configs_by=_PRUNE)
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _logit_stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_part_ptr, col_part_ptr,
@@ -184,7 +197,7 @@ def _logit_stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_part_ptr
     tl.store(row_part_ptr + pid_s.to(tl.int64) * N + rows, out, mask=row_ok)
 
 
-@triton.autotune(configs=_GRAD_CONFIGS, key=["D", "SIGMOID", "SYMMETRIC"])
+@triton.autotune(configs=_TENSOR_CORE + _EXACT_FP32, key=_KEY, prune_configs_by=_PRUNE)
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _logit_grad_kernel(a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, stats_ptr, em_ptr, w_ptr, ds_part_ptr,
@@ -273,7 +286,7 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
         _positive_logit_kernel[(triton.cdiv(n, 64),)](a, b, scale, bias_arg, stats[0], n, d, offset,
                                                       a.stride(0), b.stride(0), HAS_BIAS=bias is not None,
                                                       BR=64, BD=64)
-    row_blocks = triton.cdiv(n, STATS_BM)
+    row_blocks = triton.cdiv(n, _family(flags["DOT_PRECISION"])[0].kwargs["BM"])
     splits = _num_splits(row_blocks, m, a.device)
     cols_per_split = triton.cdiv(triton.cdiv(m, splits), _MAX_BN) * _MAX_BN
     splits = triton.cdiv(m, cols_per_split)

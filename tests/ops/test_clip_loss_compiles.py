@@ -1,0 +1,48 @@
+"""The contrastive-loss kernels compile for sm_90a and sm_80 on this CPU-only machine, with tensor
+cores and pipelined loads: what the interpreter cannot check. The compiles run in a subprocess,
+because the interpreter (on in this test session) replaces @triton.jit functions."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    out = subprocess.run([sys.executable, "-m", "tests.tools.triton_aot", "--json"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_variant_compiles(compiled):
+    failures = [r for r in compiled if "error" in r]
+    assert compiled and not failures, failures
+
+
+def test_tensor_cores_and_pipelined_loads(compiled):
+    for r in compiled:
+        if r["variant"].startswith("positive"):
+            continue
+        if not r["variant"].endswith("maskedK"):  # odd D: rows too unaligned for async copies
+            assert r["async_copies"] > 0, f"global loads are not pipelined: {r}"
+        if r["variant"].endswith("fp32-ieee"):
+            continue  # exact fp32 runs on the FMA units by design
+        mma = r["wgmma"] if r["capability"] == 90 else r["mma_sync"]
+        assert mma > 0, f"no tensor-core instructions: {r}"
+
+
+def test_default_configs_fit_in_registers_on_hopper(compiled):
+    """Spills are the first thing that would make these kernels slow; allow a few bytes of stack."""
+    for r in compiled:
+        if r["capability"] == 90 and r.get("spill_bytes") is not None and not r["variant"].endswith("maskedK"):
+            assert r["spill_bytes"] <= 64, f"register spills: {r}"
