@@ -117,6 +117,23 @@ def _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
 
 
 @triton.jit
+def _logits(dot, scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    z = tl.load(scale_ptr) * dot
+    if HAS_BIAS:
+        z += tl.load(bias_ptr)
+    return z
+
+
+@triton.jit
+def _positives(rows, cols, offset, HAS_POS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """(BM, BN) bool: True where column == row + offset."""
+    is_pos = tl.zeros((BM, BN), dtype=tl.int1)
+    if HAS_POS:
+        is_pos = cols[None, :] == rows[:, None] + offset
+    return is_pos
+
+
+@triton.jit
 def _positive_logit_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_ptr, N, D, offset, stride_a, stride_b,
                            HAS_BIAS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -148,10 +165,6 @@ def _logit_stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_part_ptr
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < N
-    scale = tl.load(scale_ptr)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr)
     if not SIGMOID:
         pos_r = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)
     # softmax: running max and sum of exp(margin - max) over negatives; sigmoid: running sum.
@@ -164,12 +177,9 @@ def _logit_stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_part_ptr
         col_ok = cols < col_end
         dot = _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
                         BM, BN, BK, EVEN_K, DOT_PRECISION, UPCAST)
-        z = scale * dot + bias
+        z = _logits(dot, scale_ptr, bias_ptr, HAS_BIAS)
         valid = row_ok[:, None] & col_ok[None, :]
-        if HAS_POS:
-            is_pos = cols[None, :] == rows[:, None] + offset
-        else:
-            is_pos = tl.zeros((BM, BN), dtype=tl.int1)
+        is_pos = _positives(rows, cols, offset, HAS_POS, BM, BN)
         if SIGMOID:
             x = tl.where(is_pos, -z, z)  # softplus(-t z): t = +1 at the positive, -1 elsewhere
             l_r += tl.sum(tl.where(valid, _softplus(x), 0.0), axis=1)
@@ -215,16 +225,9 @@ def _logit_grad_kernel(a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, stats_ptr, em_p
     col_ok = cols < M
     dot = _dot_tile(a_ptr, b_ptr, local, cols, row_ok, col_ok, D, stride_a, stride_b,
                     BM, BN, BK, EVEN_K, DOT_PRECISION, UPCAST)
-    scale = tl.load(scale_ptr)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr)
-    z = scale * dot + bias
+    z = _logits(dot, scale_ptr, bias_ptr, HAS_BIAS)
     valid = row_ok[:, None] & col_ok[None, :]
-    if HAS_POS:
-        is_pos = cols[None, :] == rows[:, None] + offset
-    else:
-        is_pos = tl.zeros((BM, BN), dtype=tl.int1)
+    is_pos = _positives(rows, cols, offset, HAS_POS, BM, BN)
     w_r = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
     if SIGMOID:
         # d softplus(-t z)/dz = -t sigmoid(-t z), t = +1 at the positive; exp(-|x|) never overflows
@@ -251,7 +254,7 @@ def _logit_grad_kernel(a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, stats_ptr, em_p
     if SIGMOID:
         tl.store(db_part_ptr + pid, tl.sum(tl.sum(g, axis=1), axis=0))
     out = g_ptr + local.to(tl.int64)[:, None] * stride_g + cols[None, :]
-    tl.store(out, (scale * g).to(g_ptr.dtype.element_ty), mask=valid)
+    tl.store(out, (tl.load(scale_ptr) * g).to(g_ptr.dtype.element_ty), mask=valid)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
