@@ -14,11 +14,9 @@ logit_scale is the multiplier itself (already exponentiated), as vlfast.clip_los
 """
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vlfast  # noqa: E402
-from benchmarks.common import FWD, FWD_BWD, Case, Contender  # noqa: E402
+from benchmarks.common import FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads  # noqa: E402
 from vlfast.ops.clip_loss import implementation_status  # noqa: E402
 from vlfast.ops.clip_loss import reference as spec  # noqa: E402
 
@@ -139,15 +137,7 @@ def reference(case: Case, x: Inputs, device: torch.device) -> tuple:
 
 
 def _runner(loss_fn):
-    """run(inputs, mode): the loss, and for fwd+bwd the gradient of every input, as named outputs."""
-    def run(x: Inputs, mode: str) -> dict:
-        if mode == FWD:
-            with torch.no_grad():
-                return {"loss": loss_fn(x)}
-        loss = loss_fn(x)
-        grads = torch.autograd.grad(loss, x.leaves())
-        return {"loss": loss.detach(), **dict(zip(GRADS, grads))}
-    return run
+    return loss_and_grads(loss_fn, Inputs.leaves, GRADS)
 
 
 def _labels(x: Inputs) -> torch.Tensor:
@@ -192,15 +182,6 @@ FUSED_PEERS = {
 }
 
 
-@lru_cache(maxsize=None)
-def _import_peer(module: str, attr: str):
-    """(the function, None) or (None, why it does not import)."""
-    try:
-        return getattr(importlib.import_module(module), attr), None
-    except Exception as e:  # ImportError, or a peer broken against this torch/triton
-        return None, f"not importable: {type(e).__name__}: {e}"
-
-
 def _fused_peer(name: str, case: Case, device: torch.device) -> Contender:
     module, attr, make = FUSED_PEERS[name]
     if device.type != "cuda":
@@ -209,7 +190,7 @@ def _fused_peer(name: str, case: Case, device: torch.device) -> Contender:
         return Contender(name, skip="inf-cl needs the feature dimension to be a multiple of 256")
     if name == "inf-cl" and _work(case) > SLOW_WORK_LIMIT[device.type]:
         return Contender(name, skip=TOO_SLOW)
-    fn, why = _import_peer(module, attr)
+    fn, why = import_peer(module, attr)
     if fn is None:
         return Contender(name, skip=why)
     # Liger and cce compute the gradient inside the forward: a forward-only time would not compare.

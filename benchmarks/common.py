@@ -4,7 +4,9 @@ An op's bench_<op>.py builds Cases and Contenders; the runner measures them with
 """
 from __future__ import annotations
 
+import functools
 import gc
+import importlib
 import math
 import statistics
 import time
@@ -109,3 +111,26 @@ def worst(errors: dict) -> Optional[float]:
         return None
     values = list(errors.values())
     return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
+def loss_and_grads(loss_fn: Callable[[Any], torch.Tensor], leaves_of: Callable[[Any], list],
+                   grad_names: tuple) -> Callable[[Any, str], dict]:
+    """run(inputs, mode) for a Contender: the loss, and for fwd+bwd the gradient of every leaf
+    (leaves_of(inputs)), as named outputs."""
+    def run(x, mode: str) -> dict:
+        if mode == FWD:
+            with torch.no_grad():
+                return {"loss": loss_fn(x)}
+        loss = loss_fn(x)
+        grads = torch.autograd.grad(loss, leaves_of(x))
+        return {"loss": loss.detach(), **dict(zip(grad_names, grads))}
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def import_peer(module: str, attr: str):
+    """(the peer's function, None) or (None, why it does not import)."""
+    try:
+        return getattr(importlib.import_module(module), attr), None
+    except Exception as e:  # ImportError, or a peer broken against this torch/triton
+        return None, f"not importable: {type(e).__name__}: {e}"

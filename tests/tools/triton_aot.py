@@ -117,6 +117,21 @@ def clip_loss_variants(all_configs: bool = False):
            {"HAS_BIAS": True, "BR": 64, "BD": 64}, None)
 
 
+def linear_cross_entropy_variants(all_configs: bool = False):
+    """The row kernel of the fused linear cross-entropy: statistics + gradient, gradient only."""
+    from vlfast.ops.linear_cross_entropy import triton as K
+    kernel = K._ce_rows_kernel
+    for dtype in ("bf16", "fp32"):
+        for stats, label in ((True, "fwd"), (False, "bwd")):
+            consts = dict(HAS_BIAS=True, SOFTCAP=True, COMPUTE_STATS=stats, WRITE_GRAD=True, BLOCK_V=K.BLOCK_V)
+            sig = signature(kernel, {"g_ptr": dtype, "bias_ptr": dtype, "targets_ptr": "i64"})
+            yield f"ce_rows {label} {dtype}", kernel, sig, consts, K.ROW_KERNEL_CONFIG
+
+
+# op -> its variants; every op with Triton kernels adds itself here
+VARIANTS = {"clip_loss": clip_loss_variants, "linear_cross_entropy": linear_cross_entropy_variants}
+
+
 def main(argv=None) -> None:
     """Compile every variant for each capability; print a table, or JSON lines with --json."""
     import argparse
@@ -128,9 +143,11 @@ def main(argv=None) -> None:
     parser.add_argument("--capability", type=int, action="append", help="e.g. 90 (default: 90 and 80)")
     parser.add_argument("--all-configs", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--op", action="append", choices=sorted(VARIANTS), help="default: every op")
     args = parser.parse_args(argv)
+    variants = [v for op in (args.op or VARIANTS) for v in VARIANTS[op](args.all_configs)]
     for cap in args.capability or [90, 80]:
-        for label, kernel, sig, consts, cfg in clip_loss_variants(args.all_configs):
+        for label, kernel, sig, consts, cfg in variants:
             warps, stages = (cfg.num_warps, cfg.num_stages) if cfg is not None else (4, 1)
             try:
                 info = compile_kernel(kernel, sig, consts, cap, warps, stages).__dict__

@@ -1,4 +1,5 @@
 """Thin modules over vlfast's ops, drop-in for the modules training code already uses."""
 from .contrastive import ClipLoss, SigLipLoss
+from .linear_cross_entropy import LinearCrossEntropy
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "LinearCrossEntropy"]

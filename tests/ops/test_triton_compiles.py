@@ -1,4 +1,4 @@
-"""The contrastive-loss kernels compile for sm_90a and sm_80 on this CPU-only machine, with tensor
+"""vlfast's Triton kernels (contrastive loss, linear cross-entropy) compile for sm_90a and sm_80 on this CPU-only machine, with tensor
 cores and pipelined loads: what the interpreter cannot check. The compiles run in a subprocess,
 because the interpreter (on in this test session) replaces @triton.jit functions."""
 import json
@@ -31,8 +31,8 @@ def test_every_variant_compiles(compiled):
 
 def test_tensor_cores_and_pipelined_loads(compiled):
     for r in compiled:
-        if r["variant"].startswith("positive"):
-            continue
+        if not r["variant"].startswith(("stats", "grad")):
+            continue  # only the GEMM-tile kernels use tensor cores
         if not r["variant"].endswith("maskedK"):  # odd D: rows too unaligned for async copies
             assert r["async_copies"] > 0, f"global loads are not pipelined: {r}"
         if r["variant"].endswith("fp32-ieee"):

@@ -1,0 +1,207 @@
+"""Fused linear + cross-entropy on a GPU; the math is in reference.py.
+
+Rows go in chunks sized so that a chunk's logits and G stay bounded (VLFAST_LCE_CHUNK_BYTES, default
+128 MiB, whatever V is). Per chunk:
+  1. logits = hidden_c @ weight.T in float32 (cuBLAS, fp32 output; never rounded to bf16);
+  2. _ce_rows_kernel, one program per row: online log-sum-exp over the vocabulary (with bias, softcap,
+     label smoothing and z-loss), the row's loss and, when gradients are due, G = dLoss/dz in the
+     input dtype;
+  3. d_hidden_c = G @ weight, d_weight += G^T @ hidden_c, d_bias += column sums of G.
+For reduction "mean" / "sum" the gradients are computed in the forward (the upstream gradient is one
+scalar, applied in the backward): three GEMMs of 2*N*H*V in all, the floor. For "none" the backward
+recomputes the logits from the saved log-sum-exp (four GEMMs).
+d_weight accumulates in float32 when the weight is float32 or when a float32 copy costs at most
+VLFAST_LCE_FP32_ACC_BYTES (default 128 MiB); beyond that in the weight's dtype, one rounding per chunk.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ... import _scratch
+from ..._backends import triton_interpreting
+from ..._gemm import addmm_f32_, mm_f32
+from .reference import reduce, row_weights
+
+_INTERPRET = triton_interpreting()
+CHUNK_BYTES = int(os.environ.get("VLFAST_LCE_CHUNK_BYTES", 128 << 20))
+FP32_ACC_BYTES = int(os.environ.get("VLFAST_LCE_FP32_ACC_BYTES", 128 << 20))
+BLOCK_V = 128 if _INTERPRET else 2048
+# The row kernel is memory-bound: 8 warps stream a 2048-wide block of one row (8 floats a thread).
+ROW_KERNEL_CONFIG = triton.Config({}, num_warps=1 if _INTERPRET else 8, num_stages=1)
+
+
+@triton.jit
+def _tanh(x):
+    # triton.language has no tanh: exp(-2|x|) never overflows; a series keeps small |x| accurate.
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
+    t = tl.where(ax < 0.1, small, big)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _cap(z, softcap, SOFTCAP: tl.constexpr):
+    if SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _capped_logits(row_ptr, bias_ptr, cols, ok, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    z = tl.load(row_ptr + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return _cap(z, softcap, SOFTCAP)
+
+
+@triton.jit
+def _ce_rows_kernel(logits_ptr, stride_l, bias_ptr, targets_ptr, w_ptr, lse_ptr, loss_ptr, g_ptr, stride_g,
+                    V, ignore_index, smoothing, softcap, z_loss,
+                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_STATS: tl.constexpr,
+                    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row of a chunk: lse and loss (COMPUTE_STATS; else lse is read), and w * dloss/dz (WRITE_GRAD)."""
+    row = tl.program_id(0)
+    t = tl.load(targets_ptr + row)
+    kept = t != ignore_index
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_l
+    lanes = tl.arange(0, BLOCK_V)
+    if COMPUTE_STATS:
+        # per-lane running max and sum of exp, merged at the end: no reduction inside the loop
+        m = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        z_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lanes
+            ok = cols < V
+            z = _capped_logits(row_ptr, bias_ptr, cols, ok, softcap, HAS_BIAS, SOFTCAP)
+            z = tl.where(ok, z, float("-inf"))
+            m_new = tl.maximum(m, z)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_use) + tl.exp(z - m_use)
+            m = m_new
+            z_sum += tl.where(ok, z, 0.0)
+        m_row = tl.max(m, axis=0)
+        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+        t_safe = tl.where(kept, t, 0)
+        z_t = tl.load(row_ptr + t_safe)
+        if HAS_BIAS:
+            z_t += tl.load(bias_ptr + t_safe).to(tl.float32)
+        z_t = _cap(z_t, softcap, SOFTCAP)
+        loss = (1.0 - smoothing) * (lse - z_t) + smoothing * (lse - tl.sum(z_sum, axis=0) / V) + z_loss * lse * lse
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
+    else:
+        lse = tl.load(lse_ptr + row)
+    if WRITE_GRAD:
+        w = tl.where(kept, tl.load(w_ptr + row), 0.0)
+        zl_coef = 2.0 * z_loss * lse
+        g_row = g_ptr + row.to(tl.int64) * stride_g
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lanes
+            ok = cols < V
+            z = _capped_logits(row_ptr, bias_ptr, cols, ok, softcap, HAS_BIAS, SOFTCAP)
+            p = tl.exp(z - lse)
+            # term by term (as autograd would): the CE part is exactly 0 where p is one-hot
+            g = (1.0 - smoothing) * (p - tl.where(cols == t, 1.0, 0.0)) + smoothing * (p - 1.0 / V) + zl_coef * p
+            if SOFTCAP:
+                capped = z / softcap
+                g = g * (1.0 - capped * capped)
+            tl.store(g_row + cols, (w * g).to(g_ptr.dtype.element_ty), mask=ok)
+
+
+def _chunk_rows(n: int, v: int, element_size: int) -> int:
+    rows = CHUNK_BYTES // max(1, v * (4 + element_size))
+    rows = max(64, rows // 64 * 64)
+    return max(1, min(rows, n))
+
+
+def _launch_rows(logits, bias, targets, w, lse, loss, g, v, ignore_index, smoothing, softcap, z_loss,
+                 compute_stats: bool):
+    rows = logits.shape[0]
+    dummy = lse  # pointer for arguments a variant never reads
+    _ce_rows_kernel[(rows,)](logits, logits.stride(0), bias if bias is not None else dummy, targets,
+                             w if w is not None else dummy, lse, loss if loss is not None else dummy,
+                             g if g is not None else dummy, g.stride(0) if g is not None else 0,
+                             v, ignore_index, smoothing, softcap or 1.0, z_loss,
+                             HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), COMPUTE_STATS=compute_stats,
+                             WRITE_GRAD=g is not None, BLOCK_V=BLOCK_V, num_warps=ROW_KERNEL_CONFIG.num_warps)
+
+
+class _Grads:
+    """The gradient buffers of one call and how each chunk's G feeds them."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, need: tuple[bool, bool, bool]):
+        n, h = hidden.shape
+        v = weight.shape[0]
+        self.need = need
+        self.dh = _scratch.empty(n if need[0] else 0, h, dtype=hidden.dtype, device=hidden.device)
+        fp32_acc = weight.dtype == torch.float32 or v * h * 4 <= FP32_ACC_BYTES
+        self.dw = torch.zeros(v if need[1] else 0, h, device=weight.device,
+                              dtype=torch.float32 if fp32_acc else weight.dtype)
+        self.db = torch.zeros(v if need[2] else 0, dtype=torch.float32, device=weight.device)
+
+    def add_chunk(self, g: Tensor, hidden_c: Tensor, weight: Tensor, r0: int) -> None:
+        if self.need[0]:
+            torch.mm(g, weight, out=self.dh[r0:r0 + g.shape[0]])
+        if self.need[1]:
+            if self.dw.dtype == torch.float32:
+                addmm_f32_(self.dw, g.T, hidden_c)
+            else:  # beyond the fp32 budget: accumulate like the weight (cuBLAS adds in fp32, rounds once)
+                self.dw.addmm_(g.T, hidden_c)
+        if self.need[2]:
+            self.db += g.sum(dim=0, dtype=torch.float32)
+
+    def result(self, weight: Tensor):
+        return self.dh, self.dw.to(weight.dtype), self.db.to(weight.dtype)
+
+
+def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], ignore_index: int,
+            label_smoothing: float, softcap: float, z_loss: float, reduction: str, need: tuple[bool, bool, bool]):
+    """(loss, lse (N,), d_hidden, d_weight, d_bias); the gradients only for mean / sum with `need` set."""
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    eager = reduction != "none" and any(need)
+    lse = _scratch.empty(n, dtype=torch.float32, device=hidden.device)
+    rows = _scratch.empty(n, dtype=torch.float32, device=hidden.device)
+    grads = _Grads(hidden, weight, need if eager else (False, False, False))
+    w_rows = row_weights(targets, ignore_index, reduction) if eager else None
+    chunk = _chunk_rows(n, v, hidden.element_size())
+    g_buf = _scratch.empty(chunk, v, dtype=hidden.dtype, device=hidden.device) if eager else None
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        logits = mm_f32(hidden[r0:r1], weight.T)
+        g = g_buf[:r1 - r0] if eager else None
+        _launch_rows(logits, bias, targets[r0:r1], w_rows[r0:r1] if eager else None, lse[r0:r1], rows[r0:r1],
+                     g, v, ignore_index, label_smoothing, softcap, z_loss, compute_stats=True)
+        if eager:
+            grads.add_chunk(g, hidden[r0:r1], weight, r0)
+    return (reduce(rows, targets, ignore_index, reduction), lse) + grads.result(weight)
+
+
+def backward(grad_rows: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+             lse: Tensor, ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
+             need: tuple[bool, bool, bool]):
+    """(d_hidden, d_weight, d_bias) of sum_i grad_rows_i * loss_i, recomputing each chunk's logits."""
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    grads = _Grads(hidden, weight, need)
+    w_rows = grad_rows.float()
+    chunk = _chunk_rows(n, v, hidden.element_size())
+    g_buf = _scratch.empty(chunk, v, dtype=hidden.dtype, device=hidden.device)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        logits = mm_f32(hidden[r0:r1], weight.T)
+        g = g_buf[:r1 - r0]
+        _launch_rows(logits, bias, targets[r0:r1], w_rows[r0:r1], lse[r0:r1], None, g, v, ignore_index,
+                     label_smoothing, softcap, z_loss, compute_stats=False)
+        grads.add_chunk(g, hidden[r0:r1], weight, r0)
+    return grads.result(weight)
