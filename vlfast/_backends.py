@@ -6,6 +6,7 @@ torch.compile reads constants.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from typing import Optional
 
@@ -33,13 +34,29 @@ def triton_why_not(device: torch.device) -> Optional[str]:
             "(or TRITON_INTERPRET=1, set before triton is imported, to run them in the interpreter)")
 
 
+BUILD_STATUS_FILE = "_build_cuda.json"  # written next to vlfast/_C*.so by setup.py's build step
+
+
+def _not_built_reason(status: Optional[str] = None) -> str:
+    """Why vlfast._C is absent: what setup.py recorded at install time, when it recorded anything."""
+    status = status or os.path.join(os.path.dirname(os.path.abspath(__file__)), BUILD_STATUS_FILE)
+    try:
+        with open(status) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        recorded = {}
+    if recorded.get("reason"):
+        return f"the CUDA extension vlfast._C is not built: {recorded['reason']}"
+    return ("the CUDA extension vlfast._C is not built "
+            "(build it with VLFAST_BUILD_CUDA=1 pip install -e . on a machine with nvcc)")
+
+
 def _load_extension():
     if importlib.util.find_spec("vlfast._C") is None:
-        return None, ("the CUDA extension vlfast._C is not built "
-                      "(build it with VLFAST_BUILD_CUDA=1 pip install -e . on a machine with nvcc)")
+        return None, _not_built_reason()
     try:
         from vlfast import _C  # type: ignore[attr-defined]
-    except ImportError as e:  # built, but does not load (e.g. a CUDA runtime mismatch)
+    except ImportError as e:  # built, but does not load (e.g. built for another Python)
         return None, f"the CUDA extension vlfast._C is built but does not import: {e}"
     return _C, None
 
@@ -56,8 +73,9 @@ def cuda_why_not(op: str, device: torch.device) -> Optional[str]:
     """None when vlfast._C has kernels for `op` and the inputs are CUDA tensors, else the reason."""
     if _EXTENSION is None:
         return _EXTENSION_ERROR
-    if not hasattr(_EXTENSION, f"{op}_forward"):
-        return f"vlfast._C was built without {op} kernels"
+    ops = getattr(_EXTENSION, "OPS", ())
+    if op not in ops:
+        return f"vlfast._C has no {op} kernels (it has: {', '.join(ops) or 'none'})"
     if device.type != "cuda":
-        return f"the inputs are on {device.type}; the CUDA kernels need CUDA tensors"
+        return f"the inputs are on {device.type}; vlfast._C's kernels need CUDA tensors"
     return None

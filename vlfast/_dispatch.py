@@ -1,8 +1,8 @@
 """Choosing an implementation for an op: impl="auto" | "reference" | "triton" | "cuda".
 
-"auto" (or the environment variable VLFAST_IMPL) prefers the CUDA extension, then Triton on a GPU,
-then the reference. Any other value is an explicit choice: it runs or raises with the reason, it
-never falls back.
+"auto" (or the environment variable VLFAST_IMPL) prefers the CUDA extension where it has been
+measured fastest for the op (AUTO_PREFERS_CUDA), then Triton on a GPU, then the reference. Any other
+value is an explicit choice: it runs or raises with the reason, it never falls back.
 """
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ import torch
 
 IMPLS = ("reference", "triton", "cuda")
 _AUTO_ORDER = ("cuda", "triton", "reference")
+
+# Ops for which impl="auto" takes the CUDA extension (where it can run) ahead of Triton. An op goes
+# True only once benchmarks/gpu_check.sh has measured its CUDA kernels faster than its Triton ones
+# on the shapes of its goals (figures in benchmarks/results/); until then impl="cuda" must be asked for.
+AUTO_PREFERS_CUDA = {
+    "clip_loss": False,  # not yet measured on a GPU
+}
 
 
 class ImplUnavailableError(RuntimeError):
@@ -45,6 +52,8 @@ def resolve_impl(op: str, impl: str, device: torch.device,
             raise ImplUnavailableError(f"vlfast.{op}: impl={choice!r} cannot run here: {reason}")
         return choice
     for name in _AUTO_ORDER:
+        if name == "cuda" and not AUTO_PREFERS_CUDA.get(op, False):
+            continue
         # The Triton interpreter can run CPU tensors, but only on request: auto keeps to GPUs.
         if name == "triton" and device.type != "cuda":
             continue

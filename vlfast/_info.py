@@ -56,6 +56,13 @@ def _auto_choice(op: str, device: torch.device, status: dict) -> str:
         return f"raises {type(e).__name__}: {e}"
 
 
+def _extension_info(ext, reason: Optional[str]) -> dict:
+    """Whether vlfast._C is there; if so what it was built with (archs, CUDA, compilers) and its ops."""
+    if ext is None:
+        return {"built": False, "reason": reason}
+    return {"built": True, "reason": None, "ops": list(getattr(ext, "OPS", ())), **ext.build_info()}
+
+
 def collect() -> dict:
     """Everything `info` prints, as plain JSON-able data."""
     import vlfast
@@ -76,7 +83,7 @@ def collect() -> dict:
         "numpy": dist_version("numpy"),
         "cuda": _cuda(),
         "env": {k: os.environ.get(k) for k in ENV_VARS},
-        "extension": {"built": ext is not None, "reason": ext_reason},
+        "extension": _extension_info(ext, ext_reason),
         "ops": ops,
     }
 
@@ -94,7 +101,11 @@ def format_report(info: dict) -> str:
                          f"{g['sm_count']} SMs, {g['memory_gib']} GiB")
     lines.append("env      " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in info["env"].items()))
     ext = info["extension"]
-    lines.append("vlfast._C " + ("built" if ext["built"] else f"not built: {ext['reason']}"))
+    if ext["built"]:
+        lines.append(f"vlfast._C built for sm_{', sm_'.join(ext['archs'])}: CUDA {ext['cuda']} (nvcc {ext['nvcc']}, "
+                     f"{ext['host_compiler']}), cudart {ext['cudart']}, {ext['nvtx']}; ops: {', '.join(ext['ops'])}")
+    else:
+        lines.append(f"vlfast._C not built: {ext['reason']}")
     for op, entry in info["ops"].items():
         lines.append(f"{op} (inputs on {entry['device']}):")
         lines.append(f"  {'auto':<10} {entry['auto']}")

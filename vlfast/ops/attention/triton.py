@@ -411,9 +411,11 @@ def tiles(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def _launch_opts(head_dim: int, bm: int) -> dict:
+    # From ahead-of-time compiles for sm_90a (tests/tools/triton_aot.py): with head_dim >= 128 the
+    # backward's two (BN, D) float32 accumulators spill on 4 warps; 8 warps hold them.
     if _INTERPRET:
         return {"num_warps": 1, "num_stages": 1}
-    return {"num_warps": 8 if bm >= 128 else 4, "num_stages": 3 if head_dim <= 128 else 2}
+    return {"num_warps": 8 if bm >= 128 or head_dim >= 128 else 4, "num_stages": 3 if head_dim <= 128 else 2}
 
 
 class Problem:

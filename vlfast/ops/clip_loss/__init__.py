@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..._backends import cuda_why_not, triton_why_not
+from ..._backends import triton_why_not
 from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from . import cuda as _cuda
@@ -191,7 +191,7 @@ def _why_not(device: torch.device, dtype: torch.dtype):
         return triton_why_not(device)
 
     def cuda():
-        return cuda_why_not("clip_loss", device)
+        return _cuda.why_not(device, dtype)
 
     return {"reference": reference, "triton": triton, "cuda": cuda}
 

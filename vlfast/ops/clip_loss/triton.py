@@ -5,8 +5,8 @@ Forward, one pass over the logits (the N x M matrix is never stored):
   _logit_stats_kernel     per (row block, column split): the row statistic over its columns and,
                           for the symmetric softmax, a per-row-block partial column statistic;
                           softmax keeps log-sum-exp of the margins z - z_positive over negatives,
-                          sigmoid the sum of softplus terms. Partials are combined in PyTorch:
-                          O(N * splits + M * N / BLOCK_M) floats.
+                          sigmoid the sum of softplus terms. Partials are combined in PyTorch
+                          (partials.py, shared with the CUDA kernels): O(N * splits + M * N / BLOCK_M) floats.
 Backward, per chunk of rows (bounded extra memory):
   _logit_grad_kernel      recomputes the logits tile and writes s * dLoss/dz (C x M, input dtype),
                           plus per-tile partial sums for d_scale and d_bias in float32;
@@ -23,24 +23,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ... import _scratch
 from ..._backends import triton_interpreting
-from .reference import softplus
+from . import partials
 
 _INTERPRET = triton_interpreting()
 _AUTOTUNE = os.environ.get("VLFAST_AUTOTUNE", "0") == "1"
 # Column splits are multiples of the widest column tile, so every config tiles them exactly.
 _MAX_BN = 128
-# Bytes of the backward's G chunk (C x M in the input dtype): about the size of the features
-# ((N + M) * D), so extra memory stays O((N + M) * D), within [64, 384] MiB for GEMM efficiency.
-# VLFAST_CLIP_CHUNK_BYTES overrides it.
-GRAD_CHUNK_BYTES = int(os.environ.get("VLFAST_CLIP_CHUNK_BYTES", 0)) or None
-
-
-def _grad_chunk_rows(n: int, m: int, d: int, element_size: int) -> int:
-    budget = GRAD_CHUNK_BYTES or min(384 << 20, max(64 << 20, (n + m) * d * element_size))
-    rows = max(128, budget // max(1, m * element_size) // 128 * 128)
-    return min(rows, n)
+# The backward's G chunk size in bytes (None: partials.grad_chunk_rows' default); tests shrink it.
+GRAD_CHUNK_BYTES = partials.GRAD_CHUNK_BYTES
 
 
 def _configs(bm, bn_choices, bk, warps, stage_choices):
@@ -270,13 +261,6 @@ def _flags(a: Tensor, bias: Optional[Tensor], kind: str, symmetric: bool, offset
                 UPCAST=_INTERPRET and a.dtype != torch.float32)
 
 
-def _num_splits(n_row_blocks: int, m: int, device: torch.device) -> int:
-    """Column splits so that the stats grid fills the GPU about four times over."""
-    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-4 * sms // n_row_blocks)
-    return max(1, min(want, -(-m // _MAX_BN)))
-
-
 def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: str, symmetric: bool,
             offset: int) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) float32 and stats (3, N): [z at the positive, row loss, column loss]."""
@@ -284,38 +268,17 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     m = b.shape[0]
     flags = _flags(a, bias, kind, symmetric, offset)
     bias_arg = bias if bias is not None else scale  # never read when HAS_BIAS is False
-    stats = torch.zeros(3, n, dtype=torch.float32, device=a.device)
+    row_blocks = triton.cdiv(n, _family(flags["DOT_PRECISION"])[0].kwargs["BM"])
+    splits, cols_per_split = partials.column_splits(row_blocks, m, a.device, _MAX_BN)
+    stats, row_part, col_part = partials.forward_partials(n, m, row_blocks, splits, symmetric, a.device)
     if kind == "softmax":
         _positive_logit_kernel[(triton.cdiv(n, 64),)](a, b, scale, bias_arg, stats[0], n, d, offset,
                                                       a.stride(0), b.stride(0), HAS_BIAS=bias is not None,
                                                       BR=64, BD=64)
-    row_blocks = triton.cdiv(n, _family(flags["DOT_PRECISION"])[0].kwargs["BM"])
-    splits = _num_splits(row_blocks, m, a.device)
-    cols_per_split = triton.cdiv(triton.cdiv(m, splits), _MAX_BN) * _MAX_BN
-    splits = triton.cdiv(m, cols_per_split)
-    row_part = _scratch.empty(splits, n, dtype=torch.float32, device=a.device)
-    col_part = (_scratch.empty(row_blocks, m, dtype=torch.float32, device=a.device) if symmetric
-                else row_part)  # a placeholder pointer when there is no column direction
-    _logit_stats_kernel[(row_blocks, splits)](a, b, scale, bias_arg, stats[0], row_part, col_part, n, m, d,
+    col_arg = col_part if symmetric else row_part  # a placeholder pointer when there is no column direction
+    _logit_stats_kernel[(row_blocks, splits)](a, b, scale, bias_arg, stats[0], row_part, col_arg, n, m, d,
                                               offset, cols_per_split, a.stride(0), b.stride(0), **flags)
-    if kind == "sigmoid":
-        stats[1] = row_part.sum(dim=0)
-        return stats[1].clone(), stats
-    stats[1] = softplus(torch.logsumexp(row_part, dim=0))
-    if not symmetric:
-        return stats[1].clone(), stats
-    stats[2] = softplus(torch.logsumexp(col_part, dim=0))
-    return (stats[1] + stats[2]) / 2, stats
-
-
-def _accumulate_mm(acc: Tensor, x: Tensor, y: Tensor) -> None:
-    """acc (float32) += x @ y, with float32 accumulation and no rounding of the product to x's dtype."""
-    if x.dtype == torch.float32:
-        acc.addmm_(x, y)
-    elif acc.is_cuda:
-        torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
-    else:  # the interpreter on a CPU: small shapes only
-        acc.addmm_(x.float(), y.float())
+    return partials.combine_forward(stats, row_part, col_part, kind, symmetric)
 
 
 def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], stats: Tensor,
@@ -325,32 +288,17 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     m = b.shape[0]
     flags = _flags(a, bias, kind, symmetric, offset)
     bias_arg = bias if bias is not None else scale
-    w = grad.float() * (0.5 if symmetric else 1.0)
-    em = torch.expm1(-stats[1:3]).contiguous()  # (2, N): softmax - 1 at each row's / column's positive
-    chunk = _grad_chunk_rows(n, m, d, a.element_size())
-    g_buf = _scratch.empty(chunk, m, dtype=a.dtype, device=a.device)
-    n_chunks = triton.cdiv(n, chunk)
+    chunk = partials.grad_chunk_rows(n, m, d, a.element_size(), GRAD_CHUNK_BYTES)
     most_programs = triton.cdiv(chunk, 32) * triton.cdiv(m, 32)  # the smallest tile any config uses
-    ds_part = torch.zeros(n_chunks, most_programs, dtype=torch.float32, device=a.device)
-    db_part = torch.zeros_like(ds_part)
-    da = _scratch.empty(n if need_a else 0, d, dtype=a.dtype, device=a.device)
-    db_acc = torch.zeros(m, d, dtype=torch.float32, device=a.device) if need_b else None
-    for i, r0 in enumerate(range(0, n, chunk)):
-        c = min(chunk, n - r0)
-        a_c = a[r0:r0 + c]
-        g = g_buf[:c]
 
+    def launch(r0, c, g, w, em, ds_part, db_part):
         def grid(meta):
             return (triton.cdiv(c, meta["BM"]), triton.cdiv(m, meta["BN"]))
 
-        _logit_grad_kernel[grid](a_c, b, g, scale, bias_arg, stats, em, w, ds_part[i], db_part[i],
+        _logit_grad_kernel[grid](a[r0:r0 + c], b, g, scale, bias_arg, stats, em, w, ds_part, db_part,
                                  c, n, m, d, r0, offset, a.stride(0), b.stride(0), g.stride(0), **flags)
-        if need_a:
-            torch.mm(g, b, out=da[r0:r0 + c])
-        if need_b:
-            _accumulate_mm(db_acc, g.T, a_c)
-    db = db_acc.to(b.dtype) if need_b else b.new_empty(0, d)
-    return da, db, ds_part.sum(), db_part.sum()
+
+    return partials.backward(grad, a, b, stats, symmetric, need_a, need_b, chunk, most_programs, launch)
 
 
 def tuned_configs() -> dict:

@@ -1,0 +1,67 @@
+// vlfast._C: the CUDA kernels behind impl="cuda", with an interface of plain integers.
+//
+// Tensors arrive as their data_ptr(), sizes and strides in elements, a dtype code (DTYPE_CODES)
+// and the cudaStream_t of torch.cuda.current_stream() as an integer, so the module links only the
+// CUDA runtime (static) and pybind11, never libtorch: one build serves every torch version. The
+// functions check their arguments and every CUDA return code; bad arguments raise ValueError, CUDA
+// failures (no GPU, no driver, a failed launch) RuntimeError. Launches are asynchronous and the GIL
+// is released while the checks and launches run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "build_info.h"
+#include "clip_loss/clip_loss.h"
+#include "dtype.h"
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info_dict() {
+  const vlfast::BuildInfo info = vlfast::build_info();
+  py::dict d;
+  d["archs"] = info.archs;
+  d["arch_list"] = info.arch_list;
+  d["cuda"] = info.cuda;
+  d["nvcc"] = info.nvcc;
+  d["host_compiler"] = info.host_compiler;
+  d["build_type"] = info.build_type;
+  d["cudart"] = "static";
+  d["runtime_version"] = info.runtime_version;
+  d["nvtx"] = "NVTX3 (domain 'vlfast')";
+  return d;
+}
+
+void bind_clip_loss(py::module_& m) {
+  using py::arg;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("clip_loss_tile", &vlfast::clip_loss::tile, arg("dtype"),
+        "(rows, columns) of the contrastive-loss kernels' tile for a dtype code.");
+  m.def("clip_loss_positive", &vlfast::clip_loss::positive, arg("a"), arg("b"), arg("scale"), arg("bias"),
+        arg("out"), arg("n"), arg("m"), arg("d"), arg("offset"), arg("stride_a"), arg("stride_b"), arg("dtype"),
+        arg("device"), arg("stream"), nogil,
+        "out[i] = scale * <a_i, b_(i + offset)> + bias (float32), the logit at each row's positive.");
+  m.def("clip_loss_stats", &vlfast::clip_loss::stats, arg("a"), arg("b"), arg("scale"), arg("bias"), arg("pos"),
+        arg("row_part"), arg("col_part"), arg("n"), arg("m"), arg("d"), arg("offset"), arg("stride_a"),
+        arg("stride_b"), arg("cols_per_split"), arg("splits"), arg("sigmoid"), arg("symmetric"), arg("dtype"),
+        arg("device"), arg("stream"), nogil,
+        "Row partials (splits, n) and per-row-block column partials (row blocks, m) of the contrastive loss.");
+  m.def("clip_loss_grad", &vlfast::clip_loss::grad, arg("a"), arg("b"), arg("g"), arg("scale"), arg("bias"),
+        arg("stats"), arg("em"), arg("w"), arg("ds_part"), arg("db_part"), arg("c"), arg("n"), arg("m"), arg("d"),
+        arg("r0"), arg("offset"), arg("stride_a"), arg("stride_b"), arg("stride_g"), arg("parts"), arg("sigmoid"),
+        arg("symmetric"), arg("dtype"), arg("device"), arg("stream"), nogil,
+        "G = scale * dLoss/dz for a chunk of rows, and partial sums for d_scale and d_bias.");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vlfast's CUDA kernels (see csrc/); an ABI-free interface of integers";
+  m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = static_cast<int>(vlfast::DType::f32),
+                                   py::arg("float16") = static_cast<int>(vlfast::DType::f16),
+                                   py::arg("bfloat16") = static_cast<int>(vlfast::DType::bf16));
+  // The ops that have kernels here; vlfast._backends reads it. Add an op's name with its bindings.
+  m.attr("OPS") = py::make_tuple("clip_loss");
+  m.def("build_info", &build_info_dict, "What this module was built with: archs, CUDA, compilers.");
+  bind_clip_loss(m);
+}
