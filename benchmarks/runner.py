@@ -6,6 +6,7 @@ The ops are the files benchmarks/bench_<op>.py; each provides
   reference(case, inputs, device) -> (float64 outputs, how) or (None, why there are none)
   contenders(case, device) -> [Contender]            vlfast's implementations and the peers
   flops(case, mode) -> float or None
+  compare(outputs, reference) -> {name: error}       optional; default: max relative error per output
 A failure in one case or contender becomes an error row and the run goes on.
 """
 from __future__ import annotations
@@ -78,12 +79,12 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0]}"[:300] if lines else type(e).__name__
 
 
-def _time_one(contender, inputs, mode, ref, device) -> dict:
+def _time_one(contender, inputs, mode, ref, device, compare_fn=compare) -> dict:
     """One contender in one mode: errors from a first (warm-up) call, then time and memory."""
     try:
         outputs = contender.run(inputs, mode)
         synchronize(device)
-        errors = compare(outputs, ref) if ref is not None else {}
+        errors = compare_fn(outputs, ref) if ref is not None else {}
         del outputs
         ms, peak = measure(lambda: contender.run(inputs, mode), device)
         return {"status": "ok", "ms": ms, "peak_bytes": peak, "errors": errors}
@@ -125,7 +126,7 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
         free_memory(device)
         for c, m in runnable:
             progress.step(f"{op} {case.name} {c.name} {m}")
-            result = _time_one(c, inputs, m, ref, device)
+            result = _time_one(c, inputs, m, ref, device, getattr(module, "compare", compare))
             free_memory(device)
             errors = result.get("errors", {})
             flops = module.flops(case, m)

@@ -1,9 +1,10 @@
 """vlfast: fused Triton and CUDA kernels for vision-language models."""
 from ._dispatch import IMPLS, ImplUnavailableError
 from .ops.clip_loss import clip_loss
+from .ops.codebook_lookup import codebook_lookup
 from .ops.attention import attention, attention_varlen
 from .ops.linear_cross_entropy import linear_cross_entropy
 from . import masks, nn
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "masks", "clip_loss", "linear_cross_entropy", "nn", "ImplUnavailableError", "IMPLS", "__version__"]
+__all__ = ["attention", "attention_varlen", "masks", "clip_loss", "codebook_lookup", "linear_cross_entropy", "nn", "ImplUnavailableError", "IMPLS", "__version__"]

@@ -1,11 +1,14 @@
-"""Shared test helpers: open_clip's loss module, and a loss-plus-gradients runner."""
+"""Shared test helpers: open_clip's loss module, a loss-plus-gradients runner, and spawning gloo ranks."""
 import importlib.util
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 @lru_cache(maxsize=None)
@@ -43,3 +46,18 @@ def loss_and_grads(module, image, text, scale, bias, **kwargs):
     loss.backward()
     grads = [t.grad for t in leaves] + ([] if bias_leaf is None else [bias_leaf.grad])
     return loss.detach(), grads
+
+
+def init_gloo(rank: int, world_size: int, store: str) -> None:
+    """Join a gloo group of world_size local ranks through the file `store`; one thread per rank."""
+    torch.set_num_threads(1)  # CI has 2 cores for up to 4 ranks
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+
+
+def spawn_world(run_rank: Callable, world_size: int, out_dir: Path) -> list:
+    """Run run_rank(rank, world_size, store, out_dir) in world_size spawned processes, each of which saves
+    out_dir/rank{r}.pt; returns what they saved, in rank order."""
+    mp.start_processes(run_rank, args=(world_size, str(out_dir / "store"), str(out_dir)), nprocs=world_size,
+                       join=True, start_method="spawn")
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]

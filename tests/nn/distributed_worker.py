@@ -3,7 +3,6 @@
 Runs in a spawned process (so it imports no pytest fixtures) and writes its results to a file.
 """
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ import torch.distributed as dist
 from vlfast.nn import ClipLoss, SigLipLoss
 from vlfast.nn.contrastive import DIST_IMPLS
 
-from .common import load_open_clip_loss, loss_and_grads
+from .common import init_gloo, load_open_clip_loss, loss_and_grads
 
 N_LOCAL, D = 5, 16  # odd per-rank batch
 CLIP_MODES = {
@@ -36,11 +35,9 @@ def global_batch(world_size: int) -> dict:
 
 def run_rank(rank: int, world_size: int, store: str, out_dir: str) -> None:
     """Save {(loss, mode, "vlfast" | "open_clip"): (loss, grads), "wrong rank": error} for this rank."""
-    torch.set_num_threads(1)  # CI has 2 cores for up to 4 ranks
     # open_clip calls torch.distributed.nn, deprecated as of torch 2.13: noise, not a finding here.
     warnings.filterwarnings("ignore", message="torch.distributed.nn.functional", category=FutureWarning)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, world_size, store)
     oc = load_open_clip_loss()
     batch = global_batch(world_size)
     mine = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)

@@ -17,11 +17,10 @@ on open_clip's results as well as ours:
 """
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from vlfast.nn.contrastive import DIST_IMPLS
 
-from .common import loss_and_grads, open_clip_loss_or_skip
+from .common import loss_and_grads, open_clip_loss_or_skip, spawn_world
 from .distributed_worker import CLIP_MODES, N_LOCAL, global_batch, run_rank
 
 oc = open_clip_loss_or_skip()
@@ -44,10 +43,7 @@ RELATIONS = {
 def world(request, tmp_path_factory):
     """(world_size, [per-rank results]) from one spawn of world_size gloo ranks."""
     world_size = request.param
-    out = tmp_path_factory.mktemp(f"world{world_size}")
-    mp.start_processes(run_rank, args=(world_size, str(out / "store"), str(out)), nprocs=world_size,
-                       join=True, start_method="spawn")
-    return world_size, [torch.load(out / f"rank{r}.pt") for r in range(world_size)]
+    return world_size, spawn_world(run_rank, world_size, tmp_path_factory.mktemp(f"world{world_size}"))
 
 
 def full_batch(world_size):

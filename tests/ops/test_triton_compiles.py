@@ -1,4 +1,4 @@
-"""vlfast's Triton kernels (contrastive loss, linear cross-entropy) compile for sm_90a and sm_80 on this CPU-only machine, with tensor
+"""vlfast's Triton kernels compile for sm_90a and sm_80 on this CPU-only machine, with tensor
 cores and pipelined loads: what the interpreter cannot check. The compiles run in a subprocess,
 because the interpreter (on in this test session) replaces @triton.jit functions."""
 import json
@@ -31,7 +31,7 @@ def test_every_variant_compiles(compiled):
 
 def test_tensor_cores_and_pipelined_loads(compiled):
     for r in compiled:
-        if not r["variant"].startswith(("stats", "grad")):
+        if not r["variant"].startswith(("stats", "grad", "attn")):
             continue  # only the GEMM-tile kernels use tensor cores
         if not r["variant"].endswith("maskedK"):  # odd D: rows too unaligned for async copies
             assert r["async_copies"] > 0, f"global loads are not pipelined: {r}"
@@ -45,4 +45,6 @@ def test_default_configs_fit_in_registers_on_hopper(compiled):
     """Spills are the first thing that would make these kernels slow; allow a few bytes of stack."""
     for r in compiled:
         if r["capability"] == 90 and r.get("spill_bytes") is not None and not r["variant"].endswith("maskedK"):
-            assert r["spill_bytes"] <= 64, f"register spills: {r}"
+            # attention's dK/dV kernel holds two (BN, D) fp32 accumulators: ~100 B of stack at D >= 128
+            limit = 256 if r["variant"].startswith("attn dkdv") else 64
+            assert r["spill_bytes"] <= limit, f"register spills: {r}"

@@ -15,7 +15,7 @@ from typing import Optional
 
 # Arguments the JIT sees 16-divisible at real launches (aligned pointers; strides of rows of
 # 8+ half-precision elements), which is what lets it vectorise loads and pipeline them.
-ALIGNED_INTS = ("stride_a", "stride_b", "stride_g")
+ALIGNED_INTS = ("stride_a", "stride_b", "stride_g", "stride_z", "stride_e")
 
 
 @dataclass
@@ -128,8 +128,64 @@ def linear_cross_entropy_variants(all_configs: bool = False):
             yield f"ce_rows {label} {dtype}", kernel, sig, consts, K.ROW_KERNEL_CONFIG
 
 
+def codebook_lookup_variants(all_configs: bool = False):
+    """The codebook scan for each config family (D = 8: narrow rows; 100: masked features; 256: a
+    resident row block; 512: a pipelined feature loop) and input width, and the distance kernel."""
+    import torch
+    import triton
+    from vlfast.ops.codebook_lookup import triton as K
+    for dtype, dims in (("bf16", (8, 100, 256, 512)), ("fp16", (64,)), ("fp32", (64, 256))):
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        for d in dims:
+            family = K._FAMILIES[K.family(torch_dtype.itemsize, d)]
+            for config in family if all_configs else family[:1]:
+                bk = K._block_k({**config.kwargs, "D": d})
+                consts = dict(D=d, DOT_PRECISION=K.dot_precision(torch_dtype), UPCAST=False, BK=bk,
+                              NUM_K=triton.cdiv(d, bk), EVEN_K=d % bk == 0, **config.kwargs)
+                sig = signature(K._scan_kernel, {"z_ptr": dtype, "e_ptr": dtype, "index_ptr": "i32"})
+                yield f"scan {dtype} D{d}", K._scan_kernel, sig, consts, config
+    for dtype, cosine in (("bf16", False), ("fp32", True)):
+        sig = signature(K._distance_kernel, {"z_ptr": dtype, "e_ptr": dtype, "index_ptr": "i64"})
+        yield (f"distance {dtype} {'cosine' if cosine else 'l2'}", K._distance_kernel, sig,
+               {"COSINE": cosine, "BR": 64, "BD": 64}, triton.Config({}, num_warps=4, num_stages=1))
+
+
+def attention_variants(all_configs: bool = False):
+    """Forward, dQ and dK/dV kernels: head dims 64 / 128 / 256 in bf16, a block-mapped mask, the packed layout."""
+    import torch
+    import triton
+    from vlfast.ops.attention import triton as K
+    masks = {"causal": dict(CAUSAL=True, SPANS=False, WINDOW=False, DALLE=0, KEY_VALID=False, HAS_MAP=False),
+             "spans": dict(CAUSAL=True, SPANS=True, WINDOW=False, DALLE=0, KEY_VALID=False, HAS_MAP=True),
+             "none": dict(CAUSAL=False, SPANS=False, WINDOW=False, DALLE=0, KEY_VALID=False, HAS_MAP=False)}
+    tensors = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+    for d, mask_name, varlen in ((128, "causal", False), (64, "none", False), (128, "spans", False),
+                                 (64, "causal", True), (256, "causal", False)):
+        tiles = K.tiles(d, torch.bfloat16)
+        for name, kernel, (bm, bn) in (("fwd", K._attn_fwd, tiles["fwd"]), ("dq", K._attn_bwd_dq, tiles["bwd"]),
+                                       ("dkdv", K._attn_bwd_dkdv, tiles["bwd"])):
+            consts = dict(HEAD_DIM=d, BLOCK_D=d, BM=bm, BN=bn, VARLEN=varlen, MAP_PER_BATCH=False, UPCAST=False,
+                          PRECISION="tf32", **masks[mask_name])
+            sig = signature(kernel, {})
+            for arg in sig:
+                if arg in tensors:
+                    sig[arg] = "*bf16:16"
+                elif arg in ("LSE2", "DELTA"):
+                    sig[arg] = "*fp32:16"
+                elif arg in ("cu_q", "cu_k", "map_idx", "map_cnt", "span_ptr"):
+                    sig[arg] = "*i32:16"
+                elif arg in ("map_full", "valid_ptr"):
+                    sig[arg] = "*i8:16"
+                elif arg.startswith("stride_") and sig[arg] == "i32":  # multiples of D in (B, H, S, D) tensors
+                    sig[arg] = "i32:16"
+            opts = K._launch_opts(d, bm)
+            cfg = triton.Config({}, num_warps=opts["num_warps"], num_stages=opts["num_stages"])
+            yield f"attn {name} d{d} {mask_name}{' varlen' if varlen else ''}", kernel, sig, consts, cfg
+
+
 # op -> its variants; every op with Triton kernels adds itself here
-VARIANTS = {"clip_loss": clip_loss_variants, "linear_cross_entropy": linear_cross_entropy_variants}
+VARIANTS = {"clip_loss": clip_loss_variants, "linear_cross_entropy": linear_cross_entropy_variants,
+            "codebook_lookup": codebook_lookup_variants, "attention": attention_variants}
 
 
 def main(argv=None) -> None:

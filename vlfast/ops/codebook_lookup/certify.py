@@ -1,0 +1,120 @@
+"""From a low-precision scan of the codebook to the exact argmin: error bounds and certification.
+
+A scan (Triton now, CUDA later) computes for every row i and code j the score
+    s_ij = alpha_j * <z_i, e_j> + beta_j
+with l2:     alpha_j = -2,                 beta_j = ||e_j||^2   (||z_i||^2, constant per row, dropped)
+     cosine: alpha_j = -1 / ||e_j|| (0 for a zero code), beta_j = 0
+in fp32 with the dot product on tensor cores, and keeps per row the smallest score (best), its
+index (ties to the lowest), and the smallest score among all other codes (second).
+
+Error bound (per row; derivation). Let c be the relative error of the scan's dot products,
+|<z,e>~ - <z,e>| <= c ||z|| ||e|| (Cauchy-Schwarz on sum |z_k e_k|), E = max_j ||e_j||, u = 2^-24:
+  l2:     |beta~ - beta| <= u E^2 (||e||^2 taken in float64, rounded once to fp32); the fma / add that
+          forms s rounds once more, <= u (E^2 + 2 ||z|| E) (1 + c); alpha = -2 is exact. So
+          |s~ - s| <= 2c ||z|| E + 2u E^2 + 2u ||z|| E (1 + c) <= (2c + 4u) ||z|| E + 4u E^2.
+  cosine: alpha~ = alpha (1 + u'), |u'| <= u; |s~ - s| <= c ||z|| + u ||z|| + u ||z|| (1 + c)
+          <= (c + 4u) ||z||.
+Underflow and flushed subnormals break relative bounds: each of the ~2D + 4 operations may lose up to
+2^-126 times |alpha| (<= 2 for l2, max |alpha| for cosine), and a flushed subnormal input loses at
+most 2^-126 |other factor|, <= 2^-126 sqrt(D) (||z|| + E) per dot; both are added. The definition in
+reference.py (float64, ordered sums) is itself within (D + 3) 2^-53 (||z|| + E)^2 (l2) or
+(D + 3) 2^-53 ||z|| (cosine) of the exact value; that is added too, so that certifying against the
+exact value certifies against the float64 definition. The whole is multiplied by 1.25.
+If every other score exceeds the best by more than 2 eps_i, the best is the definition's argmin:
+    certain_i = best_i finite and min(second_i, FLT_MAX) - best_i > 2 eps_i   (in float64)
+NaN or infinite quantities (non-finite z, fp32 overflow) make the test false, never true, and rows
+whose scores could overflow fp32 get eps = inf. The other rows are re-scored exactly by
+reference.exact_indices (float64 GEMM filter + the definition), on the scan's device.
+
+The scan's c is a model of the hardware: fp16 / bf16 products are exact in fp32, and the tensor
+cores' fp32 accumulation is taken to err by at most 4 units of 2^-24 per added term (round-toward-zero
+and block alignment: twice and twice again the round-to-nearest bound), so c = (D + 32) 2^-22.
+fp32 inputs use Triton's bf16x3: x = hi + mid + r with hi, mid bf16 (each rounded to nearest, so
+|r| <= 2^-18 |x|) and hi*hi + hi*mid + mid*hi computed, which errs by at most 3 * 2^-18 relative per
+product (taken as 2^-16), with 3D accumulated terms: c = 2^-16 + (3 D + 32) 2^-22. Three bf16 products
+cost less than tf32x3's three tf32 ones and certify about as many rows, since for D >= 64 the
+accumulation term dominates. The GPU tests with planted near-ties (gaps down to 1e-7) check the model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+U32 = 2.0 ** -24
+FLT_MAX = float(torch.finfo(torch.float32).max)
+SAFETY = 1.25
+# |scores| beyond this may overflow fp32 inside the scan: such rows are never certified.
+OVERFLOW = 2.0 ** 126
+
+
+def dot_error(dtype: torch.dtype, d: int) -> float:
+    """c for the scan's dot products of inputs in `dtype` with feature dimension d (see above)."""
+    if dtype == torch.float32:
+        return 2.0 ** -16 + (3 * d + 32) * 2.0 ** -22
+    return (d + 32) * 2.0 ** -22
+
+
+def codebook_terms(e: Tensor, metric: str) -> dict:
+    """alpha, beta (K,) fp32 for the scan, and float64 0-d E = max ||e_j||, max |alpha|, all-finite flag."""
+    norm = torch.linalg.vector_norm(e, dim=1, dtype=torch.float64)
+    if metric == "l2":
+        alpha64 = torch.full_like(norm, -2.0)
+        beta = (norm ** 2).float()
+    else:
+        alpha64 = -torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
+        beta = torch.zeros_like(norm, dtype=torch.float32)
+    return {"alpha": alpha64.float(), "beta": beta, "max_norm": norm.max(),
+            "max_alpha": alpha64.abs().max(), "finite": torch.isfinite(e).all()}
+
+
+def score_error(norm_z: Tensor, terms: dict, d: int, c: float, metric: str) -> Tensor:
+    """eps_i (N,) float64: a bound on |scan score - exact score| for every code, plus the definition's
+    own float64 error; inf where fp32 could overflow (derivation in the module docstring)."""
+    big_e = terms["max_norm"]
+    if metric == "l2":
+        relative = (2 * c + 4 * U32) * norm_z * big_e + 4 * U32 * big_e ** 2
+        definition = (d + 3) * 2.0 ** -52 * (norm_z + big_e) ** 2
+        scale, peak = 2.0, big_e ** 2 + 2 * norm_z * big_e * (1 + c)
+    else:
+        relative = (c + 4 * U32) * norm_z
+        definition = (d + 3) * 2.0 ** -52 * norm_z
+        scale = terms["max_alpha"]
+        peak = torch.maximum(torch.maximum(norm_z * big_e, norm_z), torch.maximum(scale, big_e))
+    tiny = 2.0 ** -126 * scale * ((2 * d + 4) + math.sqrt(d) * (norm_z + big_e))
+    eps = SAFETY * (relative + definition + tiny)
+    return torch.where(peak < OVERFLOW, eps, float("inf"))
+
+
+def certain_rows(best: Tensor, second: Tensor, eps: Tensor) -> Tensor:
+    """(N,) bool: the scan's best index is the definition's argmin."""
+    gap = second.double().clamp(max=FLT_MAX) - best.double()
+    return torch.isfinite(best) & (gap > 2 * eps)
+
+
+Scan = Callable[[Tensor, Tensor, Tensor, Tensor], tuple]
+Distances = Callable[[Tensor, Tensor, Tensor, str], Tensor]
+
+
+def lookup(z: Tensor, e: Tensor, metric: str, scan: Scan, distances: Distances, c: float) -> tuple:
+    """(indices (N,) int64, distances (N,) float32, rows re-scored) from a scan with dot error c.
+
+    scan(z, e, alpha, beta) -> (best (N,) fp32, second (N,) fp32, index (N,) int);
+    distances(z, e, index, metric) -> (N,) float32 by the definition. One host sync.
+    """
+    terms = codebook_terms(e, metric)
+    best, second, index = scan(z, e, terms["alpha"], terms["beta"])
+    norm_z = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
+    uncertain = ~certain_rows(best, second, score_error(norm_z, terms, z.shape[1], c, metric))
+    count, finite = torch.stack([uncertain.sum(), terms["finite"].long()]).tolist()
+    if not finite:
+        reference.check_finite("codebook", e)
+    index = index.long()
+    if count:
+        rows = uncertain.nonzero().squeeze(1)
+        index[rows] = reference.exact_indices(z, e, metric, rows)
+    return index, distances(z, e, index, metric), count
