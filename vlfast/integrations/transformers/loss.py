@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.linear_cross_entropy import linear_cross_entropy
+from ...ops.linear_cross_entropy import linear_cross_entropy
 
 _LOSS_ONLY_KWARGS = ("logits_to_keep", "num_items_in_batch", "shift_labels", "return_dict")
 

@@ -1,0 +1,91 @@
+"""SelfAttention and CrossAttention: projections around vlfast.attention, for the models."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..masks import Mask
+from ..ops.attention import attention, attention_varlen
+from .rotary import RotaryEmbedding
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """(B, S, heads * Dh) -> (B, heads, S, Dh)."""
+    b, s, _ = x.shape
+    return x.view(b, s, heads, -1).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: x (B, S, dim) -> (B, S, dim), or packed x (T, dim) with cu_seqlens.
+
+    num_kv_heads < num_heads gives grouped-query attention; rotary=True applies RoPE to queries and
+    keys (positions 0..S-1 per sequence, or `positions`). mask: a vlfast.masks.Mask.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 bias: bool = True, rotary: bool = False, rotary_base: float = 10000.0, impl: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if head_dim is None and dim % num_heads:
+            raise ValueError(f"SelfAttention: dim ({dim}) must be divisible by num_heads ({num_heads}), "
+                             "or pass head_dim")
+        head_dim = head_dim or dim // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"SelfAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.impl = num_heads, num_kv_heads, head_dim, impl
+        kw = dict(device=device, dtype=dtype)
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, **kw)
+        self.out = nn.Linear(num_heads * head_dim, dim, bias=bias, **kw)
+        self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
+
+    def forward(self, x: Tensor, mask: Optional[Mask] = None, *, positions: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        if cu_seqlens is not None:  # packed (T, dim)
+            q, k, v = (t.view(t.shape[0], -1, self.head_dim) for t in (q, k, v))
+            if self.rotary is not None:
+                if positions is None:  # positions restart at each sequence
+                    starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1])
+                    positions = torch.arange(x.shape[0], device=x.device) - starts
+                q, k = self.rotary(q, positions), self.rotary(k, positions)
+            out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mask=mask, impl=self.impl)
+            return self.out(out.reshape(out.shape[0], -1))
+        q, k, v = _heads(q, self.num_heads), _heads(k, self.num_kv_heads), _heads(v, self.num_kv_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        out = attention(q, k, v, mask=mask, impl=self.impl)
+        return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (B, Sq, dim) attend to context (B, Sk, context_dim) -> (B, Sq, dim).
+
+    mask: a vlfast.masks.Mask over (Sq, Sk), typically key_padding for a padded context.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, context_dim: Optional[int] = None, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, bias: bool = True, impl: str = "auto", device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if head_dim is None and dim % num_heads:
+            raise ValueError(f"CrossAttention: dim ({dim}) must be divisible by num_heads ({num_heads}), "
+                             "or pass head_dim")
+        head_dim = head_dim or dim // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"CrossAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.impl = num_heads, num_kv_heads, head_dim, impl
+        kw = dict(device=device, dtype=dtype)
+        self.q = nn.Linear(dim, num_heads * head_dim, bias=bias, **kw)
+        self.kv = nn.Linear(context_dim or dim, 2 * num_kv_heads * head_dim, bias=bias, **kw)
+        self.out = nn.Linear(num_heads * head_dim, dim, bias=bias, **kw)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Optional[Mask] = None) -> Tensor:
+        q = _heads(self.q(x), self.num_heads)
+        k, v = (_heads(t, self.num_kv_heads) for t in self.kv(context).chunk(2, dim=-1))
+        out = attention(q, k, v, mask=mask, impl=self.impl)
+        return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
