@@ -5,6 +5,8 @@ from .ops.codebook_lookup import codebook_lookup
 from .ops.attention import attention, attention_varlen
 from .ops.linear_cross_entropy import linear_cross_entropy
 from . import masks, nn
+from . import models
+from . import loaders
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "masks", "clip_loss", "codebook_lookup", "linear_cross_entropy", "nn", "ImplUnavailableError", "IMPLS", "__version__"]

@@ -1,0 +1,476 @@
+"""CLIP checkpoints: transformers' CLIPModel and OpenAI / open_clip layouts <-> vlfast.models.CLIP.
+
+The key maps below are the whole story: each vlfast parameter comes from one checkpoint tensor,
+from OpenAI's (in, out) projection matrices transposed, or from transformers' separate q, k, v
+projections concatenated into one qkv. Checkpoints are read with safetensors or
+torch.load(weights_only=True) only; nothing in a file is ever executed.
+
+Every check runs before any weight is copied, and one CheckpointError lists every missing key,
+unexpected key and shape mismatch at once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+
+Source = Union[str, Path, Mapping]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: every missing / unexpected key and shape mismatch."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), mismatched=()):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [what]
+        for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
+                             ("shape mismatches", self.mismatched)):
+            if items:
+                lines.append(f"  {len(items)} {title}:")
+                lines += [f"    {item}" for item in items[:50]]
+                if len(items) > 50:
+                    lines.append(f"    ... and {len(items) - 50} more")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Transposed:
+    """A checkpoint matrix stored (in, out), as OpenAI stores its projections; vlfast's Linear wants (out, in)."""
+    key: str
+
+
+# vlfast key -> transformers key. A tuple is concatenated along dim 0 (q, k, v -> qkv).
+TRANSFORMERS_KEYS = {
+    "logit_scale": "logit_scale",
+    "visual.patch_embed.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.class_token": "vision_model.embeddings.class_embedding",
+    "visual.pos_embed": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "visual.proj.weight": "visual_projection.weight",
+    "text.token_embed.weight": "text_model.embeddings.token_embedding.weight",
+    "text.pos_embed": "text_model.embeddings.position_embedding.weight",
+    "text.ln_final.weight": "text_model.final_layer_norm.weight",
+    "text.ln_final.bias": "text_model.final_layer_norm.bias",
+    "text.proj.weight": "text_projection.weight",
+}
+# Inside block {}: vlfast "<tower>.blocks.{}.<key>" <- transformers "<tower prefix>.{}.<key>".
+TRANSFORMERS_BLOCK_KEYS = {
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "attn.out.weight": "self_attn.out_proj.weight",
+    "attn.out.bias": "self_attn.out_proj.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "mlp.fc.weight": "mlp.fc1.weight",
+    "mlp.fc.bias": "mlp.fc1.bias",
+    "mlp.proj.weight": "mlp.fc2.weight",
+    "mlp.proj.bias": "mlp.fc2.bias",
+}
+TRANSFORMERS_TOWERS = {"visual": "vision_model.encoder.layers", "text": "text_model.encoder.layers"}
+# Buffers that transformers' older checkpoints saved (aranges, rebuilt by the model): not weights.
+TRANSFORMERS_NON_WEIGHTS = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
+
+# vlfast key -> OpenAI / open_clip key.
+OPENAI_KEYS = {
+    "logit_scale": "logit_scale",
+    "visual.patch_embed.weight": "visual.conv1.weight",
+    "visual.class_token": "visual.class_embedding",
+    "visual.pos_embed": "visual.positional_embedding",
+    "visual.ln_pre.weight": "visual.ln_pre.weight",
+    "visual.ln_pre.bias": "visual.ln_pre.bias",
+    "visual.ln_post.weight": "visual.ln_post.weight",
+    "visual.ln_post.bias": "visual.ln_post.bias",
+    "visual.proj.weight": Transposed("visual.proj"),
+    "text.token_embed.weight": "token_embedding.weight",
+    "text.pos_embed": "positional_embedding",
+    "text.ln_final.weight": "ln_final.weight",
+    "text.ln_final.bias": "ln_final.bias",
+    "text.proj.weight": Transposed("text_projection"),
+}
+OPENAI_BLOCK_KEYS = {
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.qkv.weight": "attn.in_proj_weight",
+    "attn.qkv.bias": "attn.in_proj_bias",
+    "attn.out.weight": "attn.out_proj.weight",
+    "attn.out.bias": "attn.out_proj.bias",
+    "ln_2.weight": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "mlp.fc.weight": "mlp.c_fc.weight",
+    "mlp.fc.bias": "mlp.c_fc.bias",
+    "mlp.proj.weight": "mlp.c_proj.weight",
+    "mlp.proj.bias": "mlp.c_proj.bias",
+}
+OPENAI_TOWERS = {"visual": "visual.transformer.resblocks", "text": "transformer.resblocks"}
+# Metadata that OpenAI's TorchScript models carry beside the weights; the weights' shapes say the same.
+OPENAI_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
+
+LAYOUTS = {
+    "transformers": (TRANSFORMERS_KEYS, TRANSFORMERS_BLOCK_KEYS, TRANSFORMERS_TOWERS, TRANSFORMERS_NON_WEIGHTS),
+    "openai": (OPENAI_KEYS, OPENAI_BLOCK_KEYS, OPENAI_TOWERS, OPENAI_NON_WEIGHTS),
+}
+
+
+def key_map(layout: str, config: CLIPConfig) -> dict:
+    """{vlfast key: checkpoint key, tuple of keys (concatenated) or Transposed(key)} for every layer."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, got {layout!r}")
+    keys, block_keys, towers, _ = LAYOUTS[layout]
+    out = dict(keys)
+    for tower, prefix in towers.items():
+        for i in range(getattr(config, "vision" if tower == "visual" else "text").layers):
+            for ours, theirs in block_keys.items():
+                theirs = tuple(f"{prefix}.{i}.{k}" for k in theirs) if isinstance(theirs, tuple) else f"{prefix}.{i}.{theirs}"
+                out[f"{tower}.blocks.{i}.{ours}"] = theirs
+    return out
+
+
+def _source_keys(entry) -> tuple:
+    if isinstance(entry, Transposed):
+        return (entry.key,)
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
+def _source_shape(entry, shape: tuple) -> tuple:
+    """The shape each checkpoint tensor of `entry` must have for a vlfast tensor of `shape`."""
+    if isinstance(entry, Transposed):
+        return shape[::-1]
+    if isinstance(entry, tuple):
+        return (shape[0] // len(entry),) + shape[1:]
+    return shape
+
+
+def _expected_shapes(config: CLIPConfig) -> dict:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in CLIP(config).state_dict().items()}
+
+
+def convert_state_dict(state_dict: Mapping, config: CLIPConfig, layout: str) -> dict:
+    """A checkpoint's tensors in `layout` ("transformers" | "openai") -> vlfast's state dict for `config`.
+
+    Raises CheckpointError listing every missing key, unexpected key and shape mismatch.
+    """
+    _check_tensors(state_dict)
+    mapping = key_map(layout, config)
+    shapes = _expected_shapes(config)
+    used = {k for entry in mapping.values() for k in _source_keys(entry)}
+    missing = sorted(k for k in used if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in used and k not in LAYOUTS[layout][3])
+    mismatched = []
+    for ours, entry in mapping.items():
+        for key in _source_keys(entry):
+            want = _source_shape(entry, shapes[ours])
+            if key in state_dict and tuple(state_dict[key].shape) != want:
+                mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model expects {want} "
+                                  f"(for vlfast {ours})")
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"this {layout}-layout checkpoint does not fit the CLIP config", missing,
+                              unexpected, mismatched)
+    out = {}
+    for ours, entry in mapping.items():
+        if isinstance(entry, Transposed):
+            out[ours] = state_dict[entry.key].t()
+        elif isinstance(entry, tuple):
+            out[ours] = torch.cat([state_dict[k] for k in entry], dim=0)
+        else:
+            out[ours] = state_dict[entry]
+    return out
+
+
+def export_state_dict(model_or_state_dict: Union[CLIP, Mapping], config: Optional[CLIPConfig], layout: str) -> dict:
+    """vlfast's weights under `layout`'s keys (the inverse of convert_state_dict), as separate contiguous
+    copies (safetensors refuses tensors that share memory)."""
+    if isinstance(model_or_state_dict, CLIP):
+        config = model_or_state_dict.config if config is None else config
+        state = model_or_state_dict.state_dict()
+    elif config is None:
+        raise ValueError("config is required when exporting a state dict (a CLIP model carries its own)")
+    else:
+        state = model_or_state_dict
+    out = {}
+    for ours, entry in key_map(layout, config).items():
+        tensor = state[ours].detach()
+        if isinstance(entry, Transposed):
+            out[entry.key] = tensor.t().contiguous()
+        elif isinstance(entry, tuple):
+            out.update({k: part.clone() for k, part in zip(entry, tensor.chunk(len(entry), dim=0))})
+        else:
+            out[entry] = tensor.clone()
+    return out
+
+
+# ---- reading files -----------------------------------------------------------------------------
+
+_FOLDER_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _check_tensors(state_dict) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"a checkpoint must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError("a checkpoint must map names to tensors; these entries are not tensors: "
+                              + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+
+
+def _why_unpickling_failed(e: Exception) -> str:
+    """The line of torch's message that names the cause (e.g. the class it refused), without escape codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line] or [type(e).__name__]
+    cause = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
+    return cause.split(". ")[0].rstrip(".")  # its first sentence; the rest is how to load it unsafely
+
+
+def _load_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors") from e
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path} cannot be loaded with torch.load(weights_only=True): {_why_unpickling_failed(e)}. vlfast reads "
+            "safetensors "
+            "files and weights-only PyTorch files and never unpickles other objects. OpenAI's original .pt "
+            "files are TorchScript: if you trust the file, load it yourself (torch.jit.load(path).state_dict()) "
+            "and pass the dict, or convert it to safetensors.") from e
+
+
+def read_state_dict(source: Source) -> dict:
+    """{name: tensor} from a dict, a .safetensors file, a weights-only PyTorch file, or a folder holding
+    one of model.safetensors (or its sharded index), open_clip_model.safetensors, pytorch_model.bin,
+    open_clip_pytorch_model.bin."""
+    if isinstance(source, Mapping):
+        _check_tensors(source)
+        return dict(source)
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"source must be a path or a state dict, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out = {}
+            for shard in shards:
+                out.update(_load_file(path / shard))
+            return out
+        for name in _FOLDER_FILES:
+            if (path / name).is_file():
+                return read_state_dict(path / name)
+        raise FileNotFoundError(f"{path} holds none of {', '.join(_FOLDER_FILES)} or model.safetensors.index.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = _load_file(path)
+    _check_tensors(state)
+    return state
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+# transformers' CLIPTextConfig / CLIPVisionConfig defaults, for config.json files that leave fields out.
+_TRANSFORMERS_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+                               "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
+                               "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+_TRANSFORMERS_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                                 "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                                 "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+# transformers' activation names -> vlfast's (gelu_new and gelu_pytorch_tanh are the same tanh formula)
+_ACT_FROM_TRANSFORMERS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                          "gelu_pytorch_tanh": "gelu_tanh"}
+_ACT_TO_TRANSFORMERS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+# transformers' CLIPTextModel pools at the largest id when eos_token_id == 2 (its configs before
+# transformers PR #24773), else at the first eos_token_id.
+_LEGACY_EOS = 2
+_TRANSFORMERS_SPECIAL_IDS = {"bos_token_id": 49406, "pad_token_id": 1}
+
+
+def _act(name, where: str) -> str:
+    if name not in _ACT_FROM_TRANSFORMERS:
+        raise ValueError(f"{where}.hidden_act {name!r} is not supported; vlfast has {tuple(_ACT_FROM_TRANSFORMERS)}")
+    return _ACT_FROM_TRANSFORMERS[name]
+
+
+def config_from_transformers(hf_config) -> CLIPConfig:
+    """CLIPConfig from a transformers CLIPConfig (object) or its config.json contents (dict)."""
+    d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config
+    if not isinstance(d, Mapping):
+        raise TypeError(f"hf_config must be a transformers CLIPConfig or a dict, got {type(hf_config).__name__}")
+    text = {**_TRANSFORMERS_TEXT_DEFAULTS, **(d.get("text_config") or d.get("text_config_dict") or {})}
+    vision = {**_TRANSFORMERS_VISION_DEFAULTS, **(d.get("vision_config") or d.get("vision_config_dict") or {})}
+    eos = text["eos_token_id"]
+    if isinstance(eos, (list, tuple)):
+        raise ValueError(f"text_config.eos_token_id is a list {eos}; CLIP's text tower pools at one token id")
+    return CLIPConfig(
+        embed_dim=d.get("projection_dim", 512),
+        logit_scale_init=float(d.get("logit_scale_init_value", 2.6592)),
+        vision=VisionConfig(image_size=vision["image_size"], patch_size=vision["patch_size"],
+                            width=vision["hidden_size"], layers=vision["num_hidden_layers"],
+                            heads=vision["num_attention_heads"], mlp_dim=vision["intermediate_size"],
+                            channels=vision["num_channels"], act=_act(vision["hidden_act"], "vision_config"),
+                            ln_eps=float(vision["layer_norm_eps"])),
+        text=TextConfig(vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
+                        width=text["hidden_size"], layers=text["num_hidden_layers"],
+                        heads=text["num_attention_heads"], mlp_dim=text["intermediate_size"],
+                        act=_act(text["hidden_act"], "text_config"), ln_eps=float(text["layer_norm_eps"]),
+                        eos_token_id=None if eos in (None, _LEGACY_EOS) else eos))
+
+
+def transformers_config(config: CLIPConfig) -> dict:
+    """Keyword arguments for transformers.CLIPConfig(**...) describing the same model."""
+    v, t = config.vision, config.text
+    if t.eos_token_id == _LEGACY_EOS:
+        raise ValueError("transformers reads eos_token_id=2 as 'pool at the largest id', so a model pooling at "
+                         "token id 2 has no transformers config")
+    return {
+        "projection_dim": config.embed_dim,
+        "logit_scale_init_value": config.logit_scale_init,
+        "text_config": {"vocab_size": t.vocab_size, "hidden_size": t.width, "intermediate_size": t.mlp_dim,
+                        "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+                        "max_position_embeddings": t.context_length, "hidden_act": _ACT_TO_TRANSFORMERS[t.act],
+                        "layer_norm_eps": t.ln_eps, "projection_dim": config.embed_dim,
+                        "eos_token_id": _LEGACY_EOS if t.eos_token_id is None else t.eos_token_id,
+                        # transformers' default bos / pad ids (49406, 1) are invalid in a small vocabulary
+                        **{k: None for k, default in _TRANSFORMERS_SPECIAL_IDS.items() if default >= t.vocab_size}},
+        "vision_config": {"hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.layers,
+                          "num_attention_heads": v.heads, "num_channels": v.channels, "image_size": v.image_size,
+                          "patch_size": v.patch_size, "hidden_act": _ACT_TO_TRANSFORMERS[v.act],
+                          "layer_norm_eps": v.ln_eps, "projection_dim": config.embed_dim},
+    }
+
+
+def _count_layers(state_dict: Mapping, prefix: str) -> int:
+    return len({k[len(prefix) + 1:].split(".")[0] for k in state_dict if k.startswith(prefix + ".")})
+
+
+def config_from_openai(state_dict: Mapping, *, act: str, heads_width: int = 64) -> CLIPConfig:
+    """CLIPConfig from an OpenAI-layout state dict's shapes, as OpenAI's build_model does.
+
+    act: "quick_gelu" for OpenAI's weights and open_clip's *-quickgelu models, "gelu" for open_clip's
+    other models; the weights cannot tell. Heads are width // heads_width (OpenAI: 64-wide heads).
+    """
+    need = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight", "positional_embedding",
+            "ln_final.weight", "text_projection")
+    missing = [k for k in need if k not in state_dict]
+    if missing:
+        raise CheckpointError("not an OpenAI-layout CLIP state dict (cannot read its shapes)", missing=missing)
+    conv = state_dict["visual.conv1.weight"]
+    vision_width, text_width = conv.shape[0], state_dict["ln_final.weight"].shape[0]
+    grid = math.isqrt(state_dict["visual.positional_embedding"].shape[0] - 1)
+    vision_layers = _count_layers(state_dict, OPENAI_TOWERS["visual"])
+    text_layers = _count_layers(state_dict, OPENAI_TOWERS["text"])
+    mlp = {t: state_dict.get(f"{p}.0.mlp.c_fc.weight") for t, p in OPENAI_TOWERS.items()}
+    if any(m is None for m in mlp.values()):
+        raise CheckpointError("not an OpenAI-layout CLIP state dict", missing=[
+            f"{p}.0.mlp.c_fc.weight" for t, p in OPENAI_TOWERS.items() if mlp[t] is None])
+    return CLIPConfig(
+        embed_dim=state_dict["text_projection"].shape[1],
+        vision=VisionConfig(image_size=conv.shape[-1] * grid, patch_size=conv.shape[-1], width=vision_width,
+                            layers=vision_layers, heads=vision_width // heads_width,
+                            mlp_dim=mlp["visual"].shape[0], channels=conv.shape[1], act=act),
+        text=TextConfig(vocab_size=state_dict["token_embedding.weight"].shape[0],
+                        context_length=state_dict["positional_embedding"].shape[0], width=text_width,
+                        layers=text_layers, heads=text_width // heads_width, mlp_dim=mlp["text"].shape[0], act=act))
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+def _model(config: CLIPConfig, state: dict, dtype: torch.dtype) -> CLIP:
+    with torch.device("meta"):  # no random initialisation: every parameter is overwritten below
+        model = CLIP(config).to(dtype)
+    model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _transformers_config_beside(source: Source) -> Optional[dict]:
+    if isinstance(source, Mapping):
+        return None
+    path = Path(source)
+    config_json = (path if path.is_dir() else path.parent) / "config.json"
+    return json.loads(config_json.read_text()) if config_json.is_file() else None
+
+
+def clip_from_transformers(source: Source, config=None, *, dtype: torch.dtype = torch.float32) -> CLIP:
+    """A vlfast CLIP (parameters in `dtype`, on the CPU) from transformers' CLIPModel weights.
+
+    source: a state dict, a .safetensors / weights-only .bin file, or a save_pretrained folder.
+    config: a vlfast CLIPConfig, a transformers CLIPConfig or its config.json dict; default: the
+    config.json in the folder (or beside the file). A bare state dict needs it: the number of heads
+    is not in the weights.
+    """
+    if config is None:
+        config = _transformers_config_beside(source)
+        if config is None:
+            raise ValueError("config is required: pass the transformers CLIPConfig (or config.json's contents) "
+                             "that the weights belong to; the number of heads is not in the weights")
+    if not isinstance(config, CLIPConfig):
+        config = config_from_transformers(config)
+    return _model(config, convert_state_dict(read_state_dict(source), config, "transformers"), dtype)
+
+
+def _unwrap_open_clip(state):
+    # open_clip's training checkpoints: {"state_dict": ..., "epoch": ..., ...}, keys "module."-prefixed under DDP.
+    if not isinstance(state, Mapping):
+        return state  # _check_tensors names what it is
+    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = dict(state["state_dict"])
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def clip_from_openai(source: Source, config: Optional[CLIPConfig] = None, *, act: Optional[str] = None,
+                     dtype: torch.dtype = torch.float32) -> CLIP:
+    """A vlfast CLIP (parameters in `dtype`, on the CPU) from an OpenAI / open_clip state dict (a dict,
+    .safetensors or weights-only file).
+
+    open_clip training checkpoints ({"state_dict": ...}, keys prefixed "module.") are unwrapped.
+    Without config the shapes give it (config_from_openai), and act must be given: "quick_gelu" for
+    OpenAI's weights and open_clip's *-quickgelu models, "gelu" for open_clip's other models.
+    """
+    if isinstance(source, Mapping):
+        state = _unwrap_open_clip(dict(source))
+    else:
+        path = Path(source)
+        state = _unwrap_open_clip(_load_file(path) if path.is_file() else read_state_dict(path))
+    _check_tensors(state)
+    if config is None:
+        if act is None:
+            raise ValueError("act is required without a config: 'quick_gelu' for OpenAI's weights and open_clip's "
+                             "*-quickgelu models, 'gelu' for open_clip's other models (the weights cannot tell)")
+        config = config_from_openai(state, act=act)
+    elif act is not None:
+        raise ValueError("pass either config or act, not both (the config carries the activation)")
+    return _model(config, convert_state_dict(state, config, "openai"), dtype)
+
+
+def clip_to_transformers(model: CLIP) -> tuple:
+    """(state dict under transformers' CLIPModel keys, kwargs for transformers.CLIPConfig)."""
+    return export_state_dict(model, None, "transformers"), transformers_config(model.config)
+
+
+def clip_to_openai(model: CLIP) -> dict:
+    """State dict under OpenAI / open_clip keys (projections transposed back to (in, out))."""
+    return export_state_dict(model, None, "openai")
