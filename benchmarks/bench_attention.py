@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vlfast.masks as M  # noqa: E402
-from benchmarks.common import FWD, FWD_BWD, Case, Contender, loss_and_grads  # noqa: E402
+from benchmarks.common import FWD, FWD_BWD, Case, Contender, vlfast_contenders  # noqa: E402
 from vlfast.ops.attention import attention, attention_varlen, implementation_status  # noqa: E402
 from vlfast.ops.attention.reference import attention_dense  # noqa: E402
 
@@ -144,19 +144,14 @@ def _runner(fn):
 
 
 def _vlfast(case: Case, device: torch.device) -> list:
-    out = []
-    for impl, why in implementation_status(device, case.dtype, case.shape[3]).items():
-        name = f"vlfast-{impl}"
-        if impl == "triton" and device.type != "cuda":
-            why = "Triton on a CPU is its interpreter: tested, not benchmarked"
-        elif impl == "reference" and device.type == "cuda" and not case.params["accuracy"]:
-            why = "the reference path is the CPU path"
-        if why is not None:
-            out.append(Contender(name, skip=why))
-            continue
-        out.append(Contender(name, _runner(lambda x, impl=impl: attention(x.q, x.k, x.v, mask=x.mask, impl=impl))))
-        if case.params["mask"] == "text":  # the packed layout: CLIP text without padding work
-            out.append(Contender(f"{name}-varlen", _runner(lambda x, impl=impl: _varlen(x, impl))))
+    def make_run(impl):
+        return _runner(lambda x: attention(x.q, x.k, x.v, mask=x.mask, impl=impl))
+    skip_reference = device.type == "cuda" and not case.params["accuracy"]
+    out = vlfast_contenders(implementation_status(device, case.dtype, case.shape[3]), device, make_run,
+                            "the reference path is the CPU path" if skip_reference else None)
+    if case.params["mask"] == "text":  # the packed layout: CLIP text without padding work
+        out += [Contender(f"{c.name}-varlen", _runner(lambda x, impl=c.name[7:]: _varlen(x, impl)))
+                for c in out if c.skip is None]
     return out
 
 

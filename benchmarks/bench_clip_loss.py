@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vlfast  # noqa: E402
-from benchmarks.common import FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads  # noqa: E402
+from benchmarks.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads  # noqa: E402
 from vlfast.ops.clip_loss import implementation_status  # noqa: E402
 from vlfast.ops.clip_loss import reference as spec  # noqa: E402
 
@@ -204,21 +204,12 @@ def _triton_configs() -> dict:
 
 def _vlfast(case: Case, device: torch.device) -> list:
     kind = case.params["kind"]
-    out = []
-    for impl, why in implementation_status(device, case.dtype).items():
-        name = f"vlfast-{impl}"
-        if impl == "triton" and device.type != "cuda":
-            why = "Triton on a CPU is its interpreter: tested, not benchmarked"
-        elif impl == "reference" and _work(case) > SLOW_WORK_LIMIT[device.type]:
-            why = TOO_SLOW
-        if why is not None:
-            out.append(Contender(name, skip=why))
-            continue
 
-        def loss(x: Inputs, impl=impl):
-            return vlfast.clip_loss(x.img, x.txt, x.scale, x.bias, kind=kind, impl=impl)
-        out.append(Contender(name, _runner(loss), describe=_triton_configs if impl == "triton" else None))
-    return out
+    def make_run(impl):
+        return _runner(lambda x: vlfast.clip_loss(x.img, x.txt, x.scale, x.bias, kind=kind, impl=impl))
+    return vlfast_contenders(implementation_status(device, case.dtype), device, make_run,
+                             TOO_SLOW if _work(case) > SLOW_WORK_LIMIT[device.type] else None,
+                             describe={"triton": _triton_configs})
 
 
 def contenders(case: Case, device: torch.device) -> list:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 
 import vlfast  # noqa: E402
 from benchmarks import common  # noqa: E402
-from benchmarks.common import FWD, FWD_BWD, Case, Contender, import_peer  # noqa: E402
+from benchmarks.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer  # noqa: E402
 from vlfast.nn import VectorQuantizer  # noqa: E402
 from vlfast.ops.codebook_lookup import implementation_status  # noqa: E402
 from vlfast.ops.codebook_lookup import reference as spec  # noqa: E402
@@ -117,21 +117,16 @@ def _triton_description() -> dict:
 
 
 def _vlfast_lookup(case: Case, device: torch.device) -> list:
-    metric, out = case.params["metric"], []
-    for impl, why in implementation_status(device, case.dtype).items():
-        if impl == "triton" and device.type != "cuda":
-            why = "Triton on a CPU is its interpreter: tested, not benchmarked"
-        elif impl == "reference" and device.type == "cuda" and _work(case) > SLOW_WORK_LIMIT["cuda"]:
-            why = TOO_SLOW
-        if why is not None:
-            out.append(Contender(f"vlfast-{impl}", skip=why))
-            continue
+    metric = case.params["metric"]
 
-        def run(x: Inputs, mode: str, impl=impl) -> dict:
+    def make_run(impl):
+        def run(x: Inputs, mode: str) -> dict:
             index, dist = vlfast.codebook_lookup(x.z, x.codebook, metric=metric, impl=impl)
             return {"indices": index, "distances": dist}
-        out.append(Contender(f"vlfast-{impl}", run, describe=_triton_description if impl == "triton" else None))
-    return out
+        return run
+    too_slow = device.type == "cuda" and _work(case) > SLOW_WORK_LIMIT["cuda"]
+    return vlfast_contenders(implementation_status(device, case.dtype), device, make_run,
+                             TOO_SLOW if too_slow else None, describe={"triton": _triton_description})
 
 
 def _cdist(x: Inputs, mode: str) -> dict:

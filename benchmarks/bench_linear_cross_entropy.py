@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vlfast  # noqa: E402
-from benchmarks.common import FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads  # noqa: E402
+from benchmarks.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads  # noqa: E402
 from vlfast.ops.linear_cross_entropy import implementation_status  # noqa: E402
 from vlfast.ops.linear_cross_entropy import reference as spec  # noqa: E402
 
@@ -126,21 +126,11 @@ def _fused_peer(name: str, device: torch.device) -> Contender:
 
 
 def _vlfast(case: Case, device: torch.device) -> list:
-    out = []
-    for impl, why in implementation_status(device, case.dtype).items():
-        name = f"vlfast-{impl}"
-        if impl == "triton" and device.type != "cuda":
-            why = "Triton on a CPU is its interpreter: tested, not benchmarked"
-        elif impl == "reference" and _work(case) > SLOW_WORK_LIMIT[device.type]:
-            why = TOO_SLOW
-        if why is not None:
-            out.append(Contender(name, skip=why))
-            continue
-
-        def loss(x: Inputs, impl=impl):
-            return vlfast.linear_cross_entropy(x.hidden, x.weight, x.targets, ignore_index=IGNORE, impl=impl)
-        out.append(Contender(name, _runner(loss)))
-    return out
+    def make_run(impl):
+        return _runner(lambda x: vlfast.linear_cross_entropy(x.hidden, x.weight, x.targets, ignore_index=IGNORE,
+                                                             impl=impl))
+    return vlfast_contenders(implementation_status(device, case.dtype), device, make_run,
+                             TOO_SLOW if _work(case) > SLOW_WORK_LIMIT[device.type] else None)
 
 
 def contenders(case: Case, device: torch.device) -> list:

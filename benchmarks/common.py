@@ -134,3 +134,23 @@ def import_peer(module: str, attr: str):
         return getattr(importlib.import_module(module), attr), None
     except Exception as e:  # ImportError, or a peer broken against this torch/triton
         return None, f"not importable: {type(e).__name__}: {e}"
+
+
+INTERPRETER = "Triton on a CPU is its interpreter: tested, not benchmarked"
+
+
+def vlfast_contenders(status: dict, device: torch.device, make_run: Callable[[str], Callable],
+                      reference_skip: Optional[str] = None, describe: Optional[dict] = None) -> list:
+    """A Contender per vlfast implementation (status: impl -> None or why it cannot run here):
+    make_run(impl) for those that run, a skip row with the reason for the others. reference_skip
+    says why this case does not time the reference path (None: it does)."""
+    out = []
+    for impl, why in status.items():
+        if why is None and impl == "triton" and device.type != "cuda":
+            why = INTERPRETER
+        elif why is None and impl == "reference":
+            why = reference_skip
+        name = f"vlfast-{impl}"
+        out.append(Contender(name, skip=why) if why is not None
+                   else Contender(name, make_run(impl), describe=(describe or {}).get(impl)))
+    return out

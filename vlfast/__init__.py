@@ -9,4 +9,4 @@ from . import models
 from . import loaders
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "masks", "clip_loss", "codebook_lookup", "linear_cross_entropy", "nn", "ImplUnavailableError", "IMPLS", "__version__"]
+__all__ = ["attention", "attention_varlen", "masks", "models", "loaders", "clip_loss", "codebook_lookup", "linear_cross_entropy", "nn", "ImplUnavailableError", "IMPLS", "__version__"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -79,3 +79,22 @@ def cuda_why_not(op: str, device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"the inputs are on {device.type}; vlfast._C's kernels need CUDA tensors"
     return None
+
+
+FLOAT64_ON_REFERENCE = "the Triton kernels take float16, bfloat16 and float32; float64 runs on impl='reference'"
+
+
+def triton_why_not_for(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """triton_why_not, plus the dtypes every op's Triton kernels take."""
+    return FLOAT64_ON_REFERENCE if dtype == torch.float64 else triton_why_not(device)
+
+
+def availability(triton_check: Callable[[], Optional[str]],
+                 cuda_check: Callable[[], Optional[str]]) -> dict:
+    """impl -> check returning None if it can run, else the reason (the reference always runs)."""
+    return {"reference": lambda: None, "triton": triton_check, "cuda": cuda_check}
+
+
+def status(checks: dict) -> dict:
+    """{impl: None or the reason}: the checks evaluated (what `vlfast info` prints)."""
+    return {name: check() for name, check in checks.items()}

@@ -17,6 +17,16 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.view(b, s, heads, -1).transpose(1, 2)
 
 
+def _head_layout(cls: str, dim: int, num_heads: int, num_kv_heads: Optional[int], head_dim: Optional[int]):
+    """(num_kv_heads, head_dim) with their defaults, checked."""
+    num_kv_heads = num_kv_heads or num_heads
+    if head_dim is None and dim % num_heads:
+        raise ValueError(f"{cls}: dim ({dim}) must be divisible by num_heads ({num_heads}), or pass head_dim")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{cls}: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    return num_kv_heads, head_dim or dim // num_heads
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention: x (B, S, dim) -> (B, S, dim), or packed x (T, dim) with cu_seqlens.
 
@@ -28,13 +38,7 @@ class SelfAttention(nn.Module):
                  bias: bool = True, rotary: bool = False, rotary_base: float = 10000.0, impl: str = "auto",
                  device=None, dtype=None):
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
-        if head_dim is None and dim % num_heads:
-            raise ValueError(f"SelfAttention: dim ({dim}) must be divisible by num_heads ({num_heads}), "
-                             "or pass head_dim")
-        head_dim = head_dim or dim // num_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(f"SelfAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        num_kv_heads, head_dim = _head_layout("SelfAttention", dim, num_heads, num_kv_heads, head_dim)
         self.num_heads, self.num_kv_heads, self.head_dim, self.impl = num_heads, num_kv_heads, head_dim, impl
         kw = dict(device=device, dtype=dtype)
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, **kw)
@@ -70,14 +74,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, context_dim: Optional[int] = None, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, impl: str = "auto", device=None, dtype=None):
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
-        if head_dim is None and dim % num_heads:
-            raise ValueError(f"CrossAttention: dim ({dim}) must be divisible by num_heads ({num_heads}), "
-                             "or pass head_dim")
-        head_dim = head_dim or dim // num_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(f"CrossAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                             f"({num_kv_heads})")
+        num_kv_heads, head_dim = _head_layout("CrossAttention", dim, num_heads, num_kv_heads, head_dim)
         self.num_heads, self.num_kv_heads, self.head_dim, self.impl = num_heads, num_kv_heads, head_dim, impl
         kw = dict(device=device, dtype=dtype)
         self.q = nn.Linear(dim, num_heads * head_dim, bias=bias, **kw)

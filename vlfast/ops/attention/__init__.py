@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..._backends import triton_why_not
+from ..._backends import availability, status, triton_why_not_for
 from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from ...masks import Mask
@@ -175,22 +175,19 @@ def _check_scale(fn: str, scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _why_not(device: torch.device, dtype: torch.dtype, head_dim: int):
+def _why_not(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict:
     def triton():
-        if dtype == torch.float64:
-            return "the Triton kernels take float16, bfloat16 and float32; float64 runs on impl='reference'"
         if head_dim > MAX_TRITON_HEAD_DIM:
             return f"the Triton kernels take head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}"
-        return triton_why_not(device)
+        return triton_why_not_for(device, dtype)
 
-    return {"reference": lambda: None, "triton": triton,
-            "cuda": lambda: "attention has no CUDA C++ kernel; its GPU path is Triton"}
+    return availability(triton, lambda: "attention has no CUDA C++ kernel; its GPU path is Triton")
 
 
 def implementation_status(device: Union[str, torch.device], dtype: torch.dtype = torch.bfloat16,
                           head_dim: int = 128) -> dict:
     """{impl: None if it can run inputs on `device` of `dtype`, else the reason} (for `vlfast info`)."""
-    return {name: check() for name, check in _why_not(torch.device(device), dtype, head_dim).items()}
+    return status(_why_not(torch.device(device), dtype, head_dim))
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:

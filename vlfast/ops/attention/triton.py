@@ -140,6 +140,34 @@ def _needs_mask(m0, n0, q_len, k_len, window, BM: tl.constexpr, BN: tl.constexpr
 
 
 @triton.jit
+def _kv_iteration(b, pid_m, q_len, k_len, window, map_cnt, map_sb, map_nc, BM: tl.constexpr, BN: tl.constexpr,
+                  HAS_MAP: tl.constexpr, MAP_PER_BATCH: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(first block, block count, map row offset) of the key blocks query block pid_m visits."""
+    map_b = b if MAP_PER_BATCH else b * 0
+    map_row = (map_b.to(tl.int64) * map_sb + pid_m) * map_nc
+    if HAS_MAP:
+        lo = b * 0
+        count = tl.load(map_cnt + map_b * map_sb + pid_m)
+    else:
+        lo, hi = _kv_blocks(pid_m * BM, q_len, k_len, window, BM, BN, CAUSAL, WINDOW)
+        count = hi - lo
+    return lo, count, map_row
+
+
+@triton.jit
+def _kv_block(t, lo, map_row, map_idx, map_full, m0, q_len, k_len, window, BM: tl.constexpr, BN: tl.constexpr,
+              HAS_MAP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """The t-th key block to visit and whether its tile needs the mask evaluated."""
+    if HAS_MAP:
+        kb = tl.load(map_idx + map_row + t)
+        need = (tl.load(map_full + map_row + t) == 0) | ((kb + 1) * BN > k_len) | (m0 + BM > q_len)
+    else:
+        kb = lo + t
+        need = _needs_mask(m0, kb * BN, q_len, k_len, window, BM, BN, CAUSAL, WINDOW)
+    return kb, need
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -173,21 +201,11 @@ def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc = tl.zeros((BM, BLOCK_D), dtype=tl.float32)
-        if HAS_MAP:
-            map_b = b if MAP_PER_BATCH else b * 0
-            map_row = (map_b.to(tl.int64) * map_sb + pid_m) * map_nc
-            lo = b * 0
-            count = tl.load(map_cnt + map_b * map_sb + pid_m)
-        else:
-            lo, hi = _kv_blocks(m0, q_len, k_len, window, BM, BN, CAUSAL, WINDOW)
-            count = hi - lo
+        lo, count, map_row = _kv_iteration(b, pid_m, q_len, k_len, window, map_cnt, map_sb, map_nc, BM, BN,
+                                           HAS_MAP, MAP_PER_BATCH, CAUSAL, WINDOW)
         for t in range(0, count):
-            if HAS_MAP:
-                kb = tl.load(map_idx + map_row + t)
-                need = (tl.load(map_full + map_row + t) == 0) | ((kb + 1) * BN > k_len) | (m0 + BM > q_len)
-            else:
-                kb = lo + t
-                need = _needs_mask(m0, kb * BN, q_len, k_len, window, BM, BN, CAUSAL, WINDOW)
+            kb, need = _kv_block(t, lo, map_row, map_idx, map_full, m0, q_len, k_len, window, BM, BN, HAS_MAP,
+                                 CAUSAL, WINDOW)
             cols = kb * BN + tl.arange(0, BN)
             col_ok = cols < k_len
             k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_ks + dims[:, None],
@@ -278,21 +296,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, qk_scale, sm_scale,
         span_row, valid_row = _mask_rows(b, k_start, span_ptr, span_stride, valid_ptr, valid_stride, VARLEN)
         p_q = rows + (k_len - q_len)
         dq = tl.zeros((BM, BLOCK_D), dtype=tl.float32)
-        if HAS_MAP:
-            map_b = b if MAP_PER_BATCH else b * 0
-            map_row = (map_b.to(tl.int64) * map_sb + pid_m) * map_nc
-            lo = b * 0
-            count = tl.load(map_cnt + map_b * map_sb + pid_m)
-        else:
-            lo, hi = _kv_blocks(m0, q_len, k_len, window, BM, BN, CAUSAL, WINDOW)
-            count = hi - lo
+        lo, count, map_row = _kv_iteration(b, pid_m, q_len, k_len, window, map_cnt, map_sb, map_nc, BM, BN,
+                                           HAS_MAP, MAP_PER_BATCH, CAUSAL, WINDOW)
         for t in range(0, count):
-            if HAS_MAP:
-                kb = tl.load(map_idx + map_row + t)
-                need = (tl.load(map_full + map_row + t) == 0) | ((kb + 1) * BN > k_len) | (m0 + BM > q_len)
-            else:
-                kb = lo + t
-                need = _needs_mask(m0, kb * BN, q_len, k_len, window, BM, BN, CAUSAL, WINDOW)
+            kb, need = _kv_block(t, lo, map_row, map_idx, map_full, m0, q_len, k_len, window, BM, BN, HAS_MAP,
+                                 CAUSAL, WINDOW)
             cols = kb * BN + tl.arange(0, BN)
             col_ok = cols < k_len
             kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_ks + dims[:, None],

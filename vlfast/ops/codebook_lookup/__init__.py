@@ -11,7 +11,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from ..._backends import triton_why_not
+from ..._backends import availability, status, triton_why_not_for
 from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from . import cuda as _cuda
@@ -75,25 +75,14 @@ def _check_inputs(z, codebook, metric: str) -> None:
         raise ValueError(f"vlfast.codebook_lookup: metric must be one of {METRICS}, got {metric!r}")
 
 
-def _why_not(device: torch.device, dtype: torch.dtype):
-    """impl -> function returning None if it runs inputs of this device and dtype, else why not."""
-    def reference():
-        return None
-
-    def triton():
-        if dtype == torch.float64:
-            return "the Triton kernels take float16, bfloat16 and float32; float64 runs on impl='reference'"
-        return triton_why_not(device)
-
-    def cuda():
-        return _cuda.why_not(device, dtype)
-
-    return {"reference": reference, "triton": triton, "cuda": cuda}
+def _why_not(device: torch.device, dtype: torch.dtype) -> dict:
+    """impl -> check returning None if it runs inputs of this device and dtype, else why not."""
+    return availability(lambda: triton_why_not_for(device, dtype), lambda: _cuda.why_not(device, dtype))
 
 
 def implementation_status(device: Union[str, torch.device], dtype: torch.dtype = torch.bfloat16) -> dict:
     """{impl: None if it can run inputs on `device` of `dtype`, else the reason} (for `vlfast info`)."""
-    return {name: check() for name, check in _why_not(torch.device(device), dtype).items()}
+    return status(_why_not(torch.device(device), dtype))
 
 
 def codebook_lookup(z: Tensor, codebook: Tensor, *, metric: str = "l2", impl: str = "auto") -> tuple[Tensor, Tensor]:

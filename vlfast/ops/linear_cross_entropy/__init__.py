@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..._backends import triton_why_not
+from ..._backends import availability, status, triton_why_not_for
 from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from . import reference as _reference
@@ -189,19 +189,14 @@ def _check_options(reduction, label_smoothing, logit_softcap, z_loss, ignore_ind
     return float(logit_softcap)
 
 
-def _why_not(device: torch.device, dtype: torch.dtype):
-    def triton():
-        if dtype == torch.float64:
-            return "the Triton kernels take float16, bfloat16 and float32; float64 runs on impl='reference'"
-        return triton_why_not(device)
-
-    return {"reference": lambda: None, "triton": triton,
-            "cuda": lambda: "this op has no CUDA C++ kernel; its GPU path is Triton"}
+def _why_not(device: torch.device, dtype: torch.dtype) -> dict:
+    return availability(lambda: triton_why_not_for(device, dtype),
+                        lambda: "this op has no CUDA C++ kernel; its GPU path is Triton")
 
 
 def implementation_status(device: Union[str, torch.device], dtype: torch.dtype = torch.bfloat16) -> dict:
     """{impl: None if it can run inputs on `device` of `dtype`, else the reason} (for `vlfast info`)."""
-    return {name: check() for name, check in _why_not(torch.device(device), dtype).items()}
+    return status(_why_not(torch.device(device), dtype))
 
 
 def _needs_grad(x: Optional[Tensor]) -> bool:
