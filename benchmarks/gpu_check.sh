@@ -5,6 +5,10 @@
 #     OUT=/some/dir bash benchmarks/gpu_check.sh
 # Each section has its own timeout and a failure does not stop the next; the whole script ends
 # within TOTAL_S seconds (default 480).
+# SECTIONS picks sections (default all: versions peer-wheels install info gpu-tests memcheck
+# racecheck bench), so a session can spread the work over calls, e.g.
+#     SECTIONS="versions install gpu-tests memcheck racecheck"   then   SECTIONS="install bench"
+# GPU_TESTS narrows the tests (pytest paths or -k expressions), BENCH_OPS / BENCH_SIZE the bench.
 set -uo pipefail
 
 OUT=${OUT:-$PWD/bench-out}
@@ -21,6 +25,9 @@ FAILED=()
 run() {
     local name=$1 want=$2 left rc
     shift 2
+    if [[ -n "${SECTIONS:-}" && " $SECTIONS " != *" $name "* ]]; then
+        return
+    fi
     left=$((DEADLINE - SECONDS - 5))
     ((want > left)) && want=$left
     if ((want < 10)); then
@@ -64,7 +71,7 @@ fi
 run info 60 bash -c "python3 -m vlfast info && python3 -m vlfast info --json >'$OUT/info.json'"
 
 # pytest exits 5 when nothing is marked gpu yet: that is not a failure of this script.
-run gpu-tests 180 bash -c "python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee '$OUT/pytest_gpu.log';
+run gpu-tests 180 bash -c "python3 -m pytest -m gpu -q -p no:cacheprovider \${GPU_TESTS:-} 2>&1 | tee '$OUT/pytest_gpu.log';
     rc=\${PIPESTATUS[0]}; ((rc == 5)) && echo 'no GPU-marked tests collected' && rc=0; exit \$rc"
 
 # compute-sanitizer over every CUDA kernel variant on small shapes (benchmarks/cuda_smoke.py). With
