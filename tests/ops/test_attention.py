@@ -169,6 +169,21 @@ def test_backward_is_bitwise_repeatable(impl):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+def test_dalle_column_layers_run_column_major_and_visit_as_few_tiles_as_row_layers():
+    """The column mask keeps as many pairs as the row mask; in column-major order it also visits as
+    few (query, key) tiles, where row-major order visits every key tile of the image."""
+    from vlfast.ops.attention import blocks
+    from vlfast.ops.attention.triton import column_major_order
+    s = 64 + 16 * 16
+    column, row = M.dalle(64, 16, 16, "column"), M.dalle(64, 16, 16, "row")
+    order = column_major_order(column, s, s, "cpu")
+    assert order is not None and torch.equal(order.sort().values, torch.arange(s))
+    assert column_major_order(row, s, s, "cpu") is None and column_major_order(column, s - 1, s, "cpu") is None
+    visited = {name: float((blocks._status(m, s, s, 64, 32, "cpu", positions=p) != 0).float().mean())
+               for name, m, p in (("row", row, None), ("column", column, None), ("column-major", column, order))}
+    assert visited["column-major"] == visited["row"] <= 0.6 * visited["column"]
+
+
 def test_non_contiguous_layouts():
     """(B, S, H, D) tensors viewed as (B, H, S, D), as projections produce them."""
     x = torch.randn(2, 30, 4, 16, dtype=torch.float64, requires_grad=True)

@@ -155,12 +155,14 @@ def attention_variants(all_configs: bool = False):
     import torch
     import triton
     from vlfast.ops.attention import triton as K
-    masks = {"causal": dict(CAUSAL=True, SPANS=False, WINDOW=False, DALLE=0, KEY_VALID=False, HAS_MAP=False),
-             "spans": dict(CAUSAL=True, SPANS=True, WINDOW=False, DALLE=0, KEY_VALID=False, HAS_MAP=True),
-             "none": dict(CAUSAL=False, SPANS=False, WINDOW=False, DALLE=0, KEY_VALID=False, HAS_MAP=False)}
+    base = dict(SPANS=False, WINDOW=False, DALLE=0, KEY_VALID=False, PERMUTED=False)
+    masks = {"causal": {**base, "CAUSAL": True, "HAS_MAP": False},
+             "spans": {**base, "CAUSAL": True, "SPANS": True, "HAS_MAP": True},
+             "none": {**base, "CAUSAL": False, "HAS_MAP": False},
+             "dalle-column": {**base, "CAUSAL": True, "DALLE": 2, "HAS_MAP": True, "PERMUTED": True}}
     tensors = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
     for d, mask_name, varlen in ((128, "causal", False), (64, "none", False), (128, "spans", False),
-                                 (64, "causal", True), (256, "causal", False)):
+                                 (64, "causal", True), (256, "causal", False), (64, "dalle-column", False)):
         tiles = K.tiles(d, torch.bfloat16)
         for name, kernel, (bm, bn) in (("fwd", K._attn_fwd, tiles["fwd"]), ("dq", K._attn_bwd_dq, tiles["bwd"]),
                                        ("dkdv", K._attn_bwd_dkdv, tiles["bwd"])):
@@ -172,7 +174,7 @@ def attention_variants(all_configs: bool = False):
                     sig[arg] = "*bf16:16"
                 elif arg in ("LSE2", "DELTA"):
                     sig[arg] = "*fp32:16"
-                elif arg in ("cu_q", "cu_k", "map_idx", "map_cnt", "span_ptr"):
+                elif arg in ("cu_q", "cu_k", "map_idx", "map_cnt", "span_ptr", "pos_ptr"):
                     sig[arg] = "*i32:16"
                 elif arg in ("map_full", "valid_ptr"):
                     sig[arg] = "*i8:16"

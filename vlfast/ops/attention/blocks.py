@@ -52,8 +52,9 @@ def _lists(status: Tensor) -> BlockLists:
 
 
 def _status(mask: Mask, sq: int, sk: int, bm: int, bn: int, device, q_len: Optional[Tensor] = None,
-            k_len: Optional[Tensor] = None) -> Tensor:
-    """(B', nQ, nK) int8. q_len / k_len (B,) give per-sequence lengths (packed layout); else Sq, Sk."""
+            k_len: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
+    """(B', nQ, nK) int8. q_len / k_len (B,) give per-sequence lengths (packed layout); else Sq, Sk.
+    positions (S,): the sequence position of each token of a permuted layout (Sq == Sk)."""
     n_q, n_k = -(-sq // bm), -(-sk // bn)
     b = mask.batch_size() or (q_len.shape[0] if q_len is not None else 1)
     status = torch.empty(b, n_q, n_k, dtype=torch.int8, device=device)
@@ -65,6 +66,8 @@ def _status(mask: Mask, sq: int, sk: int, bm: int, bn: int, device, q_len: Optio
         rows = torch.arange(qb * bm, (qb + 1) * bm, device=device)
         p_q = rows[None, :, None] + (kl - ql)
         p_k = cols[None, None, :].clamp(max=sk - 1)
+        if positions is not None:
+            p_q, p_k = positions[p_q.clamp(max=sk - 1)], positions[p_k]
         in_range = (rows[None, :, None] < ql) & (cols[None, None, :] < kl)
         keep = mask.allowed(p_q, p_k, bidx) & in_range
         keep = keep.view(b, bm, n_k, bn)
@@ -79,16 +82,18 @@ def _tensor_key(t: Optional[Tensor]):
     return None if t is None else (id(t), tuple(t.shape), t._version, str(t.device))
 
 
-def block_map(mask: Mask, sq: int, sk: int, bm: int, bn: int, device) -> BlockMap:
-    """The block map of `mask` for the dense layout, cached per mask contents and shape."""
+def block_map(mask: Mask, sq: int, sk: int, bm: int, bn: int, device,
+              positions: Optional[Tensor] = None) -> BlockMap:
+    """The block map of `mask` for the dense layout, cached per mask contents and shape. positions:
+    see _status (a permuted layout is a function of the mask and shape, so it is not a cache key)."""
     key = (mask.causal, mask.window, mask.dalle, _tensor_key(mask.span_ids), _tensor_key(mask.key_valid),
-           sq, sk, bm, bn, str(device))
+           sq, sk, bm, bn, str(device), positions is not None)
     hit = _CACHE.get(key)
     if hit is not None:
         refs, value = hit
         if all(r() is t for r, t in zip(refs, (mask.span_ids, mask.key_valid)) if t is not None):
             return value
-    status = _status(mask, sq, sk, bm, bn, device)
+    status = _status(mask, sq, sk, bm, bn, device, positions=positions)
     value = BlockMap(_lists(status), _lists(status.transpose(1, 2).contiguous()), mask.batch_size() is not None)
     if len(_CACHE) >= _CACHE_LIMIT:
         _CACHE.pop(next(iter(_CACHE)))

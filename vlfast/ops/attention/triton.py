@@ -77,6 +77,15 @@ def _keep_tile(p_q, p_k, span_row, valid_row, k_len, window, text_len, img_cols,
 
 
 @triton.jit
+def _positions(idx, ok, offset, pos_ptr, k_len, PERMUTED: tl.constexpr):
+    """Sequence positions of tokens idx: idx + offset, or pos[idx] in a permuted layout (keys past
+    the end get k_len, which the mask drops)."""
+    if PERMUTED:
+        return tl.load(pos_ptr + idx, mask=ok, other=k_len)
+    return idx + offset
+
+
+@triton.jit
 def _seq_bounds(cu_ptr, b, fixed_len, VARLEN: tl.constexpr):
     """(first token, length) of sequence b: from cu_seqlens when packed, else (0, fixed_len)."""
     if VARLEN:
@@ -173,11 +182,12 @@ def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
               cu_q, cu_k, Sq, Sk, H, GROUP,
               map_idx, map_full, map_cnt, map_sb, map_nc,
-              span_ptr, span_stride, valid_ptr, valid_stride, window, text_len, img_cols, dalle_half,
+              span_ptr, span_stride, valid_ptr, valid_stride, window, text_len, img_cols, dalle_half, pos_ptr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               VARLEN: tl.constexpr, HAS_MAP: tl.constexpr, MAP_PER_BATCH: tl.constexpr,
               CAUSAL: tl.constexpr, SPANS: tl.constexpr, WINDOW: tl.constexpr, DALLE: tl.constexpr,
-              KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+              KEY_VALID: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -197,7 +207,7 @@ def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
         k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
         v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
         span_row, valid_row = _mask_rows(b, k_start, span_ptr, span_stride, valid_ptr, valid_stride, VARLEN)
-        p_q = rows + (k_len - q_len)
+        p_q = _positions(rows, row_ok, k_len - q_len, pos_ptr, k_len, PERMUTED)
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc = tl.zeros((BM, BLOCK_D), dtype=tl.float32)
@@ -212,7 +222,8 @@ def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             s = _dot(q, k, None, UPCAST, PRECISION) * qk_scale
             if need:
-                keep = _keep_tile(p_q, cols, span_row, valid_row, k_len, window, text_len, img_cols, dalle_half,
+                keep = _keep_tile(p_q, _positions(cols, col_ok, 0, pos_ptr, k_len, PERMUTED), span_row, valid_row,
+                                  k_len, window, text_len, img_cols, dalle_half,
                                   CAUSAL, SPANS, WINDOW, DALLE, KEY_VALID)
                 s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -262,11 +273,12 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, qk_scale, sm_scale,
                  stride_gqb, stride_gqh, stride_gqs, stride_lb, stride_lh,
                  cu_q, cu_k, Sq, Sk, H, GROUP,
                  map_idx, map_full, map_cnt, map_sb, map_nc,
-                 span_ptr, span_stride, valid_ptr, valid_stride, window, text_len, img_cols, dalle_half,
+                 span_ptr, span_stride, valid_ptr, valid_stride, window, text_len, img_cols, dalle_half, pos_ptr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  VARLEN: tl.constexpr, HAS_MAP: tl.constexpr, MAP_PER_BATCH: tl.constexpr,
                  CAUSAL: tl.constexpr, SPANS: tl.constexpr, WINDOW: tl.constexpr, DALLE: tl.constexpr,
-                 KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                 KEY_VALID: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
     """dQ for one query block of one head, over the key blocks the forward visited."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -294,7 +306,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, qk_scale, sm_scale,
         k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
         v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
         span_row, valid_row = _mask_rows(b, k_start, span_ptr, span_stride, valid_ptr, valid_stride, VARLEN)
-        p_q = rows + (k_len - q_len)
+        p_q = _positions(rows, row_ok, k_len - q_len, pos_ptr, k_len, PERMUTED)
         dq = tl.zeros((BM, BLOCK_D), dtype=tl.float32)
         lo, count, map_row = _kv_iteration(b, pid_m, q_len, k_len, window, map_cnt, map_sb, map_nc, BM, BN,
                                            HAS_MAP, MAP_PER_BATCH, CAUSAL, WINDOW)
@@ -309,7 +321,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, qk_scale, sm_scale,
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             s = _dot(q, kt, None, UPCAST, PRECISION) * qk_scale
             if need:
-                keep = _keep_tile(p_q, cols, span_row, valid_row, k_len, window, text_len, img_cols, dalle_half,
+                keep = _keep_tile(p_q, _positions(cols, col_ok, 0, pos_ptr, k_len, PERMUTED), span_row, valid_row,
+                                  k_len, window, text_len, img_cols, dalle_half,
                                   CAUSAL, SPANS, WINDOW, DALLE, KEY_VALID)
                 s = tl.where(keep, s, float("-inf"))
             p = tl.exp2(s - lse2[:, None])  # lse2 = +inf on rows that keep nothing: p = 0
@@ -327,11 +340,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, qk_scale, sm_scale,
                    stride_gkb, stride_gkh, stride_gks, stride_lb, stride_lh,
                    cu_q, cu_k, Sq, Sk, H_KV, GROUP,
                    map_idx, map_full, map_cnt, map_sb, map_nc,
-                   span_ptr, span_stride, valid_ptr, valid_stride, window, text_len, img_cols, dalle_half,
+                   span_ptr, span_stride, valid_ptr, valid_stride, window, text_len, img_cols, dalle_half, pos_ptr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    VARLEN: tl.constexpr, HAS_MAP: tl.constexpr, MAP_PER_BATCH: tl.constexpr,
                    CAUSAL: tl.constexpr, SPANS: tl.constexpr, WINDOW: tl.constexpr, DALLE: tl.constexpr,
-                   KEY_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   KEY_VALID: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
     """dK, dV for one key block of one kv head: its query heads in turn, deterministic.
     dK and dV share the layout given by stride_gk*; dO shares q's head and token layout."""
     pid_n = tl.program_id(0)
@@ -352,6 +366,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, qk_scale, sm_scale,
         v = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
                     + (k_start + cols)[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=tile, other=0.0)
         span_row, valid_row = _mask_rows(b, k_start, span_ptr, span_stride, valid_ptr, valid_stride, VARLEN)
+        p_k = _positions(cols, col_ok, 0, pos_ptr, k_len, PERMUTED)
         dk = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
         if HAS_MAP:
@@ -385,7 +400,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, qk_scale, sm_scale,
                 delta = tl.load(DELTA + l_base + rows, mask=row_ok, other=0.0)
                 s = _dot(q, tl.trans(k), None, UPCAST, PRECISION) * qk_scale  # (BM, BN)
                 if need:
-                    keep = _keep_tile(rows + (k_len - q_len), cols, span_row, valid_row, k_len, window, text_len,
+                    p_q = _positions(rows, row_ok, k_len - q_len, pos_ptr, k_len, PERMUTED)
+                    keep = _keep_tile(p_q, p_k, span_row, valid_row, k_len, window, text_len,
                                       img_cols, dalle_half, CAUSAL, SPANS, WINDOW, DALLE, KEY_VALID)
                     s = tl.where(keep, s, float("-inf"))
                 p = tl.exp2(s - lse2[:, None])
@@ -426,6 +442,18 @@ def _launch_opts(head_dim: int, bm: int) -> dict:
     return {"num_warps": 8 if bm >= 128 or head_dim >= 128 else 4, "num_stages": 3 if head_dim <= 128 else 2}
 
 
+def column_major_order(mask, sq: int, sk: int, device) -> Optional[Tensor]:
+    """For a DALL-E column mask over a whole sequence: token order with the image grid column-major
+    (text first, unchanged), as positions (S,) int64; None for every other case."""
+    if mask is None or mask.dalle is None or mask.dalle[3] != 2 or sq != sk:
+        return None
+    text_len, rows, cols = mask.dalle[:3]
+    if sk != text_len + rows * cols or rows < 2 or cols < 2:
+        return None
+    grid = torch.arange(rows * cols, device=device).view(rows, cols).T.reshape(-1)  # column by column
+    return torch.cat([torch.arange(text_len, device=device), text_len + grid])
+
+
 class Problem:
     """Strides, sequence bounds and mask arguments of one call, shared by the forward and backward."""
 
@@ -450,16 +478,30 @@ class Problem:
         spans = mask.span_ids if mask is not None and mask.span_ids is not None else dummy
         valid = mask.key_valid.view(torch.int8) if mask is not None and mask.key_valid is not None else dummy
         dalle = mask.dalle if mask is not None and mask.dalle is not None else (0, 1, 1, 0, 1)
+        # DALL-E column layers: image tokens column-major, so that each column's tokens are contiguous
+        # and the kept pairs block-sparse (row-major, every key tile holds a few of each column).
+        self.perm = column_major_order(mask, self.sq, self.sk, q.device) if not self.varlen else None
+        if self.perm is not None:
+            self.inverse = torch.argsort(self.perm)
+            self.q, self.k, self.v = (self.to_layout(x) for x in (q, k, v))
+        positions = self.perm.to(torch.int32) if self.perm is not None else dummy
         self.mask_args = [spans, spans.stride(0) if spans.dim() == 2 else 0,
                           valid, valid.stride(0) if valid.dim() == 2 else 0,
                           mask.window if mask is not None and mask.window is not None else 0,
-                          dalle[0], dalle[2], dalle[4] // 2]
+                          dalle[0], dalle[2], dalle[4] // 2, positions]
         self.flags = dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, VARLEN=self.varlen,
                           CAUSAL=bool(mask is not None and mask.causal),
                           SPANS=mask is not None and mask.span_ids is not None,
                           WINDOW=mask is not None and mask.window is not None, DALLE=dalle[3],
-                          KEY_VALID=mask is not None and mask.key_valid is not None,
+                          KEY_VALID=mask is not None and mask.key_valid is not None, PERMUTED=self.perm is not None,
                           UPCAST=_INTERPRET and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype))
+
+    def to_layout(self, x: Tensor) -> Tensor:
+        """(B, H, S, D) in sequence order -> the kernels' token order (a copy when permuted)."""
+        return x if self.perm is None else x.index_select(2, self.perm)
+
+    def from_layout(self, x: Tensor) -> Tensor:
+        return x if self.perm is None else x.index_select(2, self.inverse)
 
     def strides(self, x: Tensor) -> list:
         """(batch, head, token) strides; the packed layout has no batch stride."""
@@ -480,7 +522,7 @@ class Problem:
         if self.varlen:
             bmap = blocks.block_map_varlen(self.mask, self.cu_q, self.cu_k, self.sq, self.sk, bm, bn)
         else:
-            bmap = blocks.block_map(self.mask, self.sq, self.sk, bm, bn, self.q.device)
+            bmap = blocks.block_map(self.mask, self.sq, self.sk, bm, bn, self.q.device, self.perm)
         lists = bmap.by_key if by_key else bmap.by_query
         return [lists.index, lists.full, lists.count, lists.index.shape[1], lists.index.shape[2]], True, \
             bmap.per_batch
@@ -498,12 +540,13 @@ def forward(p: Problem) -> tuple[Tensor, Tensor]:
                     *p.strides(out), *p.lse_strides(lse2), p.cu_q, p.cu_k, p.sq, p.sk, p.heads,
                     p.heads // p.kv_heads, *map_args, *p.mask_args, BM=bm, BN=bn, HAS_MAP=has_map,
                     MAP_PER_BATCH=per_batch, **p.flags, **_launch_opts(p.head_dim, bm))
-    return out, lse2
+    return p.from_layout(out), lse2
 
 
 def backward(p: Problem, do: Tensor, out: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) like q, k, v; deterministic."""
+    """(dq, dk, dv) like q, k, v; deterministic. lse2 is in the kernels' token order, as forward left it."""
     q, k, v = p.q, p.k, p.v
+    do, out = p.to_layout(do), p.to_layout(out)
     bm, bn = p.tiles["bwd"]
     delta = p.new_lse()
     _attn_bwd_delta[(triton.cdiv(p.sq, 64), p.batch * p.heads)](
@@ -524,4 +567,4 @@ def backward(p: Problem, do: Tensor, out: Tensor, lse2: Tensor) -> tuple[Tensor,
         q, k, v, do, dk, dv, lse2, delta, *common, *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do),
         *p.strides(dk), *p.lse_strides(lse2), p.cu_q, p.cu_k, p.sq, p.sk, p.kv_heads, p.heads // p.kv_heads,
         *map_k, *p.mask_args, BM=bm, BN=bn, HAS_MAP=has_map, MAP_PER_BATCH=per_batch, **p.flags, **opts)
-    return dq, dk, dv
+    return p.from_layout(dq), p.from_layout(dk), p.from_layout(dv)
