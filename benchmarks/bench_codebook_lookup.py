@@ -116,6 +116,15 @@ def _triton_description() -> dict:
     return triton.describe()
 
 
+def _cuda_description() -> dict:
+    from vlfast.ops.codebook_lookup import cuda
+    return cuda.describe()
+
+
+# What a row of each impl records about its call: Triton's autotuned configs, and rows re-scored in float64.
+_DESCRIBE = {"triton": _triton_description, "cuda": _cuda_description}
+
+
 def _vlfast_lookup(case: Case, device: torch.device) -> list:
     metric = case.params["metric"]
 
@@ -126,7 +135,7 @@ def _vlfast_lookup(case: Case, device: torch.device) -> list:
         return run
     too_slow = device.type == "cuda" and _work(case) > SLOW_WORK_LIMIT["cuda"]
     return vlfast_contenders(implementation_status(device, case.dtype), device, make_run,
-                             TOO_SLOW if too_slow else None, describe={"triton": _triton_description})
+                             TOO_SLOW if too_slow else None, describe=_DESCRIBE)
 
 
 def _cdist(x: Inputs, mode: str) -> dict:
@@ -197,7 +206,7 @@ def _vlfast_step(case: Case, device: torch.device) -> list:
                 vq.embed_avg.copy_(x.codebook)
                 holder["module"] = vq.train()
             return _step_runner(holder["module"], forward)(x, mode)
-        out.append(Contender(f"vlfast-{impl}", run, describe=_triton_description if impl == "triton" else None))
+        out.append(Contender(f"vlfast-{impl}", run, describe=_DESCRIBE.get(impl)))
     return out
 
 

@@ -11,6 +11,7 @@
 
 #include "build_info.h"
 #include "clip_loss/clip_loss.h"
+#include "codebook_lookup/codebook_lookup.h"
 #include "dtype.h"
 
 namespace py = pybind11;
@@ -53,6 +54,24 @@ void bind_clip_loss(py::module_& m) {
         "G = scale * dLoss/dz for a chunk of rows, and partial sums for d_scale and d_bias.");
 }
 
+void bind_codebook_lookup(py::module_& m) {
+  using py::arg;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("codebook_lookup_tile", &vlfast::codebook_lookup::tile, arg("dtype"),
+        "(rows, codes) of the codebook scan's tile for a dtype code; codes_per_split is a multiple of codes.");
+  m.def("codebook_lookup_work_bytes", &vlfast::codebook_lookup::work_bytes, arg("n"), arg("k"), arg("d"),
+        arg("dtype"), "Bytes of scratch codebook_lookup_scan needs (float32: its bf16 pieces; else 0).");
+  m.def("codebook_lookup_scan", &vlfast::codebook_lookup::scan, arg("z"), arg("e"), arg("alpha"), arg("beta"),
+        arg("best"), arg("second"), arg("index"), arg("work"), arg("work_size"), arg("n"), arg("k"), arg("d"),
+        arg("stride_z"), arg("stride_e"), arg("codes_per_split"), arg("splits"), arg("dtype"), arg("device"),
+        arg("stream"), nogil,
+        "Per (codebook split, row): the best score alpha_j <z_i, e_j> + beta_j, its lowest index, the second best.");
+  m.def("codebook_lookup_distances", &vlfast::codebook_lookup::distances, arg("z"), arg("e"), arg("index"),
+        arg("out"), arg("n"), arg("k"), arg("d"), arg("stride_z"), arg("stride_e"), arg("cosine"), arg("dtype"),
+        arg("device"), arg("stream"), nogil,
+        "out[i] = the float64 distance of row i to code index[i], rounded to float32.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -61,7 +80,8 @@ PYBIND11_MODULE(_C, m) {
                                    py::arg("float16") = static_cast<int>(vlfast::DType::f16),
                                    py::arg("bfloat16") = static_cast<int>(vlfast::DType::bf16));
   // The ops that have kernels here; vlfast._backends reads it. Add an op's name with its bindings.
-  m.attr("OPS") = py::make_tuple("clip_loss");
+  m.attr("OPS") = py::make_tuple("clip_loss", "codebook_lookup");
   m.def("build_info", &build_info_dict, "What this module was built with: archs, CUDA, compilers.");
   bind_clip_loss(m);
+  bind_codebook_lookup(m);
 }

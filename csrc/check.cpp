@@ -51,15 +51,24 @@ ArgCheck& ArgCheck::optional_pointer(const char* name, std::uintptr_t p, std::si
   return p == 0 ? *this : pointer(name, p, align);
 }
 
+ArgCheck& ArgCheck::stride_covers_row(const char* name, std::int64_t stride, std::int64_t d) {
+  return require(stride >= d, std::string("argument '") + name + "': the row stride (" + std::to_string(stride) +
+                                  " elements) is less than the row length " + std::to_string(d));
+}
+
+ArgCheck& ArgCheck::rows(const char* name, std::uintptr_t p, std::int64_t stride, std::int64_t d, std::size_t elem) {
+  pointer(name, p, elem);
+  return stride_covers_row(name, stride, d);
+}
+
 ArgCheck& ArgCheck::rows16(const char* name, std::uintptr_t p, std::int64_t stride, std::int64_t d,
                            std::size_t elem) {
   pointer(name, p, 16);
-  const std::string arg = std::string("argument '") + name + "'";
-  require(stride >= d, arg + ": the row stride (" + std::to_string(stride) + " elements) is less than the row length " +
-                           std::to_string(d));
+  stride_covers_row(name, stride, d);
   require((stride * static_cast<std::int64_t>(elem)) % 16 == 0,
-          arg + ": rows must start on 16-byte boundaries, but the row stride is " + std::to_string(stride) +
-              " elements of " + std::to_string(elem) + " bytes (pad rows to a multiple of 16 bytes)");
+          std::string("argument '") + name + "': rows must start on 16-byte boundaries, but the row stride is " +
+              std::to_string(stride) + " elements of " + std::to_string(elem) +
+              " bytes (pad rows to a multiple of 16 bytes)");
   return *this;
 }
 

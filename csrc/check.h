@@ -46,8 +46,11 @@ class ArgCheck {
   ArgCheck& pointer(const char* name, std::uintptr_t p, std::size_t align);
   // As pointer(), but 0 means "absent" and is accepted.
   ArgCheck& optional_pointer(const char* name, std::uintptr_t p, std::size_t align);
-  // A row-major (rows, d) matrix whose rows start on 16-byte boundaries (the kernels' vector loads):
-  // the pointer aligned to 16, row stride >= d elements and a multiple of 16 bytes.
+  // A row-major (rows, d) matrix of `elem`-byte elements read one element at a time: the pointer
+  // aligned to elem, row stride >= d elements.
+  ArgCheck& rows(const char* name, std::uintptr_t p, std::int64_t stride, std::int64_t d, std::size_t elem);
+  // As rows(), but rows start on 16-byte boundaries (the kernels' vector loads): the pointer aligned
+  // to 16, the row stride a multiple of 16 bytes.
   ArgCheck& rows16(const char* name, std::uintptr_t p, std::int64_t stride, std::int64_t d, std::size_t elem);
 
   // Checks that `device` exists and that every pointer named so far, and the stream, live on it.
@@ -55,6 +58,8 @@ class ArgCheck {
   void device(int device, std::uintptr_t stream);
 
  private:
+  ArgCheck& stride_covers_row(const char* name, std::int64_t stride, std::int64_t d);
+
   const char* fn_;
   std::vector<std::pair<const char*, std::uintptr_t>> pointers_;
 };

@@ -1,7 +1,9 @@
 """vlfast's CUDA kernels on a CPU: the csrc/ sources, compiled by g++ over an emulation of CUDA's
 threads, barriers, shuffles and tensor-core instructions (tests/tools/cuda_emu), run behind
 vlfast.clip_loss(impl="cuda") and compared with float64 on every layout and dtype, with several tiles,
-column splits and row chunks, rows off 16-byte boundaries and near-perfect pairs.
+column splits and row chunks, rows off 16-byte boundaries and near-perfect pairs; and behind
+vlfast.codebook_lookup(impl="cuda") against the float64 argmin, with near-ties, duplicate codes,
+several row blocks and codebook splits, both metrics and every dtype.
 
 This checks the kernels' indexing, masking and math, their host-side checks and the Python glue,
 where CI has no GPU. Real asynchrony, races and speed are tested on a GPU (test_clip_loss_cuda_gpu.py,
@@ -16,8 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vlfast
+
 from .ops.clip_loss_cases import (Case, assert_close64, assert_relative_rule, make_inputs, pytorch_same_dtype,
                                   reference64, run_vlfast)
+from .ops.codebook_lookup_cases import assert_exact, planted_near_ties, random_case
 
 LAYOUTS = [("softmax", True, 0, 0), ("softmax", False, 5, 11), ("sigmoid", True, 0, 0), ("sigmoid", True, 3, 8),
            ("sigmoid", True, None, 6)]
@@ -122,3 +127,116 @@ def test_emulated_module_checks_arguments_as_the_real_one(emulated):
     with pytest.raises(ValueError, match="argument 'a' is a null pointer"):
         emulated.clip_loss_positive(a=0, b=16, scale=16, bias=0, out=16, n=1, m=1, d=8, offset=0, stride_a=8,
                                     stride_b=8, dtype=2, device=0, stream=0)
+
+
+# --- codebook_lookup ------------------------------------------------------------------------------------
+# Shapes are small: an emulated block costs ~0.1 s (its 256 threads meet at a barrier per mma).
+
+@pytest.fixture
+def codebook_on_cpu(emulated, monkeypatch):
+    """impl="cuda" of codebook_lookup runs the emulated kernels on CPU tensors."""
+    from vlfast.ops.codebook_lookup import cuda
+    monkeypatch.setattr(cuda, "why_not", lambda device, dtype: None)
+    monkeypatch.setattr(cuda, "_extension", lambda z: _OnCpu(emulated))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    monkeypatch.setenv("VLFAST_POISON", "1")  # scan results start as NaN: unwritten rows would be re-scored
+    return cuda
+
+
+def _lookup(cuda, z, e, metric, context):
+    index, dist = vlfast.codebook_lookup(z, e, metric=metric, impl="cuda")
+    assert_exact(z, e, metric, index, dist, f"emulated cuda {context}")
+    return index, cuda.last_call["rescored"]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_emulated_codebook_lookup_is_the_float64_argmin(codebook_on_cpu, dtype, metric):
+    """Two codebook splits, a ragged last code tile, D not a multiple of the 32-wide k step."""
+    z, e = random_case(97, 200, 40, dtype)
+    _, rescored = _lookup(codebook_on_cpu, z, e, metric, f"97x200x40 {dtype} {metric}")
+    assert rescored <= 4  # the scan decides almost every row itself (NaN from unwritten rows would not)
+
+
+@pytest.mark.parametrize("n,k,d,dtype,metric", [(1, 1, 3, torch.bfloat16, "l2"), (1, 1, 3, torch.float32, "cosine"),
+                                                (130, 300, 48, torch.bfloat16, "l2"),
+                                                (5, 33, 100, torch.float32, "cosine"),
+                                                (3, 129, 8, torch.float16, "l2")], ids=str)
+def test_emulated_codebook_lookup_odd_shapes(codebook_on_cpu, n, k, d, dtype, metric):
+    """One row and code; two row blocks x three splits; bf16x3 over 3 x 100 features; one code past a tile."""
+    _lookup(codebook_on_cpu, *random_case(n, k, d, dtype), metric, f"{n}x{k}x{d} {dtype} {metric}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_emulated_codebook_lookup_planted_near_ties(codebook_on_cpu, dtype):
+    z, e, _ = planted_near_ties(200, 48, dtype)
+    _, rescored = _lookup(codebook_on_cpu, z, e, "l2", f"near-ties {dtype}")
+    assert rescored > 0  # the bound sends the closest ties to float64
+
+
+@pytest.mark.parametrize("one_split", [False, True], ids=["3-splits", "1-split"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_emulated_codebook_lookup_duplicate_codes(codebook_on_cpu, dtype, metric, one_split, monkeypatch):
+    """Equal codes in one thread (8, 9; 136 too with one split), other lanes and warps (40, 123),
+    other code tiles and splits (136, 299): the lowest index wins."""
+    if one_split:
+        from vlfast.ops.codebook_lookup import splits
+        monkeypatch.setattr(splits, "plan", lambda row_blocks, k, device, step: (1, -(-k // step) * step))
+    z, e = random_case(40, 300, 16, dtype)
+    e[[8, 9, 40, 136, 299]] = e[123].clone()
+    if metric == "cosine":
+        e[200] = 2 * e[123]
+    z[:20] = (e[123].double() + 0.01 * torch.randn(20, 16, dtype=torch.float64)).to(dtype)
+    index, _ = _lookup(codebook_on_cpu, z, e, metric, f"duplicates {dtype} {metric}")
+    assert (index[:20] == 8).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_emulated_scan_gives_best_index_and_second(codebook_on_cpu, dtype):
+    """The scan's own outputs against float64 scores: best and second within the certified error,
+    ties to the lowest index with second == best, index right wherever the gap exceeds the error."""
+    from vlfast.ops.codebook_lookup import certify
+    cuda = codebook_on_cpu
+    z, e = random_case(70, 300, 24, dtype)
+    e[[5, 13, 130, 299]] = e[77].clone()  # 5 and 13 in one thread, the others elsewhere
+    z[:10] = e[77]
+    z, e = cuda.kernel_rows(z), cuda.kernel_rows(e)
+    terms = certify.codebook_terms(e, "l2")
+    best, second, index = cuda.scan(z, e, terms["alpha"], terms["beta"])
+    scores = terms["alpha"].double() * (z.double() @ e.double().T) + terms["beta"].double()
+    want = scores.topk(2, dim=1, largest=False)
+    eps = certify.score_error(torch.linalg.vector_norm(z.double(), dim=1), terms, 24,
+                              certify.dot_error(dtype, 24), "l2", certify.products(dtype))
+    assert torch.isfinite(best).all() and torch.isfinite(second).all()
+    assert ((best.double() - want.values[:, 0]).abs() <= eps).all()
+    assert ((second.double() - want.values[:, 1]).abs() <= eps).all()
+    clear = want.values[:, 1] - want.values[:, 0] > 2 * eps
+    assert clear.sum() > 50 and torch.equal(index.long()[clear], want.indices[clear, 0])
+    assert (index[:10] == 5).all() and torch.equal(second[:10], best[:10])
+
+
+def test_emulated_codebook_lookup_copies_rows_off_16_byte_boundaries(codebook_on_cpu):
+    z, e = random_case(20, 50, 100, torch.bfloat16)
+    view = torch.cat([torch.zeros(1, 100, dtype=torch.bfloat16), z])[1:]  # data_ptr 200 bytes in
+    assert view.data_ptr() % 16
+    _lookup(codebook_on_cpu, view, e, "l2", "mid-row view")
+    _lookup(codebook_on_cpu, z[:, :50], e[:, :50], "cosine", "strided rows")
+    _lookup(codebook_on_cpu, z, e[:1].expand(50, 100), "l2", "expanded codebook")
+
+
+def test_emulated_codebook_module_checks_arguments_as_the_real_one(emulated):
+    args = dict(z=16, e=16, alpha=16, beta=16, best=16, second=16, index=16, work=0, work_size=0, n=1, k=1, d=8,
+                stride_z=8, stride_e=8, codes_per_split=128, splits=1, dtype=2, device=0, stream=0)
+    with pytest.raises(ValueError, match="argument 'beta' is a null pointer"):
+        emulated.codebook_lookup_scan(**{**args, "beta": 0})
+    with pytest.raises(ValueError, match="argument 'work' is a null pointer"):
+        emulated.codebook_lookup_scan(**{**args, "dtype": 0})
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_emulated_codebook_lookup_opcheck(codebook_on_cpu, metric):
+    """The torch.library boundary with impl="cuda": schema, fake tensor, no hidden state."""
+    from vlfast.ops.codebook_lookup import codebook_lookup_forward
+    z, e = random_case(13, 37, 20, torch.float32)
+    torch.library.opcheck(codebook_lookup_forward, (z, e, metric, "cuda"))

@@ -37,7 +37,7 @@ def C():
 
 
 def test_extension_is_built_where_nvcc_is(C):
-    assert "clip_loss" in C.OPS
+    assert C.OPS == ("clip_loss", "codebook_lookup")
 
 
 def test_build_info_matches_the_requested_archs(C):
@@ -65,7 +65,7 @@ def test_links_neither_libtorch_nor_a_shared_cuda_runtime(C):
 def test_info_reports_the_build(C):
     from vlfast import _info
     info = _info.collect()["extension"]
-    assert info["built"] and info["archs"] == C.build_info()["archs"] and "clip_loss" in info["ops"]
+    assert info["built"] and info["archs"] == C.build_info()["archs"] and info["ops"] == list(C.OPS)
     assert f"vlfast._C built for sm_{', sm_'.join(info['archs'])}" in _info.format_report(_info.collect())
 
 
@@ -73,14 +73,18 @@ def test_info_reports_the_build(C):
 
 A, B, OUT, S, P1, P2, G, ST, EM, W = ((i + 1) << 20 for i in range(10))  # 16-byte aligned fake addresses
 COMMON = dict(scale=S, bias=0, d=64, stride_a=64, stride_b=64, dtype=2, device=0, stream=0)
+CODEBOOK = dict(n=8, k=300, d=64, stride_z=64, stride_e=64, dtype=2, device=0, stream=0)
 CALLS = {
     "clip_loss_positive": dict(a=A, b=B, out=OUT, n=8, m=8, offset=0, **COMMON),
     "clip_loss_stats": dict(a=A, b=B, pos=OUT, row_part=P1, col_part=P2, n=8, m=8, offset=0, cols_per_split=128,
                             splits=1, sigmoid=False, symmetric=True, **COMMON),
     "clip_loss_grad": dict(a=A, b=B, g=G, stats=ST, em=EM, w=W, ds_part=P1, db_part=P2, c=8, n=8, m=8, r0=0,
                            offset=0, stride_g=64, parts=1, sigmoid=False, symmetric=True, **COMMON),
+    "codebook_lookup_scan": dict(z=A, e=B, alpha=S, beta=W, best=P1, second=P2, index=OUT, work=0, work_size=0,
+                                 codes_per_split=128, splits=3, **CODEBOOK),
+    "codebook_lookup_distances": dict(z=A, e=B, index=ST, out=OUT, cosine=False, **CODEBOOK),
 }
-BAD = [  # (argument, value, message), for every binding that takes the argument
+BAD = [  # (argument, value, message[, the one binding it is for]), else for every binding that takes the argument
     ("a", 0, "argument 'a' is a null pointer"),
     ("a", A + 2, "argument 'a' must be 16-byte aligned"),
     ("b", B + 8, "argument 'b' must be 16-byte aligned"),
@@ -104,14 +108,30 @@ BAD = [  # (argument, value, message), for every binding that takes the argument
     ("offset", 3, "argument 'offset' must be -1 or in"),
     ("offset", -1, "only the sigmoid loss allows"),
     ("cols_per_split", 100, "argument 'cols_per_split' must be a multiple of 128"),
-    ("splits", 2, "argument 'splits' must be ceil(m / cols_per_split) = 1"),
+    ("splits", 2, "argument 'splits' must be ceil(. / c.*_per_split) = [13] "),
     ("r0", 4, "arguments 'r0' and 'c' must select rows inside"),
     ("parts", 0, "argument 'parts'"),
+    ("z", 0, "argument 'z' is a null pointer"),
+    ("z", A + 4, "argument 'z' must be 16-byte aligned", "codebook_lookup_scan"),  # 16-bit rows: cp.async
+    ("e", B + 2, "argument 'e' must be 16-byte aligned", "codebook_lookup_scan"),
+    ("z", A + 1, "argument 'z' must be 2-byte aligned", "codebook_lookup_distances"),  # read element-wise
+    ("alpha", 0, "argument 'alpha' is a null pointer"),
+    ("beta", W + 2, "argument 'beta' must be 4-byte aligned"),
+    ("best", 0, "argument 'best' is a null pointer"),
+    ("second", 0, "argument 'second' is a null pointer"),
+    ("index", 0, "argument 'index' is a null pointer"),
+    ("k", 0, "argument 'k' must be >= 1"),
+    ("stride_z", 60, "argument 'z': the row stride"),
+    ("stride_e", 68, "argument 'e': rows must start on 16-byte boundaries", "codebook_lookup_scan"),
+    ("stride_e", 60, "argument 'e': the row stride"),
+    ("codes_per_split", 0, "argument 'codes_per_split' must be >= 1"),
+    ("codes_per_split", 100, "argument 'codes_per_split' must be a multiple of 128"),
 ]
 
 
 @pytest.mark.parametrize("fn,arg,value,message",
-                         [(fn, *bad) for fn in sorted(CALLS) for bad in BAD if bad[0] in CALLS[fn]],
+                         [(fn, *bad[:3]) for fn in sorted(CALLS) for bad in BAD
+                          if bad[0] in CALLS[fn] and bad[3:] in ((), (fn,))],
                          ids=lambda x: str(x)[:30])
 def test_bad_arguments_raise_value_error_naming_them(C, fn, arg, value, message):
     with pytest.raises(ValueError, match=f"^vlfast._C.{fn}: .*{message.replace('(', '.').replace(')', '.')}"):
@@ -133,13 +153,60 @@ def test_tile_shapes(C):
     assert set(codes) == {"float32", "float16", "bfloat16"}
     assert C.clip_loss_tile(codes["bfloat16"]) == C.clip_loss_tile(codes["float16"]) == (128, 128)
     assert C.clip_loss_tile(codes["float32"]) == (64, 64)
-    with pytest.raises(ValueError, match="argument 'dtype'"):
-        C.clip_loss_tile(3)
+    assert all(C.codebook_lookup_tile(code) == (128, 128) for code in codes.values())  # fp32 runs on bf16 MMAs
+    for tile in (C.clip_loss_tile, C.codebook_lookup_tile):
+        with pytest.raises(ValueError, match="argument 'dtype'"):
+            tile(3)
+
+
+def test_codebook_scan_rules(C):
+    scan = CALLS["codebook_lookup_scan"]
+    with pytest.raises(ValueError, match="argument 'splits' must be ceil.k / codes_per_split. = 1 "):
+        C.codebook_lookup_scan(**{**scan, "codes_per_split": 384})
+    with pytest.raises(ValueError, match="'k' must be at most 2.31 - 1 .indices are int32."):
+        C.codebook_lookup_scan(**{**scan, "k": 2**31, "codes_per_split": 2**31, "splits": 1})
+    # float32 rows are read element by element (no 16-byte rule), through a scratch of bf16 pieces
+    fp32 = {**scan, "dtype": C.DTYPE_CODES["float32"], "z": A + 4, "stride_z": 67, "d": 67, "stride_e": 67}
+    with pytest.raises(ValueError, match="argument 'work' is a null pointer"):
+        C.codebook_lookup_scan(**fp32)
+    need = C.codebook_lookup_work_bytes(n=8, k=300, d=67, dtype=C.DTYPE_CODES["float32"])
+    with pytest.raises(ValueError, match=f"argument 'work_size' must be at least .* = {need} for float32"):
+        C.codebook_lookup_scan(**{**fp32, "work": G, "work_size": need - 1})
+    with pytest.raises(ValueError, match="argument 'z' must be 4-byte aligned"):
+        C.codebook_lookup_scan(**{**fp32, "work": G, "work_size": need, "z": A + 2})
+    with pytest.raises(ValueError, match="argument 'index' must be 8-byte aligned"):  # int64 indices
+        C.codebook_lookup_distances(**{**CALLS["codebook_lookup_distances"], "index": ST + 4})
+
+
+def test_codebook_work_bytes(C):
+    codes = C.DTYPE_CODES
+    # (n + k) rows of 3d bf16, each padded to 16 bytes: 3 * 3 = 9 -> 16 elements
+    assert C.codebook_lookup_work_bytes(n=10, k=5, d=3, dtype=codes["float32"]) == 15 * 16 * 2
+    assert C.codebook_lookup_work_bytes(n=10, k=5, d=3, dtype=codes["bfloat16"]) == 0
+    with pytest.raises(ValueError, match="^vlfast._C.codebook_lookup_work_bytes: argument 'd' must be >= 1"):
+        C.codebook_lookup_work_bytes(n=10, k=5, d=0, dtype=0)
+    with pytest.raises(ValueError, match="too large"):
+        C.codebook_lookup_work_bytes(n=2**40, k=2**40, d=2**20, dtype=0)
 
 
 def test_negative_addresses_are_type_errors(C):
     with pytest.raises(TypeError):
         C.clip_loss_positive(**{**CALLS["clip_loss_positive"], "a": -16})
+
+
+def test_rows_are_laid_out_as_the_kernels_read_them():
+    """16-bit rows on 16-byte boundaries (the scan's cp.async); float32 rows only element-aligned;
+    overlapping (expanded) rows always copied; values unchanged."""
+    from vlfast.ops.codebook_lookup.cuda import kernel_rows
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert kernel_rows(x) is x
+    for view in (torch.randn(5, 100).bfloat16(), torch.randn(6, 64).bfloat16()[1:], torch.randn(1, 64).expand(5, 64)):
+        rows = kernel_rows(view)
+        assert torch.equal(rows, view) and rows.stride(1) == 1 and rows.stride(0) >= rows.shape[1]
+        if rows.element_size() == 2:
+            assert rows.data_ptr() % 16 == 0 and rows.stride(0) % 8 == 0
+    x = torch.randn(6, 3)[1:]  # float32, 12-byte rows starting 12 bytes in: as they are
+    assert kernel_rows(x) is x
 
 
 # --- no GPU: a clear error, no crash, no hang -----------------------------------------------------
@@ -177,12 +244,29 @@ def test_clip_loss_impl_cuda_on_cpu_tensors_says_why():
         cuda.forward(x, x, torch.tensor(1.0), None, "softmax", True, 0)
 
 
+@pytest.mark.skipif(not NO_GPU, reason="checks the CPU-only machine's errors")
+def test_codebook_lookup_impl_cuda_on_cpu_tensors_says_why():
+    x = torch.randn(4, 8)
+    with pytest.raises(ImplUnavailableError, match="impl='cuda' cannot run here: .*(CUDA tensors|vlfast._C)"):
+        vlfast.codebook_lookup(x, x, impl="cuda")
+    with pytest.raises(ImplUnavailableError, match="float64"):
+        vlfast.codebook_lookup(x.double(), x.double(), impl="cuda")
+    from vlfast.ops.codebook_lookup import cuda
+    ones = torch.ones(4)
+    with pytest.raises(ImplUnavailableError, match="impl='cuda'"):  # the module's entry points check too
+        cuda.scan(x, x, ones, ones)
+    with pytest.raises(ImplUnavailableError, match="impl='cuda'"):
+        cuda.distances(x, x, torch.zeros(4, dtype=torch.int64), "l2")
+
+
 def test_auto_takes_cuda_only_where_measured_fastest(monkeypatch):
     from vlfast import _dispatch
     everything_runs = {impl: (lambda: None) for impl in vlfast.IMPLS}
     monkeypatch.delenv("VLFAST_IMPL", raising=False)
     gpu = torch.device("cuda")
-    assert _dispatch.AUTO_PREFERS_CUDA["clip_loss"] is False  # until gpu_check.sh measures it faster
+    # until gpu_check.sh measures them faster
+    assert _dispatch.AUTO_PREFERS_CUDA == {"clip_loss": False, "codebook_lookup": False}
+    assert _dispatch.resolve_impl("codebook_lookup", "auto", gpu, everything_runs) == "triton"
     assert _dispatch.resolve_impl("clip_loss", "auto", gpu, everything_runs) == "triton"
     assert _dispatch.resolve_impl("clip_loss", "cuda", gpu, everything_runs) == "cuda"
     monkeypatch.setitem(_dispatch.AUTO_PREFERS_CUDA, "clip_loss", True)

@@ -19,6 +19,7 @@ _AUTO_ORDER = ("cuda", "triton", "reference")
 # on the shapes of its goals (figures in benchmarks/results/); until then impl="cuda" must be asked for.
 AUTO_PREFERS_CUDA = {
     "clip_loss": False,  # not yet measured on a GPU
+    "codebook_lookup": False,  # not yet measured on a GPU
 }
 
 

@@ -4,7 +4,9 @@
 //
 //   MmaTile<T>  bf16 / fp16: 128 x 128 tiles, 8 warps of 64 x 32, mma.sync m16n8k16 on tensor cores,
 //               fragments by ldmatrix from XOR-swizzled shared memory, a 3-stage cp.async pipeline
-//               over the features in steps of 32.
+//               over the features in steps of 32. accumulate() leaves the tile in registers (mma
+//               fragments; acc_row / acc_col say which element is which) for epilogues that reduce
+//               along rows there; dot() stores it to shared memory.
 //   FmaTile     fp32: 64 x 64 tiles, 4 x 4 outputs a thread on the FMA units (exact fp32, as PyTorch
 //               computes fp32 matmuls by default), register-staged double buffering.
 //
@@ -51,7 +53,12 @@ struct MmaTile {
   template <int ROWS>
   __device__ static void load_rows(T* dst, const T* src, std::int64_t first, std::int64_t count, std::int64_t stride,
                                    std::int64_t k0, std::int64_t d) {
-    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
+    static_assert(ROWS * CHUNKS % THREADS == 0, "whole passes of the block");
+    // A fixed, unrolled trip count: ptxas then needs fewer live registers than for a strided loop
+    // (the codebook scan fits 128 without spills).
+#pragma unroll
+    for (int pass = 0; pass < ROWS * CHUNKS / THREADS; ++pass) {
+      const int i = threadIdx.x + pass * THREADS;
       const int r = i / CHUNKS, c = i % CHUNKS;
       const std::int64_t row = first + r, k = k0 + c * 8;
       int bytes = 0;
@@ -64,13 +71,29 @@ struct MmaTile {
     }
   }
 
-  __device__ static void dot(const TileArgs<T>& t, char* smem) {
+  // Which tile row and column accumulator element acc[mi][ni][i] of this thread holds.
+  __device__ static int acc_row(int mi, int i) {
+    return (threadIdx.x >> 7) * 64 + mi * 16 + ((threadIdx.x & 31) >> 2) + (i >> 1) * 8;
+  }
+  __device__ static int acc_col(int ni, int i) {
+    return ((threadIdx.x >> 5) & 3) * 32 + ni * 8 + (threadIdx.x & 3) * 2 + (i & 1);
+  }
+
+  // acc = this thread's share of the tile's inner products. Starts with a barrier (the caller's
+  // previous reads of the shared memory are over) and ends with no copy in flight; a caller that
+  // reuses the shared memory afterwards needs a barrier first.
+  __device__ static void accumulate(const TileArgs<T>& t, char* smem, float (&acc)[4][4][4]) {
     T* sa = reinterpret_cast<T*>(smem);
     T* sb = sa + STAGES * BM * BK;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int wm = warp >> 2, wn = warp & 3;  // 2 x 4 warps, each 64 rows x 32 columns
     const int ktiles = static_cast<int>((t.d + BK - 1) / BK);
-    float acc[4][4][4] = {};
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
     auto load_stage = [&](int kt) {
       const int s = kt % STAGES;
@@ -115,17 +138,22 @@ struct MmaTile {
       }
     }
     ptx::cp_async_wait<0>();
+  }
+
+  __device__ static void dot(const TileArgs<T>& t, char* smem) {
+    float acc[4][4][4];
+    accumulate(t, smem, acc);
     __syncthreads();  // every warp is done with the stages: the result tile overwrites them
 
     float* z = reinterpret_cast<float*>(smem);
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const int r = wm * 64 + mi * 16 + (lane >> 2), c = wn * 32 + ni * 8 + (lane & 3) * 2;
-        *reinterpret_cast<float2*>(z + r * ZS + c) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
-        *reinterpret_cast<float2*>(z + (r + 8) * ZS + c) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
-      }
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int i = 0; i < 4; i += 2)
+          *reinterpret_cast<float2*>(z + acc_row(mi, i) * ZS + acc_col(ni, i)) =
+              make_float2(acc[mi][ni][i], acc[mi][ni][i + 1]);
     __syncthreads();
   }
 };

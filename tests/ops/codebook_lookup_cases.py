@@ -1,14 +1,22 @@
-"""Inputs and the exactness check for the codebook-lookup tests (CPU and GPU).
+"""Inputs, the exactness check and the GPU checks every GPU impl runs, for the codebook-lookup tests.
 
 The oracle is reference.spec_lookup: the definition evaluated for every (row, code) in float64.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from vlfast.ops.codebook_lookup.reference import spec_lookup
+import vlfast
+from vlfast.ops.codebook_lookup.reference import exact_indices, spec_lookup
 
 GAPS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+# (N, K, D, dtype) of the GPU parity tests, every GPU impl alike.
+GPU_SHAPES = [(65536, 8192, 256, torch.bfloat16), (4097, 1000, 48, torch.bfloat16), (1, 8193, 8, torch.bfloat16),
+              (65537, 1, 3, torch.bfloat16), (20000, 16384, 64, torch.bfloat16), (3000, 512, 100, torch.bfloat16),
+              (1024, 300, 512, torch.bfloat16), (4097, 1000, 64, torch.float16), (8192, 4096, 256, torch.float32),
+              (4097, 1000, 48, torch.float32)]
 
 
 def random_case(n: int, k: int, d: int, dtype: torch.dtype, device="cpu", offset: float = 0.0):
@@ -69,3 +77,95 @@ def assert_exact(z: torch.Tensor, e: torch.Tensor, metric: str, index: torch.Ten
     assert index.shape == dist.shape == z.shape[:-1]
     torch.testing.assert_close(dist.reshape(-1).cpu().double(), want_dist, rtol=2.5e-7, atol=1e-30,
                                msg=lambda m: f"{context} distances: {m}")
+
+
+def check_exact_on_gpu(z: torch.Tensor, e: torch.Tensor, metric: str, impl: str, context: str = "") -> torch.Tensor:
+    """vlfast's indices for every row against the float64 GEMM-filtered argmin (on the GPU), and 65
+    random rows, distances too, against the definition; returns the indices."""
+    index, dist = vlfast.codebook_lookup(z, e, metric=metric, impl=impl)
+    want = exact_indices(z, e, metric)
+    wrong = (index != want).nonzero().squeeze(1)
+    assert wrong.numel() == 0, f"{impl} {context}: {wrong.numel()} rows differ, first {wrong[:5].tolist()}"
+    rows = torch.randperm(z.shape[0], device=z.device)[:65]
+    assert_exact(z[rows], e, metric, index[rows], dist[rows], f"{impl} {context}")
+    return index
+
+
+def last_call(impl: str) -> dict:
+    """The impl module's record of its last call: rows, and rows re-scored in float64."""
+    return importlib.import_module(f"vlfast.ops.codebook_lookup.{impl}").last_call
+
+
+def check_planted_near_ties_on_gpu(impl: str, dtype: torch.dtype, d: int) -> None:
+    """Gaps 1e-2 .. 1e-7 between the two nearest codes: the certification's model of tensor-core
+    rounding (certify.dot_error) must hold for the impl's scan, or some of these rows come out wrong."""
+    z, e, _ = planted_near_ties(8192, d, dtype, rows_per_gap=200, device="cuda")
+    check_exact_on_gpu(z, e, "l2", impl, f"near-ties {dtype} D={d}")
+    assert last_call(impl)["rescored"] > 0
+
+
+def check_ties_offsets_and_magnitudes_on_gpu(impl: str, dtype: torch.dtype) -> None:
+    """Duplicate codes (lowest index), an all-equal stride-0 codebook, cancellation, fp32 overflow and underflow."""
+    z, e = random_case(5000, 3000, 64, dtype, device="cuda")
+    e[[100, 1700, 2999]] = e[2000].clone()
+    z[:100] = e[2000]
+    assert (check_exact_on_gpu(z, e, "l2", impl, "duplicates")[:100] == 100).all()
+    e_equal = e[:1].expand(513, 64)
+    assert (check_exact_on_gpu(z, e_equal, "l2", impl, "all equal") == 0).all()
+    check_exact_on_gpu(*random_case(5000, 3000, 64, dtype, device="cuda", offset=300.0), "l2", impl, "offset")
+    if dtype == torch.float32:
+        check_exact_on_gpu(z * 1e20, e * 1e20, "l2", impl, "huge")
+        check_exact_on_gpu(z * 1e-41, e * 1e-41, "l2", impl, "subnormal")
+
+
+def check_random_data_rarely_needs_float64(impl: str) -> None:
+    """The fraction of rows the filter cannot certify: the float64 re-scoring's share of the work."""
+    z, e = random_case(65536, 8192, 256, torch.bfloat16, device="cuda")
+    vlfast.codebook_lookup(z, e, impl=impl)
+    fraction = last_call(impl)["rescored"] / z.shape[0]
+    print(f"{impl}: re-scored {fraction:.4f} of rows")
+    assert fraction < 0.03
+
+
+def check_extra_memory_does_not_grow_with_n_times_k(impl: str, n: int, k: int, d: int, dtype: torch.dtype,
+                                                    allowed: float = 0.0) -> None:
+    """Peak extra memory O(N + K), never N x K; `allowed` extra bytes on top of the common budget."""
+    z, e = random_case(n, k, d, dtype, device="cuda")
+    vlfast.codebook_lookup(z, e, impl=impl)  # warm-up: compiles, allocator
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    vlfast.codebook_lookup(z, e, impl=impl)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 160e6 + 64 * n + allowed, (f"{impl}: extra memory {extra / 1e6:.1f} MB "
+                                               f"(N x K fp32 would be {n * k * 4 / 1e9:.1f} GB)")
+
+
+def check_compile_fullgraph_on_gpu(impl: str) -> None:
+    torch._dynamo.reset()
+
+    def step(z, e):
+        index, dist = vlfast.codebook_lookup(z, e, impl=impl)
+        return e[index], dist
+
+    z, e = random_case(3000, 512, 64, torch.bfloat16, device="cuda")
+    got = torch.compile(step, fullgraph=True)(z, e)
+    want = step(z, e)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def check_vector_quantizer_matches_reference(impl: str) -> None:
+    """Three EMA training steps of nn.VectorQuantizer: the same indices and codebook as impl="reference"."""
+    from vlfast.nn import VectorQuantizer
+    modules = {}
+    for name in ("reference", impl):
+        torch.manual_seed(0)
+        modules[name] = VectorQuantizer(512, 64, ema_decay=0.9, dead_code_threshold=0.5, impl=name).cuda().train()
+    for batch in [torch.randn(8, 64, 16, 16, device="cuda") for _ in range(3)]:
+        outs = {}
+        for name, vq in modules.items():
+            torch.manual_seed(1)  # the same dead-code draws
+            outs[name] = vq(batch)
+        assert torch.equal(outs["reference"].indices, outs[impl].indices)
+    assert torch.equal(modules["reference"].codebook, modules[impl].codebook)

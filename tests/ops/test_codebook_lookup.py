@@ -191,17 +191,27 @@ def test_triton_splits_merge_with_ties(monkeypatch):
     assert (index[:5] == 90).all()
 
 
-@pytest.mark.triton
-def test_merge_splits_keeps_the_true_second():
-    tri = _triton_module()
+def test_merge_splits_keeps_the_true_second():  # splits.merge serves the Triton and CUDA scans
+    from vlfast.ops.codebook_lookup import splits
     inf = float("inf")
     best = torch.tensor([[1.0, 5.0, 2.0], [1.0, 0.0, 2.0]])  # (splits=2, N=3)
     second = torch.tensor([[3.0, 6.0, 9.0], [1.5, 4.0, 2.0]])
     index = torch.tensor([[0, 1, 2], [10, 11, 12]], dtype=torch.int32)
-    b, s, i = tri.merge_splits(best, second, index)
+    b, s, i = splits.merge(best, second, index)
     assert b.tolist() == [1.0, 0.0, 2.0] and i.tolist() == [0, 11, 2]
     assert s.tolist() == [1.0, 4.0, 2.0]  # a tie across splits makes the second equal the best
     assert inf not in s.tolist()
+    assert [t.tolist() for t in splits.merge(best[:1], second[:1], index[:1])] == [[1.0, 5.0, 2.0], [3.0, 6.0, 9.0],
+                                                                                [0, 1, 2]]
+
+
+def test_split_plan_tiles_the_codebook():
+    from vlfast.ops.codebook_lookup import splits
+    cpu = torch.device("cpu")  # 4 "SMs": the grid aims at 16 programs
+    assert splits.plan(1, 300, cpu, 128) == (3, 128)
+    assert splits.plan(1, 5000, cpu, 128) == (14, 384)  # multiples of the code tile, none empty
+    assert splits.plan(64, 5000, cpu, 128) == (1, 5120)
+    assert splits.plan(1, 1, cpu, 32) == (1, 32)
 
 
 # --- dispatch -----------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ import torch
 from torch import Tensor
 
 from ..._backends import cuda_why_not, extension
+from ..._cuda_args import ROW_ALIGN, aligned_rows, common_args
 from ..._dispatch import ImplUnavailableError
 from . import partials
-
-_ALIGN = 16  # bytes
 
 
 def why_not(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -36,29 +35,17 @@ def _extension(a: Tensor):
     return extension()[0]
 
 
-def _aligned_rows(x: Tensor) -> Tensor:
-    """x itself when its rows start on 16-byte boundaries, else a copy whose rows do (same values)."""
-    per_row = _ALIGN // x.element_size()
-    if x.stride(1) == 1 and x.data_ptr() % _ALIGN == 0 and x.stride(0) % per_row == 0:
-        return x
-    n, d = x.shape
-    padded = torch.empty(n, partials.cdiv(d, per_row) * per_row, dtype=x.dtype, device=x.device)
-    padded[:, :d] = x
-    return padded[:, :d]
-
-
 class _Call:
     """The arguments every kernel of one call shares."""
 
     def __init__(self, ext, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]):
         self.ext = ext
-        self.a, self.b = _aligned_rows(a), _aligned_rows(b)
+        self.a, self.b = aligned_rows(a), aligned_rows(b)
         self.scale = scale.float()
         self.bias = bias.float() if bias is not None else None
         self.common = dict(scale=self.scale.data_ptr(), bias=0 if self.bias is None else self.bias.data_ptr(),
                            d=a.shape[1], stride_a=self.a.stride(0), stride_b=self.b.stride(0),
-                           dtype=ext.DTYPE_CODES[str(a.dtype).removeprefix("torch.")],
-                           device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream)
+                           **common_args(ext, a))
         self.tile_rows, self.tile_cols = ext.clip_loss_tile(self.common["dtype"])
 
 
@@ -90,7 +77,7 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     call = _Call(ext, a, b, scale, bias)
     chunk = partials.grad_chunk_rows(n, m, d, a.element_size(), partials.GRAD_CHUNK_BYTES)
     parts = partials.cdiv(chunk, call.tile_rows) * partials.cdiv(m, call.tile_cols)
-    per_row = _ALIGN // a.element_size()
+    per_row = ROW_ALIGN // a.element_size()
     a_rows = call.a.stride(0)
 
     def launch(r0, c, g, w, em, ds_part, db_part):

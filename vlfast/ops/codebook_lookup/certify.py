@@ -1,6 +1,6 @@
 """From a low-precision scan of the codebook to the exact argmin: error bounds and certification.
 
-A scan (Triton now, CUDA later) computes for every row i and code j the score
+A scan (triton.py, or cuda.py over csrc/codebook_lookup/) computes for every row i and code j the score
     s_ij = alpha_j * <z_i, e_j> + beta_j
 with l2:     alpha_j = -2,                 beta_j = ||e_j||^2   (||z_i||^2, constant per row, dropped)
      cosine: alpha_j = -1 / ||e_j|| (0 for a zero code), beta_j = 0
@@ -14,9 +14,10 @@ Error bound (per row; derivation). Let c be the relative error of the scan's dot
           |s~ - s| <= 2c ||z|| E + 2u E^2 + 2u ||z|| E (1 + c) <= (2c + 4u) ||z|| E + 4u E^2.
   cosine: alpha~ = alpha (1 + u'), |u'| <= u; |s~ - s| <= c ||z|| + u ||z|| + u ||z|| (1 + c)
           <= (c + 4u) ||z||.
-Underflow and flushed subnormals break relative bounds: each of the ~2D + 4 operations may lose up to
-2^-126 times |alpha| (<= 2 for l2, max |alpha| for cosine), and a flushed subnormal input loses at
-most 2^-126 |other factor|, <= 2^-126 sqrt(D) (||z|| + E) per dot; both are added. The definition in
+Underflow and flushed subnormals break relative bounds: with P products per feature (P = 1, or 3 for
+fp32 below), each of the ~2 P D + 4 operations may lose up to 2^-126 times |alpha| (<= 2 for l2, max
+|alpha| for cosine), and a flushed subnormal input loses at most 2^-126 |other factor|,
+<= 2^-126 P sqrt(D) (||z|| + E) per dot; both are added. The definition in
 reference.py (float64, ordered sums) is itself within (D + 3) 2^-53 (||z|| + E)^2 (l2) or
 (D + 3) 2^-53 ||z|| (cosine) of the exact value; that is added too, so that certifying against the
 exact value certifies against the float64 definition. The whole is multiplied by 1.25.
@@ -29,10 +30,14 @@ reference.exact_indices (float64 GEMM filter + the definition), on the scan's de
 The scan's c is a model of the hardware: fp16 / bf16 products are exact in fp32, and the tensor
 cores' fp32 accumulation is taken to err by at most 4 units of 2^-24 per added term (round-toward-zero
 and block alignment: twice and twice again the round-to-nearest bound), so c = (D + 32) 2^-22.
-fp32 inputs use Triton's bf16x3: x = hi + mid + r with hi, mid bf16 (each rounded to nearest, so
-|r| <= 2^-18 |x|) and hi*hi + hi*mid + mid*hi computed, which errs by at most 3 * 2^-18 relative per
-product (taken as 2^-16), with 3D accumulated terms: c = 2^-16 + (3 D + 32) 2^-22. Three bf16 products
-cost less than tf32x3's three tf32 ones and certify about as many rows, since for D >= 64 the
+fp32 inputs use bf16x3 (Triton's, and the CUDA scan's split pre-pass): x = hi + mid + r with
+hi = bf16(x), mid = bf16(x - hi), both rounded to nearest. For x in [2^e, 2^(e+1)), |x - hi| <= 2^(e-8)
+(equality leaves r = 0, else x - hi lies below 2^(e-8) and rounds to 8 bits within 2^(e-17)), so
+|mid| <= 2^-8 |x|, |r| <= 2^-17 |x|, |hi| <= (1 + 2^-8) |x|. The P = 3 products hi*hi + hi*mid + mid*hi
+are exact in fp32 and miss xy by hi_x r_y + r_x hi_y + mid_x mid_y + (smaller terms)
+<= 2^-15 (1 + 2^-8) |x y| (random inputs reach 0.92 * 2^-15); their absolute sum is at most
+(1 + 2^-6) |x y|, and 3D of them are accumulated: c = (2^-15 + (3 D + 32) 2^-22) (1 + 2^-6). Three bf16
+products cost less than tf32x3's three tf32 ones and certify about as many rows, since for D >= 64 the
 accumulation term dominates. The GPU tests with planted near-ties (gaps down to 1e-7) check the model.
 """
 from __future__ import annotations
@@ -55,8 +60,13 @@ OVERFLOW = 2.0 ** 126
 def dot_error(dtype: torch.dtype, d: int) -> float:
     """c for the scan's dot products of inputs in `dtype` with feature dimension d (see above)."""
     if dtype == torch.float32:
-        return 2.0 ** -16 + (3 * d + 32) * 2.0 ** -22
+        return (2.0 ** -15 + (3 * d + 32) * 2.0 ** -22) * (1 + 2.0 ** -6)
     return (d + 32) * 2.0 ** -22
+
+
+def products(dtype: torch.dtype) -> int:
+    """P: products the scan forms per feature (bf16x3 for float32 inputs, one for 16-bit ones)."""
+    return 3 if dtype == torch.float32 else 1
 
 
 def codebook_terms(e: Tensor, metric: str) -> dict:
@@ -72,7 +82,7 @@ def codebook_terms(e: Tensor, metric: str) -> dict:
             "max_alpha": alpha64.abs().max(), "finite": torch.isfinite(e).all()}
 
 
-def score_error(norm_z: Tensor, terms: dict, d: int, c: float, metric: str) -> Tensor:
+def score_error(norm_z: Tensor, terms: dict, d: int, c: float, metric: str, products: int = 1) -> Tensor:
     """eps_i (N,) float64: a bound on |scan score - exact score| for every code, plus the definition's
     own float64 error; inf where fp32 could overflow (derivation in the module docstring)."""
     big_e = terms["max_norm"]
@@ -85,7 +95,7 @@ def score_error(norm_z: Tensor, terms: dict, d: int, c: float, metric: str) -> T
         definition = (d + 3) * 2.0 ** -52 * norm_z
         scale = terms["max_alpha"]
         peak = torch.maximum(torch.maximum(norm_z * big_e, norm_z), torch.maximum(scale, big_e))
-    tiny = 2.0 ** -126 * scale * ((2 * d + 4) + math.sqrt(d) * (norm_z + big_e))
+    tiny = 2.0 ** -126 * scale * ((2 * products * d + 4) + products * math.sqrt(d) * (norm_z + big_e))
     eps = SAFETY * (relative + definition + tiny)
     return torch.where(peak < OVERFLOW, eps, float("inf"))
 
@@ -100,8 +110,10 @@ Scan = Callable[[Tensor, Tensor, Tensor, Tensor], tuple]
 Distances = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 
 
-def lookup(z: Tensor, e: Tensor, metric: str, scan: Scan, distances: Distances, c: float) -> tuple:
-    """(indices (N,) int64, distances (N,) float32, rows re-scored) from a scan with dot error c.
+def lookup(z: Tensor, e: Tensor, metric: str, scan: Scan, distances: Distances, c: float,
+           products: int = 1) -> tuple:
+    """(indices (N,) int64, distances (N,) float32, rows re-scored) from a scan with dot error c and
+    `products` products per feature (see score_error).
 
     scan(z, e, alpha, beta) -> (best (N,) fp32, second (N,) fp32, index (N,) int);
     distances(z, e, index, metric) -> (N,) float32 by the definition. One host sync.
@@ -109,7 +121,7 @@ def lookup(z: Tensor, e: Tensor, metric: str, scan: Scan, distances: Distances, 
     terms = codebook_terms(e, metric)
     best, second, index = scan(z, e, terms["alpha"], terms["beta"])
     norm_z = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
-    uncertain = ~certain_rows(best, second, score_error(norm_z, terms, z.shape[1], c, metric))
+    uncertain = ~certain_rows(best, second, score_error(norm_z, terms, z.shape[1], c, metric, products))
     count, finite = torch.stack([uncertain.sum(), terms["finite"].long()]).tolist()
     if not finite:
         reference.check_finite("codebook", e)

@@ -8,7 +8,8 @@
                     compile-time constant (one compile per feature dimension): masks along it are
                     then known, which keeps loads of narrow rows (D = 8) vectorised.
   _distance_kernel  the chosen code's distance per row, in float64, rounded to float32.
-Splits along the codebook fill the GPU when N is small; their partial results merge in PyTorch.
+Splits along the codebook fill the GPU when N is small; their partial results merge in PyTorch
+(splits.py, shared with the CUDA scan).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from torch import Tensor
 from ... import _scratch
 from ..._backends import triton_interpreting
 from . import certify
+from .splits import merge as merge_splits
+from .splits import plan as split_plan
 
 _INTERPRET = triton_interpreting()
 _AUTOTUNE = os.environ.get("VLFAST_AUTOTUNE", "0") == "1"
@@ -182,37 +185,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if _INTERPRET else "bf16x3"  # the interpreter knows no bf16x3; its fp32 dot is exact
 
 
-def _num_splits(row_blocks: int, k: int, device: torch.device) -> int:
-    """Codebook splits so that the scan's grid fills the GPU about four times over."""
-    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(-(-4 * sms // row_blocks), -(-k // _MAX_BN)))
-
-
 def scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(best (N,) fp32, second (N,) fp32, index (N,) int32) of the scores; certify.py has the contract."""
     n, d = z.shape
     k = e.shape[0]
     bm = _FAMILIES[family(z.element_size(), d)][0].kwargs["BM"]
     row_blocks = triton.cdiv(n, bm)
-    splits = _num_splits(row_blocks, k, z.device)
-    per_split = triton.cdiv(triton.cdiv(k, splits), _MAX_BN) * _MAX_BN
-    splits = triton.cdiv(k, per_split)
+    splits, per_split = split_plan(row_blocks, k, z.device, _MAX_BN)
     best = _scratch.empty(splits, n, dtype=torch.float32, device=z.device)
     second = _scratch.empty(splits, n, dtype=torch.float32, device=z.device)
     index = torch.empty(splits, n, dtype=torch.int32, device=z.device)
     _scan_kernel[(row_blocks, splits)](z, e, alpha, beta, best, second, index, n, k, per_split,
                                        z.stride(0), e.stride(0), D=d, DOT_PRECISION=dot_precision(z.dtype),
                                        UPCAST=_INTERPRET and z.dtype == torch.bfloat16)
-    if splits == 1:
-        return best[0], second[0], index[0]
     return merge_splits(best, second, index)
-
-
-def merge_splits(best: Tensor, second: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Combine per-split (S, N) results; splits ascend in code index, so ties keep the lowest split."""
-    s = best.argmin(dim=0, keepdim=True)
-    others = best.scatter(0, s, float("inf")).min(dim=0).values
-    return (best.gather(0, s)[0], torch.minimum(second.gather(0, s)[0], others), index.gather(0, s)[0])
 
 
 def distances(z: Tensor, e: Tensor, index: Tensor, metric: str) -> Tensor:
@@ -237,6 +223,6 @@ def describe() -> dict:
 def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """(indices (N,) int64, distances (N,) float32); z (N, D) and e (K, D) with unit feature stride."""
     c = certify.dot_error(z.dtype, z.shape[1])
-    index, dist, rescored = certify.lookup(z, e, metric, scan, distances, c)
+    index, dist, rescored = certify.lookup(z, e, metric, scan, distances, c, certify.products(z.dtype))
     last_call.update(rows=z.shape[0], rescored=rescored)
     return index, dist
