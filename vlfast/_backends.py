@@ -98,3 +98,19 @@ def availability(triton_check: Callable[[], Optional[str]],
 def status(checks: dict) -> dict:
     """{impl: None or the reason}: the checks evaluated (what `vlfast info` prints)."""
     return {name: check() for name, check in checks.items()}
+
+
+def cuda_why_not_for(op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """cuda_why_not, plus the dtypes every CUDA kernel takes."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the CUDA kernels take float16, bfloat16 and float32, not {dtype}; float64 runs on impl='reference'"
+    return cuda_why_not(op, device)
+
+
+def cuda_extension_for(op: str, device: torch.device, dtype: torch.dtype):
+    """vlfast._C when it can run `op` on inputs like these, else ImplUnavailableError with the reason."""
+    from ._dispatch import ImplUnavailableError
+    reason = cuda_why_not_for(op, device, dtype)
+    if reason is not None:
+        raise ImplUnavailableError(f"vlfast.{op}: impl='cuda' cannot run here: {reason}")
+    return _EXTENSION

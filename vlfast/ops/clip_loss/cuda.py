@@ -15,24 +15,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._backends import cuda_why_not, extension
+from ..._backends import cuda_extension_for, cuda_why_not_for
 from ..._cuda_args import ROW_ALIGN, aligned_rows, common_args
-from ..._dispatch import ImplUnavailableError
 from . import partials
 
 
 def why_not(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None when the CUDA kernels can run features of this device and dtype, else the reason."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the CUDA kernels take float16, bfloat16 and float32, not {dtype}; float64 runs on impl='reference'"
-    return cuda_why_not("clip_loss", device)
+    return cuda_why_not_for("clip_loss", device, dtype)
 
 
 def _extension(a: Tensor):
-    reason = why_not(a.device, a.dtype)
-    if reason is not None:
-        raise ImplUnavailableError(f"vlfast.clip_loss: impl='cuda' cannot run here: {reason}")
-    return extension()[0]
+    return cuda_extension_for("clip_loss", a.device, a.dtype)
 
 
 class _Call:

@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 
 from ... import _scratch
-from ..._backends import cuda_why_not, extension
+from ..._backends import cuda_extension_for, cuda_why_not_for
 from ..._cuda_args import ROW_ALIGN, aligned_rows, common_args
-from ..._dispatch import ImplUnavailableError
 from . import certify, splits
 
 DOT_ERROR = certify.dot_error  # the kernels compute what the Triton scan computes (module docstring)
@@ -30,16 +29,11 @@ DOT_ERROR = certify.dot_error  # the kernels compute what the Triton scan comput
 
 def why_not(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None when the CUDA kernels can run inputs of this device and dtype, else the reason."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the CUDA kernels take float16, bfloat16 and float32, not {dtype}; float64 runs on impl='reference'"
-    return cuda_why_not("codebook_lookup", device)
+    return cuda_why_not_for("codebook_lookup", device, dtype)
 
 
 def _extension(z: Tensor):
-    reason = why_not(z.device, z.dtype)
-    if reason is not None:
-        raise ImplUnavailableError(f"vlfast.codebook_lookup: impl='cuda' cannot run here: {reason}")
-    return extension()[0]
+    return cuda_extension_for("codebook_lookup", z.device, z.dtype)
 
 
 def kernel_rows(x: Tensor) -> Tensor:
