@@ -114,3 +114,8 @@ def cuda_extension_for(op: str, device: torch.device, dtype: torch.dtype):
     if reason is not None:
         raise ImplUnavailableError(f"vlfast.{op}: impl='cuda' cannot run here: {reason}")
     return _EXTENSION
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors to fill (4 off a GPU: the interpreter still exercises several programs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4

@@ -54,10 +54,11 @@ def _leaf(x, dtype=None):
     return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
 
 
-def _collect(loss, grad, leaves):
+def _collect(loss, grad, leaves, names=NAMES):
+    """{"loss": ..., name: gradient} after backward of sum(grad * loss); names[0] is the loss."""
     (loss.double() * grad).sum().backward()
     out = {"loss": loss.detach().double()}
-    for name, x in zip(NAMES[1:], leaves):
+    for name, x in zip(names[1:], leaves):
         out[name] = None if x is None else x.grad.detach().double()
     return out
 

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import vlfast
 from vlfast.ops.linear_cross_entropy.reference import linear_cross_entropy_dense, reduce
 
+from .clip_loss_cases import _collect as collect, _leaf
+
 NAMES = ("loss", "hidden", "weight", "bias")
 IGNORE = -100
 
@@ -44,16 +46,8 @@ def make_inputs(case: Case):
             grad.to(dev))
 
 
-def _leaf(x, dtype=None):
-    return None if x is None else x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
-
-
 def _collect(loss, grad, leaves):
-    (loss.double() * grad).sum().backward()
-    out = {"loss": loss.detach().double()}
-    for name, x in zip(NAMES[1:], leaves):
-        out[name] = None if x is None else x.grad.detach().double()
-    return out
+    return collect(loss, grad, leaves, NAMES)
 
 
 def reference64(case: Case, hidden, weight, bias, targets, grad):

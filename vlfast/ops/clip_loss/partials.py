@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..._backends import sm_count
+
 from ... import _scratch
 from ..._gemm import addmm_f32_
 from .reference import softplus
@@ -40,7 +42,7 @@ def column_splits(row_blocks: int, m: int, device: torch.device, col_multiple: i
 
     Splits are multiples of col_multiple columns (the widest column tile), so tiles never straddle them.
     """
-    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     want = cdiv(4 * sms, row_blocks)
     splits = max(1, min(want, cdiv(m, col_multiple)))
     cols_per_split = cdiv(cdiv(m, splits), col_multiple) * col_multiple

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._backends import sm_count
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -13,7 +15,7 @@ def _cdiv(a: int, b: int) -> int:
 def plan(row_blocks: int, k: int, device: torch.device, step: int) -> tuple[int, int]:
     """(splits, codes per split): enough splits that the grid fills the GPU about four times over
     when N is small, each a multiple of `step` codes (the scan's code tile) and none empty."""
-    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     want = max(1, min(_cdiv(4 * sms, row_blocks), _cdiv(k, step)))
     per_split = _cdiv(_cdiv(k, want), step) * step
     return _cdiv(k, per_split), per_split
