@@ -2,14 +2,15 @@
 
 Half-precision inputs use PyTorch's out_dtype overloads on CUDA (fp32 accumulation and output, no
 rounding to the input dtype); elsewhere the inputs are upcast. Whether this torch build accepts the
-in-place form `addmm(..., out_dtype=float32, out=acc)` is probed once on first use.
+forms that write into an existing buffer (`mm(..., out_dtype=float32, out=buf)`,
+`addmm(..., out_dtype=float32, out=acc)`) is probed once per device on first use.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-_ADDMM_INTO: dict = {}
+_WRITES_INTO: dict = {}  # (device, "mm" | "addmm") -> bool
 
 
 def mm_f32(x: Tensor, y: Tensor) -> Tensor:
@@ -21,23 +22,37 @@ def mm_f32(x: Tensor, y: Tensor) -> Tensor:
     return x.float() @ y.float()
 
 
-def _addmm_into_works(device: torch.device) -> bool:
-    if device not in _ADDMM_INTO:
+def _writes_into(device: torch.device, form: str) -> bool:
+    key = (device, form)
+    if key not in _WRITES_INTO:
         try:
             acc = torch.ones(2, 2, device=device)
             x = torch.ones(2, 3, device=device, dtype=torch.bfloat16)
-            torch.addmm(acc, x, x.T, out_dtype=torch.float32, out=acc)
-            _ADDMM_INTO[device] = bool((acc == 4).all())
+            if form == "mm":
+                torch.mm(x, x.T, out_dtype=torch.float32, out=acc)
+                _WRITES_INTO[key] = bool((acc == 3).all())
+            else:
+                torch.addmm(acc, x, x.T, out_dtype=torch.float32, out=acc)
+                _WRITES_INTO[key] = bool((acc == 4).all())
         except (RuntimeError, TypeError):
-            _ADDMM_INTO[device] = False
-    return _ADDMM_INTO[device]
+            _WRITES_INTO[key] = False
+    return _WRITES_INTO[key]
+
+
+def mm_f32_into(out: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """out (float32; float64 for float64 inputs) = x @ y, with no temporary of out's size on CUDA."""
+    if x.dtype == out.dtype:
+        return torch.mm(x, y, out=out)
+    if x.is_cuda and _writes_into(x.device, "mm"):
+        return torch.mm(x, y, out_dtype=torch.float32, out=out)
+    return out.copy_(mm_f32(x, y))
 
 
 def addmm_f32_(acc: Tensor, x: Tensor, y: Tensor) -> None:
     """acc (float32 or float64) += x @ y, accumulated and rounded once in acc's precision."""
     if x.dtype == acc.dtype:
         acc.addmm_(x, y)
-    elif x.is_cuda and _addmm_into_works(x.device):
+    elif x.is_cuda and _writes_into(x.device, "addmm"):
         torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
     else:
         acc += mm_f32(x, y)

@@ -15,7 +15,7 @@ from typing import Optional
 
 # Arguments the JIT sees 16-divisible at real launches (aligned pointers; strides of rows of
 # 8+ half-precision elements), which is what lets it vectorise loads and pipeline them.
-ALIGNED_INTS = ("stride_a", "stride_b", "stride_g", "stride_z", "stride_e")
+ALIGNED_INTS = ("stride_a", "stride_b", "stride_g", "stride_z", "stride_e", "stride_h")
 
 
 @dataclass
@@ -126,6 +126,17 @@ def linear_cross_entropy_variants(all_configs: bool = False):
             consts = dict(HAS_BIAS=True, SOFTCAP=True, COMPUTE_STATS=stats, WRITE_GRAD=True, BLOCK_V=K.BLOCK_V)
             sig = signature(kernel, {"g_ptr": dtype, "bias_ptr": dtype, "targets_ptr": "i64"})
             yield f"ce_rows {label} {dtype}", kernel, sig, consts, K.ROW_KERNEL_CONFIG
+    import triton
+
+    from vlfast.ops.linear_cross_entropy import weight_grad as W
+    gemm = {k: v for k, v in W._GEMM.items() if k.startswith("B")}
+    launch = triton.Config({}, num_warps=W._GEMM["num_warps"], num_stages=W._GEMM["num_stages"])
+    for dtype in ("bf16", "fp16"):  # the d_weight accumulator: a GEMM tile (G^T @ hidden) per program
+        sig = signature(W._accumulate_kernel, {"acc_ptr": "fp16", "g_ptr": dtype, "h_ptr": dtype})
+        sig["V"] = sig["H"] = "i32:16"  # the goal's 32064 x 4096: 16-divisible rows vectorise
+        yield f"dw_acc {dtype}", W._accumulate_kernel, sig, dict(UPCAST=False, **gemm), launch
+    yield ("dw_finish bf16", W._finish_kernel, signature(W._finish_kernel, {"acc_ptr": "fp16"}),
+           dict(TO_BF16=True, BLOCK=W._FINISH_BLOCK), triton.Config({}, num_warps=4, num_stages=1))
 
 
 def codebook_lookup_variants(all_configs: bool = False):

@@ -1,20 +1,22 @@
 """Fused linear + cross-entropy on a GPU; the math is in reference.py.
 
-Rows go in chunks sized so that a chunk's logits and G stay bounded (VLFAST_LCE_CHUNK_BYTES, default
-128 MiB, whatever V is). Per chunk:
-  1. logits = hidden_c @ weight.T in float32 (cuBLAS, fp32 output; never rounded to bf16);
+Rows go in chunks whose float32 logits take at most VLFAST_LCE_CHUNK_BYTES (default 32 MiB), but at
+least MIN_CHUNK_ROWS rows: every chunk reads the whole weight twice, which must feed enough rows to
+stay compute-bound. One buffer holds a chunk; per chunk:
+  1. logits = hidden_c @ weight.T in float32 (cuBLAS, fp32 output, into the buffer; never rounded);
   2. _ce_rows_kernel, one program per row: online log-sum-exp over the vocabulary (with bias, softcap,
-     label smoothing and z-loss), the row's loss and, when gradients are due, G = dLoss/dz in the
-     input dtype;
+     label smoothing and z-loss), the row's loss and, when gradients are due, G = w * dLoss/dz in the
+     input dtype, written over the row's own logits (a half-precision row fills the first half);
   3. d_hidden_c = G @ weight, d_weight += G^T @ hidden_c, d_bias += column sums of G.
 For reduction "mean" / "sum" the gradients are computed in the forward (the upstream gradient is one
 scalar, applied in the backward): three GEMMs of 2*N*H*V in all, the floor. For "none" the backward
 recomputes the logits from the saved log-sum-exp (four GEMMs).
-d_weight accumulates in float32 when the weight is float32 or when a float32 copy costs at most
-VLFAST_LCE_FP32_ACC_BYTES (default 128 MiB); beyond that in the weight's dtype, one rounding per chunk.
+d_weight of a float32 weight accumulates in float32 (cuBLAS); of a half-precision one in scaled
+float16 in its own memory (weight_grad.py). Extra memory: d_hidden, d_weight and one chunk.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -25,12 +27,14 @@ from torch import Tensor
 
 from ... import _scratch
 from ..._backends import triton_interpreting
-from ..._gemm import addmm_f32_, mm_f32
+from ..._gemm import addmm_f32_, mm_f32_into
 from .reference import reduce, row_weights
+from .weight_grad import ScaledHalfAccumulator, lse_bound, scale_for
 
 _INTERPRET = triton_interpreting()
-CHUNK_BYTES = int(os.environ.get("VLFAST_LCE_CHUNK_BYTES", 128 << 20))
-FP32_ACC_BYTES = int(os.environ.get("VLFAST_LCE_FP32_ACC_BYTES", 128 << 20))
+# 32 MiB: with d_hidden and d_weight, 346 MiB extra at 8192 x 4096 x 32064 bf16 (the 0.35 GB goal).
+CHUNK_BYTES = int(os.environ.get("VLFAST_LCE_CHUNK_BYTES", 32 << 20))
+MIN_CHUNK_ROWS = 256
 BLOCK_V = 128 if _INTERPRET else 2048
 # The row kernel is memory-bound: 8 warps stream a 2048-wide block of one row (8 floats a thread).
 ROW_KERNEL_CONFIG = triton.Config({}, num_warps=1 if _INTERPRET else 8, num_stages=1)
@@ -115,13 +119,22 @@ def _ce_rows_kernel(logits_ptr, stride_l, bias_ptr, targets_ptr, w_ptr, lse_ptr,
             if SOFTCAP:
                 capped = z / softcap
                 g = g * (1.0 - capped * capped)
+            # G overwrites this row's logits: a half-precision block lands on logits this block or
+            # an earlier one read, so every thread must have read this block before any writes it.
+            tl.debug_barrier()
             tl.store(g_row + cols, (w * g).to(g_ptr.dtype.element_ty), mask=ok)
 
 
-def _chunk_rows(n: int, v: int, element_size: int) -> int:
-    rows = CHUNK_BYTES // max(1, v * (4 + element_size))
-    rows = max(64, rows // 64 * 64)
+def _chunk_rows(n: int, v: int) -> int:
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(1, 4 * v) // 64 * 64)
     return max(1, min(rows, n))
+
+
+def _grad_view(logits: Tensor, dtype: torch.dtype) -> Tensor:
+    """G (C, V) in `dtype` over the logits buffer (C, V) float32: row i in the first bytes of row i."""
+    if dtype == logits.dtype:
+        return logits
+    return logits.view(dtype)[:, :logits.shape[1]]  # row stride 2V: 2-byte G in a 4-byte row
 
 
 def _launch_rows(logits, bias, targets, w, lse, loss, g, v, ignore_index, smoothing, softcap, z_loss,
@@ -137,31 +150,54 @@ def _launch_rows(logits, bias, targets, w, lse, loss, g, v, ignore_index, smooth
 
 
 class _Grads:
-    """The gradient buffers of one call and how each chunk's G feeds them."""
+    """The gradient buffers of one call and how each chunk's G feeds them.
 
-    def __init__(self, hidden: Tensor, weight: Tensor, need: tuple[bool, bool, bool]):
+    w_rows: the rows' weights in G; lse: the rows' log-sum-exp when known (the backward), else None
+    (both for the scale of the half-precision d_weight accumulator)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need: tuple[bool, bool, bool],
+                 w_rows: Tensor, softcap: float, z_loss: float, lse: Optional[Tensor] = None):
         n, h = hidden.shape
         v = weight.shape[0]
         self.need = need
         self.dh = _scratch.empty(n if need[0] else 0, h, dtype=hidden.dtype, device=hidden.device)
-        fp32_acc = weight.dtype == torch.float32 or v * h * 4 <= FP32_ACC_BYTES
-        self.dw = torch.zeros(v if need[1] else 0, h, device=weight.device,
-                              dtype=torch.float32 if fp32_acc else weight.dtype)
+        self.dw = self.dw_half = None
+        if need[1] and weight.dtype == torch.float32:
+            self.dw = torch.zeros(v, h, device=weight.device, dtype=torch.float32)
+        elif need[1]:
+            bound = None if not z_loss else (lse_bound(hidden, weight, bias, softcap) if lse is None
+                                             else torch.linalg.vector_norm(lse, ord=math.inf))
+            self.dw_half = ScaledHalfAccumulator(v, h, weight.dtype, weight.device,
+                                                 scale_for(hidden, w_rows, z_loss, bound))
         self.db = torch.zeros(v if need[2] else 0, dtype=torch.float32, device=weight.device)
 
     def add_chunk(self, g: Tensor, hidden_c: Tensor, weight: Tensor, r0: int) -> None:
         if self.need[0]:
             torch.mm(g, weight, out=self.dh[r0:r0 + g.shape[0]])
-        if self.need[1]:
-            if self.dw.dtype == torch.float32:
-                addmm_f32_(self.dw, g.T, hidden_c)
-            else:  # beyond the fp32 budget: accumulate like the weight (cuBLAS adds in fp32, rounds once)
-                self.dw.addmm_(g.T, hidden_c)
+        if self.dw is not None:
+            addmm_f32_(self.dw, g.T, hidden_c)
+        if self.dw_half is not None:
+            self.dw_half.add(g, hidden_c)
         if self.need[2]:
             self.db += g.sum(dim=0, dtype=torch.float32)
 
     def result(self, weight: Tensor):
-        return self.dh, self.dw.to(weight.dtype), self.db.to(weight.dtype)
+        if self.dw_half is not None:
+            dw = self.dw_half.result()
+        else:
+            dw = self.dw if self.dw is not None else weight.new_empty(0, weight.shape[1])
+        return self.dh, dw, self.db.to(weight.dtype)
+
+
+def _chunks(hidden: Tensor, weight: Tensor):
+    """(r0, r1, logits (r1 - r0, V) float32) per chunk, the logits in one reused buffer."""
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    rows = _chunk_rows(n, v)
+    buf = _scratch.empty(rows, v, dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        yield r0, r1, mm_f32_into(buf[:r1 - r0], hidden[r0:r1], weight.T)
 
 
 def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], ignore_index: int,
@@ -172,14 +208,10 @@ def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tens
     eager = reduction != "none" and any(need)
     lse = _scratch.empty(n, dtype=torch.float32, device=hidden.device)
     rows = _scratch.empty(n, dtype=torch.float32, device=hidden.device)
-    grads = _Grads(hidden, weight, need if eager else (False, False, False))
     w_rows = row_weights(targets, ignore_index, reduction) if eager else None
-    chunk = _chunk_rows(n, v, hidden.element_size())
-    g_buf = _scratch.empty(chunk, v, dtype=hidden.dtype, device=hidden.device) if eager else None
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        logits = mm_f32(hidden[r0:r1], weight.T)
-        g = g_buf[:r1 - r0] if eager else None
+    grads = _Grads(hidden, weight, bias, need if eager else (False, False, False), w_rows, softcap, z_loss)
+    for r0, r1, logits in _chunks(hidden, weight):
+        g = _grad_view(logits, hidden.dtype) if eager else None
         _launch_rows(logits, bias, targets[r0:r1], w_rows[r0:r1] if eager else None, lse[r0:r1], rows[r0:r1],
                      g, v, ignore_index, label_smoothing, softcap, z_loss, compute_stats=True)
         if eager:
@@ -191,16 +223,11 @@ def backward(grad_rows: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
              lse: Tensor, ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
              need: tuple[bool, bool, bool]):
     """(d_hidden, d_weight, d_bias) of sum_i grad_rows_i * loss_i, recomputing each chunk's logits."""
-    n = hidden.shape[0]
     v = weight.shape[0]
-    grads = _Grads(hidden, weight, need)
     w_rows = grad_rows.float()
-    chunk = _chunk_rows(n, v, hidden.element_size())
-    g_buf = _scratch.empty(chunk, v, dtype=hidden.dtype, device=hidden.device)
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        logits = mm_f32(hidden[r0:r1], weight.T)
-        g = g_buf[:r1 - r0]
+    grads = _Grads(hidden, weight, bias, need, w_rows, softcap, z_loss, lse)
+    for r0, r1, logits in _chunks(hidden, weight):
+        g = _grad_view(logits, hidden.dtype)
         _launch_rows(logits, bias, targets[r0:r1], w_rows[r0:r1], lse[r0:r1], None, g, v, ignore_index,
                      label_smoothing, softcap, z_loss, compute_stats=False)
         grads.add_chunk(g, hidden[r0:r1], weight, r0)
