@@ -10,6 +10,11 @@ from vlfast.ops.linear_cross_entropy import weight_grad as wg
 pytestmark = pytest.mark.triton
 
 
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("VLFAST_POISON", "1")  # the buffer starts as NaN: the first chunk must write it all
+
+
 def _chunks(count, rows, v, h, dtype, g_scale=1e-3, h_scale=1.0, seed=None):
     g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
     return [((torch.randn(rows, v, generator=g, dtype=torch.float64) * g_scale).to(dtype),
@@ -95,3 +100,8 @@ def test_result_reuses_the_accumulator_memory():
     chunks = _chunks(2, 4, 10, 6, torch.bfloat16)
     acc, got = _accumulate(chunks, torch.bfloat16, torch.tensor(1.0))
     assert got.untyped_storage().data_ptr() == acc.acc.untyped_storage().data_ptr()
+
+
+def test_no_chunks_is_an_empty_sum():
+    acc = wg.ScaledHalfAccumulator(5, 3, torch.bfloat16, torch.device("cpu"), torch.tensor(4.0))
+    assert torch.equal(acc.result(), torch.zeros(5, 3, dtype=torch.bfloat16))

@@ -134,7 +134,7 @@ def linear_cross_entropy_variants(all_configs: bool = False):
     for dtype in ("bf16", "fp16"):  # the d_weight accumulator: a GEMM tile (G^T @ hidden) per program
         sig = signature(W._accumulate_kernel, {"acc_ptr": "fp16", "g_ptr": dtype, "h_ptr": dtype})
         sig["V"] = sig["H"] = "i32:16"  # the goal's 32064 x 4096: 16-divisible rows vectorise
-        yield f"dw_acc {dtype}", W._accumulate_kernel, sig, dict(UPCAST=False, **gemm), launch
+        yield f"dw_acc {dtype}", W._accumulate_kernel, sig, dict(UPCAST=False, FIRST=False, **gemm), launch
     yield ("dw_finish bf16", W._finish_kernel, signature(W._finish_kernel, {"acc_ptr": "fp16"}),
            dict(TO_BF16=True, BLOCK=W._FINISH_BLOCK), triton.Config({}, num_warps=4, num_stages=1))
 

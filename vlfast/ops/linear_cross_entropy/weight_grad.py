@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ... import _scratch
 from ..._backends import triton_interpreting
 
 _INTERPRET = triton_interpreting()
@@ -36,8 +37,10 @@ _FINISH_BLOCK = 256 if _INTERPRET else 4096
 
 @triton.jit
 def _accumulate_kernel(acc_ptr, g_ptr, h_ptr, scale_ptr, V, H, C, stride_g, stride_h,
-                       BV: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
-    """acc[v, j] = fp16(acc[v, j] + scale * sum_k G[k, v] * h[k, j]) for one (BV, BH) tile."""
+                       BV: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, FIRST: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    """acc[v, j] = fp16(acc[v, j] + scale * sum_k G[k, v] * h[k, j]) for one (BV, BH) tile; the
+    FIRST chunk writes without reading (the buffer starts uninitialised: no memset, no read)."""
     rv = tl.program_id(0) * BV + tl.arange(0, BV)
     rh = tl.program_id(1) * BH + tl.arange(0, BH)
     rk = tl.arange(0, BK)
@@ -59,8 +62,10 @@ def _accumulate_kernel(acc_ptr, g_ptr, h_ptr, scale_ptr, V, H, C, stride_g, stri
     scale = tl.load(scale_ptr)
     ptrs = acc_ptr + rv[:, None].to(tl.int64) * H + rh[None, :]
     ok = v_ok[:, None] & h_ok[None, :]
-    old = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(ptrs, (old + scale * total).to(tl.float16), mask=ok)
+    total = scale * total
+    if not FIRST:
+        total += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(ptrs, total.to(tl.float16), mask=ok)
 
 
 @triton.jit
@@ -120,7 +125,8 @@ class ScaledHalfAccumulator:
     def __init__(self, v: int, h: int, dtype: torch.dtype, device: torch.device, scale: Tensor):
         assert dtype in (torch.float16, torch.bfloat16), dtype
         self.dtype = dtype
-        self.acc = torch.zeros(v, h, dtype=torch.float16, device=device)
+        self.acc = _scratch.empty(v, h, dtype=torch.float16, device=device)
+        self.chunks = 0
         self.scale = scale.reshape(1).to(device=device, dtype=torch.float32)
 
     def add(self, g: Tensor, hidden_c: Tensor) -> None:
@@ -132,14 +138,17 @@ class ScaledHalfAccumulator:
         cfg = _GEMM
         grid = (triton.cdiv(v, cfg["BV"]), triton.cdiv(h, cfg["BH"]))
         _accumulate_kernel[grid](self.acc, g, hidden_c, self.scale, v, h, c, g.stride(0), hidden_c.stride(0),
-                                 BV=cfg["BV"], BH=cfg["BH"], BK=cfg["BK"],
+                                 BV=cfg["BV"], BH=cfg["BH"], BK=cfg["BK"], FIRST=self.chunks == 0,
                                  UPCAST=_INTERPRET and g.dtype == torch.bfloat16,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        self.chunks += 1
 
     def result(self) -> Tensor:
         """d_weight in the weight's dtype, in the accumulator's own memory (call once)."""
         n = self.acc.numel()
-        if n:
+        if self.chunks == 0:  # no rows: the sum is empty
+            self.acc.zero_()
+        elif n:
             _finish_kernel[(triton.cdiv(n, _FINISH_BLOCK),)](self.acc, self.scale, n,
                                                              TO_BF16=self.dtype == torch.bfloat16,
                                                              BLOCK=_FINISH_BLOCK)
