@@ -143,12 +143,24 @@ def _runner(fn):
     return run
 
 
+def _triton_configs() -> dict:
+    """The launch configs the Triton kernels ran last, per pass, and where they came from (tuning.py)."""
+    from vlfast.ops.attention import tuning
+    return tuning.last_choices()
+
+
 def _vlfast(case: Case, device: torch.device) -> list:
     def make_run(impl):
-        return _runner(lambda x: attention(x.q, x.k, x.v, mask=x.mask, impl=impl))
+        def call(x):
+            if impl == "triton":  # the row reports this call's configs only (fwd mode: no bwd entry)
+                from vlfast.ops.attention import tuning
+                tuning.last_choices(forget=True)
+            return attention(x.q, x.k, x.v, mask=x.mask, impl=impl)
+        return _runner(call)
     skip_reference = device.type == "cuda" and not case.params["accuracy"]
     out = vlfast_contenders(implementation_status(device, case.dtype, case.shape[3]), device, make_run,
-                            "the reference path is the CPU path" if skip_reference else None)
+                            "the reference path is the CPU path" if skip_reference else None,
+                            describe={"triton": _triton_configs})
     if case.params["mask"] == "text":  # the packed layout: CLIP text without padding work
         out += [Contender(f"{c.name}-varlen", _runner(lambda x, impl=c.name[7:]: _varlen(x, impl)))
                 for c in out if c.skip is None]

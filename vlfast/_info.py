@@ -1,7 +1,8 @@
 """The report behind `python -m vlfast info`: versions, the device, and which implementations can run.
 
 Ops are found, not listed: every package under vlfast/ops/ that defines
-`implementation_status(device, dtype)` gets a section, so a new op needs no entry here.
+`implementation_status(device, dtype)` gets a section, so a new op needs no entry here; one that
+also defines `tuning_status(device)` (attention) gets a line on where its launch configs come from.
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def collect() -> dict:
         # Each op's own default dtype: the one its kernels are tuned for.
         status = module.implementation_status(device)
         ops[name] = {"device": str(device), "impls": status, "auto": _auto_choice(name, device, status)}
+        if hasattr(module, "tuning_status"):  # ops whose launch configs come from a tuned table
+            ops[name]["tuning"] = module.tuning_status(device if device.type == "cuda" else None)
     return {
         "vlfast": vlfast.__version__,
         "python": platform.python_version(),
@@ -111,4 +114,6 @@ def format_report(info: dict) -> str:
         lines.append(f"  {'auto':<10} {entry['auto']}")
         for impl, reason in entry["impls"].items():
             lines.append(f"  {impl:<10} " + ("available" if reason is None else f"unavailable: {reason}"))
+        if "tuning" in entry:
+            lines.append(f"  {'configs':<10} {entry['tuning']['summary']}")
     return "\n".join(lines)

@@ -162,38 +162,59 @@ def codebook_lookup_variants(all_configs: bool = False):
 
 
 def attention_variants(all_configs: bool = False):
-    """Forward, dQ and dK/dV kernels: head dims 64 / 128 / 256 in bf16, a block-mapped mask, the packed layout."""
+    """Forward, dQ and dK/dV kernels on their default configs (tuning.py): head dims 64 / 128 / 256 in
+    bf16, block-mapped masks, the packed layout. With all_configs, also every candidate config of
+    tuning.py on the causal mask: bf16, and float32 both as TF32 and exact, at head dims 64, 96 (the
+    buckets between 64 and 128, whose defaults differ from 128's), 128 and 256."""
     import torch
     import triton
     from vlfast.ops.attention import triton as K
+    from vlfast.ops.attention import tuning
     base = dict(SPANS=False, WINDOW=False, DALLE=0, KEY_VALID=False, PERMUTED=False)
     masks = {"causal": {**base, "CAUSAL": True, "HAS_MAP": False},
              "spans": {**base, "CAUSAL": True, "SPANS": True, "HAS_MAP": True},
              "none": {**base, "CAUSAL": False, "HAS_MAP": False},
              "dalle-column": {**base, "CAUSAL": True, "DALLE": 2, "HAS_MAP": True, "PERMUTED": True}}
+    kinds = {"causal": "causal", "spans": "spans", "none": "none", "dalle-column": "dalle_column"}
+    kernels = {"fwd": (("fwd", K._attn_fwd),), "bwd": (("dq", K._attn_bwd_dq), ("dkdv", K._attn_bwd_dkdv))}
     tensors = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+
+    def variant(name, kernel, d, dtype, precision, mask_name, varlen, config, label):
+        consts = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BM=config.bm, BN=config.bn,
+                      VARLEN=varlen, MAP_PER_BATCH=False, UPCAST=False, PRECISION=precision, **masks[mask_name])
+        sig = signature(kernel, {})
+        for arg in sig:
+            if arg in tensors:
+                sig[arg] = f"*{dtype}:16"
+            elif arg in ("LSE2", "DELTA"):
+                sig[arg] = "*fp32:16"
+            elif arg in ("cu_q", "cu_k", "map_idx", "map_cnt", "span_ptr", "pos_ptr"):
+                sig[arg] = "*i32:16"
+            elif arg in ("map_full", "valid_ptr"):
+                sig[arg] = "*i8:16"
+            elif arg.startswith("stride_") and sig[arg] == "i32":  # multiples of D in (B, H, S, D) tensors
+                sig[arg] = "i32:16"
+        cfg = triton.Config({"BM": config.bm, "BN": config.bn}, num_warps=config.num_warps,
+                            num_stages=config.num_stages)
+        return f"attn {name} {label}", kernel, sig, consts, cfg
+
     for d, mask_name, varlen in ((128, "causal", False), (64, "none", False), (128, "spans", False),
                                  (64, "causal", True), (256, "causal", False), (64, "dalle-column", False)):
-        tiles = K.tiles(d, torch.bfloat16)
-        for name, kernel, (bm, bn) in (("fwd", K._attn_fwd, tiles["fwd"]), ("dq", K._attn_bwd_dq, tiles["bwd"]),
-                                       ("dkdv", K._attn_bwd_dkdv, tiles["bwd"])):
-            consts = dict(HEAD_DIM=d, BLOCK_D=d, BM=bm, BN=bn, VARLEN=varlen, MAP_PER_BATCH=False, UPCAST=False,
-                          PRECISION="tf32", **masks[mask_name])
-            sig = signature(kernel, {})
-            for arg in sig:
-                if arg in tensors:
-                    sig[arg] = "*bf16:16"
-                elif arg in ("LSE2", "DELTA"):
-                    sig[arg] = "*fp32:16"
-                elif arg in ("cu_q", "cu_k", "map_idx", "map_cnt", "span_ptr", "pos_ptr"):
-                    sig[arg] = "*i32:16"
-                elif arg in ("map_full", "valid_ptr"):
-                    sig[arg] = "*i8:16"
-                elif arg.startswith("stride_") and sig[arg] == "i32":  # multiples of D in (B, H, S, D) tensors
-                    sig[arg] = "i32:16"
-            opts = K._launch_opts(d, bm)
-            cfg = triton.Config({}, num_warps=opts["num_warps"], num_stages=opts["num_stages"])
-            yield f"attn {name} d{d} {mask_name}{' varlen' if varlen else ''}", kernel, sig, consts, cfg
+        for pass_, pass_kernels in kernels.items():
+            config = tuning.default_config(d, torch.bfloat16, kinds[mask_name], pass_)
+            for name, kernel in pass_kernels:
+                yield variant(name, kernel, d, "bf16", "tf32", mask_name, varlen, config,
+                              f"d{d} {mask_name}{' varlen' if varlen else ''}")
+    if not all_configs:
+        return
+    for torch_dtype, dtype, precision in ((torch.bfloat16, "bf16", "tf32"), (torch.float32, "fp32", "tf32"),
+                                          (torch.float32, "fp32", "ieee")):
+        for d in (64, 96, 128, 256):
+            for pass_, pass_kernels in kernels.items():
+                for config in tuning.candidates(d, torch_dtype, pass_):
+                    for name, kernel in pass_kernels:
+                        yield variant(name, kernel, d, dtype, precision, "causal", False, config,
+                                      f"d{d} {dtype}-{precision} {config}")
 
 
 # op -> its variants; every op with Triton kernels adds itself here

@@ -10,10 +10,10 @@ Backward, deterministic (no atomics): _attn_bwd_dkdv, one program per (key block
 loops over the query heads of its group and the query blocks that reach the key block, holding
 dK, dV in registers; _attn_bwd_dq, one program per (query block, batch * head), recomputes the
 scores and accumulates dQ. delta = rowsum(dO * O) comes first (_attn_bwd_delta).
+Tiles, warps and stages per pass come from tuning.py (defaults, a tuned table per GPU, autotuning).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -23,11 +23,10 @@ from torch import Tensor
 
 from ... import _scratch
 from ..._backends import triton_interpreting
-from . import blocks
+from . import blocks, tuning
 from .reference import LOG2E
 
 _INTERPRET = triton_interpreting()
-_AUTOTUNE = os.environ.get("VLFAST_AUTOTUNE", "0") == "1"
 
 
 @triton.jit
@@ -423,25 +422,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def tiles(head_dim: int, dtype: torch.dtype) -> dict:
-    """(BM, BN) per pass; the block maps are built for them. Hopper-oriented, to be tuned on the H200."""
-    if _INTERPRET:
-        return {"fwd": (32, 32), "bwd": (32, 32)}
-    if dtype == torch.float32:  # FMA path (or TF32): small tiles keep it in registers
-        return {"fwd": (64, 32), "bwd": (32, 32)}
-    if head_dim <= 128:
-        return {"fwd": (128, 64), "bwd": (64, 64)}
-    return {"fwd": (64, 64), "bwd": (64, 32)}
-
-
-def _launch_opts(head_dim: int, bm: int) -> dict:
-    # From ahead-of-time compiles for sm_90a (tests/tools/triton_aot.py): with head_dim >= 128 the
-    # backward's two (BN, D) float32 accumulators spill on 4 warps; 8 warps hold them.
-    if _INTERPRET:
-        return {"num_warps": 1, "num_stages": 1}
-    return {"num_warps": 8 if bm >= 128 or head_dim >= 128 else 4, "num_stages": 3 if head_dim <= 128 else 2}
-
-
 def column_major_order(mask, sq: int, sk: int, device) -> Optional[Tensor]:
     """For a DALL-E column mask over a whole sequence: token order with the image grid column-major
     (text first, unchanged), as positions (S,) int64; None for every other case."""
@@ -473,7 +453,8 @@ class Problem:
         self.block_d = max(16, triton.next_power_of_2(self.head_dim))
         self.scale = scale
         self.mask = mask
-        self.tiles = tiles(self.head_dim, q.dtype)
+        self.kind = tuning.mask_kind(mask)
+        self.configs = {}  # pass -> tuning.Config, chosen on first use
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
         spans = mask.span_ids if mask is not None and mask.span_ids is not None else dummy
         valid = mask.key_valid.view(torch.int8) if mask is not None and mask.key_valid is not None else dummy
@@ -495,6 +476,14 @@ class Problem:
                           WINDOW=mask is not None and mask.window is not None, DALLE=dalle[3],
                           KEY_VALID=mask is not None and mask.key_valid is not None, PERMUTED=self.perm is not None,
                           UPCAST=_INTERPRET and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype))
+
+    def config(self, pass_: str, run) -> tuning.Config:
+        """The launch config of "fwd" or "bwd"; run(config) launches the pass, for autotuning."""
+        if pass_ not in self.configs:
+            self.configs[pass_] = tuning.choose(self.head_dim, self.q.dtype, self.kind, pass_, device=self.q.device,
+                                                length=max(self.sq, self.sk), precision=self.flags["PRECISION"],
+                                                run=run)
+        return self.configs[pass_]
 
     def to_layout(self, x: Tensor) -> Tensor:
         """(B, H, S, D) in sequence order -> the kernels' token order (a copy when permuted)."""
@@ -528,34 +517,52 @@ class Problem:
             bmap.per_batch
 
 
-def forward(p: Problem) -> tuple[Tensor, Tensor]:
-    """(out like q, lse2 float32: (B, H, Sq) dense or (H, Tq) packed)."""
+def forward(p: Problem, config: Optional[tuning.Config] = None) -> tuple[Tensor, Tensor]:
+    """(out like q, lse2 float32: (B, H, Sq) dense or (H, Tq) packed). config: the launch config
+    (default: tuning.py's choice)."""
+    config = config or p.config("fwd", lambda c: _forward(p, c))
+    out, lse2 = _forward(p, config)
+    return p.from_layout(out), lse2
+
+
+def _forward(p: Problem, config: tuning.Config) -> tuple[Tensor, Tensor]:
+    """out in the kernels' token order, and lse2."""
     q, k, v = p.q, p.k, p.v
     out = _scratch.empty(*q.shape, dtype=q.dtype, device=q.device)
     lse2 = p.new_lse()
-    bm, bn = p.tiles["fwd"]
+    bm, bn = config.bm, config.bn
     map_args, has_map, per_batch = p.block_lists(bm, bn, by_key=False)
     grid = (triton.cdiv(p.sq, bm), p.batch * p.heads)
     _attn_fwd[grid](q, k, v, out, lse2, p.scale * LOG2E, *p.strides(q), *p.strides(k), *p.strides(v),
                     *p.strides(out), *p.lse_strides(lse2), p.cu_q, p.cu_k, p.sq, p.sk, p.heads,
                     p.heads // p.kv_heads, *map_args, *p.mask_args, BM=bm, BN=bn, HAS_MAP=has_map,
-                    MAP_PER_BATCH=per_batch, **p.flags, **_launch_opts(p.head_dim, bm))
-    return p.from_layout(out), lse2
+                    MAP_PER_BATCH=per_batch, **p.flags, **config.launch())
+    return out, lse2
 
 
-def backward(p: Problem, do: Tensor, out: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) like q, k, v; deterministic. lse2 is in the kernels' token order, as forward left it."""
-    q, k, v = p.q, p.k, p.v
+def backward(p: Problem, do: Tensor, out: Tensor, lse2: Tensor,
+             config: Optional[tuning.Config] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) like q, k, v; deterministic. lse2 is in the kernels' token order, as forward left it.
+    config: the launch config of both backward kernels (default: tuning.py's choice)."""
     do, out = p.to_layout(do), p.to_layout(out)
-    bm, bn = p.tiles["bwd"]
     delta = p.new_lse()
     _attn_bwd_delta[(triton.cdiv(p.sq, 64), p.batch * p.heads)](
         out, do, delta, *p.strides(out), *p.strides(do), *p.lse_strides(delta), p.cu_q, p.sq, p.heads,
         HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BM=64, VARLEN=p.varlen, num_warps=4 if not _INTERPRET else 1)
+    config = config or p.config("bwd", lambda c: _backward(p, do, lse2, delta, c))
+    dq, dk, dv = _backward(p, do, lse2, delta, config)
+    return p.from_layout(dq), p.from_layout(dk), p.from_layout(dv)
+
+
+def _backward(p: Problem, do: Tensor, lse2: Tensor, delta: Tensor, config: tuning.Config) -> tuple:
+    """dQ, then dK and dV, in the kernels' token order; both kernels on config's tiles, whose block
+    map they read by query and by key."""
+    q, k, v = p.q, p.k, p.v
+    bm, bn = config.bm, config.bn
     dq = _scratch.empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _scratch.empty(*k.shape, dtype=k.dtype, device=k.device)
     dv = _scratch.empty(*v.shape, dtype=v.dtype, device=v.device)
-    opts = _launch_opts(p.head_dim, bm)
+    opts = config.launch()
     common = (p.scale * LOG2E, p.scale)
     map_q, has_map, per_batch = p.block_lists(bm, bn, by_key=False)
     _attn_bwd_dq[(triton.cdiv(p.sq, bm), p.batch * p.heads)](
@@ -567,4 +574,4 @@ def backward(p: Problem, do: Tensor, out: Tensor, lse2: Tensor) -> tuple[Tensor,
         q, k, v, do, dk, dv, lse2, delta, *common, *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do),
         *p.strides(dk), *p.lse_strides(lse2), p.cu_q, p.cu_k, p.sq, p.sk, p.kv_heads, p.heads // p.kv_heads,
         *map_k, *p.mask_args, BM=bm, BN=bn, HAS_MAP=has_map, MAP_PER_BATCH=per_batch, **p.flags, **opts)
-    return p.from_layout(dq), p.from_layout(dk), p.from_layout(dv)
+    return dq, dk, dv
