@@ -26,6 +26,7 @@ class CompiledInfo:
     wgmma: int         # Hopper warpgroup MMAs
     mma_sync: int      # Ampere-style MMAs
     async_copies: int  # cp.async: global loads pipelined into shared memory
+    tma: int = 0       # cp.async.bulk.tensor: TMA copies (Hopper)
 
 
 def jit_function(kernel):
@@ -89,8 +90,9 @@ def compile_kernel(kernel, sig: dict, constexprs: dict, capability: int = 90, nu
         m = re.search(r"Used (\d+) registers", report)
         regs = int(m.group(1)) if m else None
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report))
+    tma = ptx.count("cp.async.bulk.tensor")
     return CompiledInfo(compiled.metadata.shared, regs, spills, ptx.count("wgmma.mma_async"),
-                        ptx.count("mma.sync"), ptx.count("cp.async"))
+                        ptx.count("mma.sync"), ptx.count("cp.async") - tma, tma)
 
 
 LAYOUTS = {"softmax-sym": (False, True, True), "softmax-rows": (False, False, True),
@@ -180,11 +182,16 @@ def attention_variants(all_configs: bool = False):
     tensors = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 
     def variant(name, kernel, d, dtype, precision, mask_name, varlen, config, label):
-        consts = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BM=config.bm, BN=config.bn,
+        block_d = max(16, triton.next_power_of_2(d))
+        consts = dict(HEAD_DIM=d, BLOCK_D=block_d, BM=config.bm, BN=config.bn,
                       VARLEN=varlen, MAP_PER_BATCH=False, UPCAST=False, PRECISION=precision, **masks[mask_name])
+        if name == "fwd":
+            consts["TMA"] = config.tma
         sig = signature(kernel, {})
         for arg in sig:
-            if arg in tensors:
+            if arg in ("k_desc", "v_desc"):  # host-side TMA descriptors of (B, H_kv, S, D); else unused
+                sig[arg] = f"tensordesc<{dtype}[1,1,{config.bn},{block_d}]>" if config.tma else f"*{dtype}:16"
+            elif arg in tensors:
                 sig[arg] = f"*{dtype}:16"
             elif arg in ("LSE2", "DELTA"):
                 sig[arg] = "*fp32:16"
@@ -196,7 +203,7 @@ def attention_variants(all_configs: bool = False):
                 sig[arg] = "i32:16"
         cfg = triton.Config({"BM": config.bm, "BN": config.bn}, num_warps=config.num_warps,
                             num_stages=config.num_stages)
-        return f"attn {name} {label}", kernel, sig, consts, cfg
+        return f"attn {name}{'-tma' if config.tma else ''} {label}", kernel, sig, consts, cfg
 
     for d, mask_name, varlen in ((128, "causal", False), (64, "none", False), (128, "spans", False),
                                  (64, "causal", True), (256, "causal", False), (64, "dalle-column", False)):
@@ -205,6 +212,10 @@ def attention_variants(all_configs: bool = False):
             for name, kernel in pass_kernels:
                 yield variant(name, kernel, d, "bf16", "tf32", mask_name, varlen, config,
                               f"d{d} {mask_name}{' varlen' if varlen else ''}")
+    for d in (64, 128, 256):  # the forward's TMA candidates, on the causal mask
+        for config in tuning.candidates(d, torch.bfloat16, "fwd"):
+            if config.tma:
+                yield variant("fwd", K._attn_fwd, d, "bf16", "tf32", "causal", False, config, f"d{d} causal {config}")
     if not all_configs:
         return
     for torch_dtype, dtype, precision in ((torch.bfloat16, "bf16", "tf32"), (torch.float32, "fp32", "tf32"),

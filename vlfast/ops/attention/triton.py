@@ -24,6 +24,11 @@ from torch import Tensor
 from ... import _scratch
 from ..._backends import triton_interpreting
 from . import blocks, tuning
+
+try:  # host-side TMA descriptors: triton >= 3.4 (the H200's 3.6 and this machine's 3.9 have them)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: TMA configs run with plain loads
+    TensorDescriptor = None
 from .reference import LOG2E
 
 _INTERPRET = triton_interpreting()
@@ -176,7 +181,7 @@ def _kv_block(t, lo, map_row, map_idx, map_full, m0, q_len, k_len, window, BM: t
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
+def _attn_fwd(Q, K, V, O, LSE2, k_desc, v_desc, qk_scale,
               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
               cu_q, cu_k, Sq, Sk, H, GROUP,
@@ -186,7 +191,9 @@ def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
               VARLEN: tl.constexpr, HAS_MAP: tl.constexpr, MAP_PER_BATCH: tl.constexpr,
               CAUSAL: tl.constexpr, SPANS: tl.constexpr, WINDOW: tl.constexpr, DALLE: tl.constexpr,
               KEY_VALID: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """TMA: K and V tiles come through k_desc / v_desc, descriptors of the dense (B, H_kv, Sk, D)
+    tensors with (1, 1, BN, BLOCK_D) blocks (keys past Sk and dims past D read as zeros)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -217,8 +224,11 @@ def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
                                  CAUSAL, WINDOW)
             cols = kb * BN + tl.arange(0, BN)
             col_ok = cols < k_len
-            k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_ks + dims[:, None],
-                        mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            if TMA:
+                k = tl.trans(k_desc.load([b, kvh, kb * BN, 0]).reshape(BN, BLOCK_D))
+            else:
+                k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_ks + dims[:, None],
+                            mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             s = _dot(q, k, None, UPCAST, PRECISION) * qk_scale
             if need:
                 keep = _keep_tile(p_q, _positions(cols, col_ok, 0, pos_ptr, k_len, PERMUTED), span_row, valid_row,
@@ -230,8 +240,11 @@ def _attn_fwd(Q, K, V, O, LSE2, qk_scale,
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if TMA:
+                v = v_desc.load([b, kvh, kb * BN, 0]).reshape(BN, BLOCK_D)
+            else:
+                v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :],
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
             m_i = m_new
         empty = l_i == 0.0
@@ -422,6 +435,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _tma_ok(q: Tensor, k: Tensor, v: Tensor, varlen: bool) -> bool:
+    """Whether K and V can be read through TMA descriptors: a Hopper GPU (or the interpreter), dense
+    (B, H, S, D) half-precision tensors whose base addresses and outer strides are multiples of 16
+    bytes (TMA's alignment rule), and a Triton that has host-side descriptors (the packed layout's
+    sequences are no descriptor bounds)."""
+    if varlen or q.dtype not in (torch.float16, torch.bfloat16) or TensorDescriptor is None:
+        return False
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False  # no TMA before Hopper
+    return all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0
+                                                                    for st in x.stride()[:-1]) for x in (k, v))
+
+
+def _descriptor(x: Tensor, bn: int, block_d: int):
+    """A TMA descriptor of x (B, H, S, D) reading (1, 1, bn, block_d) blocks; zeros past S and D."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, bn, block_d])
+
+
 def column_major_order(mask, sq: int, sk: int, device) -> Optional[Tensor]:
     """For a DALL-E column mask over a whole sequence: token order with the image grid column-major
     (text first, unchanged), as positions (S,) int64; None for every other case."""
@@ -466,6 +497,8 @@ class Problem:
             self.inverse = torch.argsort(self.perm)
             self.q, self.k, self.v = (self.to_layout(x) for x in (q, k, v))
         positions = self.perm.to(torch.int32) if self.perm is not None else dummy
+        # a TMA config runs with plain loads where this is False
+        self.tma_ok = _tma_ok(self.q, self.k, self.v, self.varlen)
         self.mask_args = [spans, spans.stride(0) if spans.dim() == 2 else 0,
                           valid, valid.stride(0) if valid.dim() == 2 else 0,
                           mask.window if mask is not None and mask.window is not None else 0,
@@ -533,10 +566,12 @@ def _forward(p: Problem, config: tuning.Config) -> tuple[Tensor, Tensor]:
     bm, bn = config.bm, config.bn
     map_args, has_map, per_batch = p.block_lists(bm, bn, by_key=False)
     grid = (triton.cdiv(p.sq, bm), p.batch * p.heads)
-    _attn_fwd[grid](q, k, v, out, lse2, p.scale * LOG2E, *p.strides(q), *p.strides(k), *p.strides(v),
+    use_tma = config.tma and p.tma_ok
+    k_desc, v_desc = (_descriptor(k, bn, p.block_d), _descriptor(v, bn, p.block_d)) if use_tma else (k, v)
+    _attn_fwd[grid](q, k, v, out, lse2, k_desc, v_desc, p.scale * LOG2E, *p.strides(q), *p.strides(k), *p.strides(v),
                     *p.strides(out), *p.lse_strides(lse2), p.cu_q, p.cu_k, p.sq, p.sk, p.heads,
                     p.heads // p.kv_heads, *map_args, *p.mask_args, BM=bm, BN=bn, HAS_MAP=has_map,
-                    MAP_PER_BATCH=per_batch, **p.flags, **config.launch())
+                    MAP_PER_BATCH=per_batch, TMA=use_tma, **p.flags, **config.launch())
     return out, lse2
 
 

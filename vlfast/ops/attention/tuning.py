@@ -48,20 +48,24 @@ MEASURED_FIELDS = ("device", "torch", "triton", "date")  # the run behind a tabl
 
 @dataclass(frozen=True)
 class Config:
-    """One launch of a pass: (BM, BN) tiles (the block map is built for them), warps, stages."""
+    """One launch of a pass: (BM, BN) tiles (the block map is built for them), warps, stages, and
+    (forward only) whether K and V tiles arrive by TMA (Hopper's tensor memory accelerator, through
+    host-side tensor descriptors) instead of per-thread loads, where the call allows it."""
     bm: int
     bn: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def to_json(self) -> dict:
-        return {"bm": self.bm, "bn": self.bn, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        out = {"bm": self.bm, "bn": self.bn, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {**out, "tma": True} if self.tma else out
 
     def __str__(self) -> str:
-        return f"{self.bm}x{self.bn} w{self.num_warps} s{self.num_stages}"
+        return f"{self.bm}x{self.bn} w{self.num_warps} s{self.num_stages}" + (" tma" if self.tma else "")
 
 
 INTERPRETER_CONFIG = Config(32, 32, 1, 1)
@@ -159,16 +163,18 @@ DEFAULTS = {(cls, name, kind, p): config
 # D = 128 (16 KB); fp32 64 x 64 forward at D > 64 (1 KB spilled exact; 448 KB of shared memory at
 # D = 256); bf16 64 x 128 forward at D = 256 (304 KB of shared memory). Half-precision tiles keep
 # BM >= 64 (wgmma's smallest M): with 32 rows the dQ kernel compiles to no tensor-core instructions.
+# Half-precision forwards also have TMA candidates (Config.tma; dense layouts only, see triton.py).
 _C = Config
 _CANDIDATES = {
     ("half", 64, "fwd"): [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 8, 3),
-                          _C(128, 64, 8, 4)],
+                          _C(128, 64, 8, 4), _C(128, 64, 8, 3, True), _C(128, 128, 8, 2, True)],
     ("half", 64, "bwd"): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(128, 64, 8, 3), _C(64, 32, 4, 3)],
     ("half", 128, "fwd"): [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 8, 3),
-                           _C(128, 64, 8, 2)],
+                           _C(128, 64, 8, 2), _C(128, 64, 8, 3, True), _C(128, 64, 8, 2, True)],
     ("half", 128, "bwd"): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(64, 32, 8, 3), _C(128, 32, 8, 3),
                            _C(128, 64, 8, 2)],
-    ("half", 256, "fwd"): [_C(64, 64, 8, 2), _C(64, 32, 8, 2), _C(128, 32, 8, 2), _C(128, 64, 8, 2)],
+    ("half", 256, "fwd"): [_C(64, 64, 8, 2), _C(64, 32, 8, 2), _C(128, 32, 8, 2), _C(128, 64, 8, 2),
+                           _C(64, 64, 8, 2, True)],
     ("half", 256, "bwd"): [_C(64, 32, 8, 2), _C(64, 64, 8, 1), _C(128, 32, 8, 2), _C(64, 64, 8, 2)],
     ("fp32", 64, "fwd"): [_C(64, 32, 4, 3), _C(64, 32, 8, 3), _C(32, 32, 4, 3), _C(64, 64, 4, 3)],
     ("fp32", 64, "bwd"): [_C(32, 32, 4, 3), _C(32, 32, 8, 2), _C(32, 32, 8, 3)],
@@ -245,7 +251,7 @@ def _parse_entry(path, key: str, value) -> Config:
             _fail(path, where, f"unknown {what} {part!r}; one of {', '.join(allowed)}")
     if not isinstance(value, dict):
         _fail(path, where, f"must be an object with bm, bn, num_warps, num_stages, got {type(value).__name__}")
-    unknown = sorted(set(value) - {"bm", "bn", "num_warps", "num_stages", *_ENTRY_EXTRAS})
+    unknown = sorted(set(value) - {"bm", "bn", "num_warps", "num_stages", "tma", *_ENTRY_EXTRAS})
     if unknown:
         _fail(path, where, f"unknown field {unknown[0]!r}")
     rules = {"bm": (lambda x: _power_of_two(x) and 16 <= x <= 256, "a power of two in 16..256"),
@@ -257,7 +263,10 @@ def _parse_entry(path, key: str, value) -> Config:
             _fail(path, where, f"missing field {field!r}")
         if not ok(value[field]):
             _fail(path, where, f"field {field!r} must be {want}, got {value[field]!r}")
-    return Config(value["bm"], value["bn"], value["num_warps"], value["num_stages"])
+    tma = value.get("tma", False)
+    if not isinstance(tma, bool) or (tma and parts[3] != "fwd"):
+        _fail(path, where, f"field 'tma' must be true or false (true only for 'fwd'), got {tma!r}")
+    return Config(value["bm"], value["bn"], value["num_warps"], value["num_stages"], tma)
 
 
 def load_table(path) -> Table:

@@ -1,0 +1,75 @@
+"""The attention forward's TMA variant (tuning.Config.tma: K and V tiles through host-side tensor
+descriptors) in Triton's interpreter: the same result as plain loads, bit for bit, and float64's within
+the rule; calls that TMA cannot serve run with plain loads."""
+import pytest
+import torch
+
+from vlfast.ops.attention import triton as K
+from vlfast.ops.attention import tuning
+
+from .attention_cases import loop_mask, make_qkv, pytorch_same_dtype, reference64, span_ids, vlfast_mask
+from .clip_loss_cases import assert_relative_rule
+
+pytestmark = pytest.mark.triton
+
+
+def _named(out):
+    return {"loss": out, "image": None, "text": None, "scale": None, "bias": None}
+
+
+def _case(kind, b, h, h_kv, sq, sk, d, **p):
+    q, k, v, do = make_qkv(b, h, h_kv, sq, sk, d, torch.float16)
+    keep = None if kind == "none" else loop_mask(kind, sq, sk, **p)[None, None]
+    return q, k, v, do, vlfast_mask(kind, sk, **p), keep
+
+
+CASES = {
+    "spans-gqa-d72": ("spans", 1, 4, 2, 150, 150, 72, {"ids": span_ids(150, [(3, 40), (97, 21)])}),
+    "causal-sq<sk-d64": ("causal", 2, 2, 1, 113, 203, 64, {}),
+    "dalle-column-d32": ("dalle-column", 1, 2, 2, 8 + 6 * 7, 8 + 6 * 7, 32, {"text_len": 8, "rows": 6, "cols": 7}),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tma_forward_matches_plain_loads_and_float64(name, monkeypatch):
+    monkeypatch.setenv("VLFAST_POISON", "1")
+    kind, b, h, h_kv, sq, sk, d, p = CASES[name]
+    q, k, v, do, mask, keep = _case(kind, b, h, h_kv, sq, sk, d, **p)
+    problem = K.Problem(q, k, v, None, None, sq, sk, mask, d ** -0.5)
+    assert problem.tma_ok
+    ref, base = reference64(q, k, v, do, keep), pytorch_same_dtype(q, k, v, do, keep)
+    for bm, bn in ((32, 32), (64, 32)):
+        plain, lse_plain = K.forward(problem, tuning.Config(bm, bn, 4, 2))
+        tma, lse_tma = K.forward(problem, tuning.Config(bm, bn, 4, 2, tma=True))
+        assert torch.equal(tma, plain) and torch.equal(lse_tma, lse_plain), f"{name} {bm}x{bn}"
+        assert_relative_rule(_named(tma.double()), _named(ref["out"]), _named(base["out"]), 1e-3,
+                             f"{name} {bm}x{bn} tma", floor=1.0)
+
+
+def test_calls_tma_cannot_serve_run_with_plain_loads():
+    # a head dim of 100: rows of 200 bytes break TMA's 16-byte stride rule
+    q, k, v, do, _, _ = _case("none", 1, 2, 2, 40, 40, 100)
+    assert not K.Problem(q, k, v, None, None, 40, 40, None, 0.1).tma_ok
+    # the packed (varlen) layout, and float32
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    packed = [x[0].transpose(0, 1).contiguous() for x in make_qkv(1, 2, 2, 40, 40, 64, torch.float16)[:3]]
+    assert not K.Problem(*packed, cu, cu, 23, 23, None, 0.1).tma_ok
+    q32, k32, v32, _ = make_qkv(1, 2, 2, 40, 40, 64, torch.float32)
+    assert not K.Problem(q32, k32, v32, None, None, 40, 40, None, 0.1).tma_ok
+    problem = K.Problem(q, k, v, None, None, 40, 40, None, 0.1)
+    plain, _ = K.forward(problem, tuning.Config(32, 32, 4, 2))
+    asked, _ = K.forward(problem, tuning.Config(32, 32, 4, 2, tma=True))
+    assert torch.equal(asked, plain)
+
+
+def test_table_entries_may_ask_for_tma_on_the_forward_only(tmp_path):
+    import json
+    table = {**tuning.empty_table("Test GPU", "9.0"), "measured": dict.fromkeys(tuning.MEASURED_FIELDS, "x"),
+             "configs": {"half/d128/causal/fwd": {"bm": 128, "bn": 64, "num_warps": 8, "num_stages": 3, "tma": True}}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    assert tuning.load_table(path).configs["half/d128/causal/fwd"] == tuning.Config(128, 64, 8, 3, True)
+    table["configs"] = {"half/d128/causal/bwd": {"bm": 64, "bn": 64, "num_warps": 8, "num_stages": 3, "tma": True}}
+    path.write_text(json.dumps(table))
+    with pytest.raises(tuning.TableError, match="'tma' must be true or false"):
+        tuning.load_table(path)
