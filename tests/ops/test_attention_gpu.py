@@ -92,3 +92,29 @@ def test_clip_text_varlen_matches_padded_dense():
 
     dense = attention(padded(q), padded(k), padded(v), mask=M.causal() & M.key_padding(valid))
     torch.testing.assert_close(dense.transpose(1, 2)[valid], packed)
+
+
+@pytest.mark.parametrize("d,kind,p", [(72, "causal", {}), (128, "causal", {}),
+                                      (256, "spans", {"spans": [(5, 300), (700, 211)]}),
+                                      (64, "dalle-column", {"text_len": 256, "rows": 32, "cols": 32})])
+def test_tma_forward_candidates(d, kind, p):
+    """The forward's TMA candidates (host-side descriptors on this GPU's triton) and the default,
+    against float64 at real tiles."""
+    from vlfast.ops.attention import triton as K
+    from vlfast.ops.attention import tuning
+    s = 256 + 32 * 32 if kind.startswith("dalle") else 1111
+    if kind == "spans":
+        p = {"ids": span_ids(s, p["spans"])}
+    keep = loop_mask(kind, s, s, **p)[None, None].cuda()
+    mask = vlfast_mask(kind, s, **p)
+    mask = mask.to("cuda") if mask is not None else None
+    q, k, v, do = make_qkv(1, 4, 2, s, s, d, torch.bfloat16, "cuda")
+    ref, base = reference64(q, k, v, do, keep), pytorch_same_dtype(q, k, v, do, keep)
+    problem = K.Problem(q, k, v, None, None, s, s, mask, d ** -0.5)
+    assert problem.tma_ok == (torch.cuda.get_device_capability()[0] >= 9)
+    configs = tuning.candidates(d, torch.bfloat16, "fwd")
+    named = dict.fromkeys(("loss", "image", "text", "scale", "bias"))
+    for config in [configs[0]] + [c for c in configs if c.tma]:
+        out, _ = K.forward(problem, config)
+        assert_relative_rule({**named, "loss": out.double()}, {**named, "loss": ref["out"]},
+                             {**named, "loss": base["out"]}, TOL[torch.bfloat16], f"{kind} d{d} {config}", floor=1.0)
