@@ -97,8 +97,8 @@ def test_clip_text_varlen_matches_padded_dense():
 @pytest.mark.parametrize("d,kind,p", [(72, "causal", {}), (128, "causal", {}),
                                       (256, "spans", {"spans": [(5, 300), (700, 211)]}),
                                       (64, "dalle-column", {"text_len": 256, "rows": 32, "cols": 32})])
-def test_tma_forward_candidates(d, kind, p):
-    """The forward's TMA candidates (host-side descriptors on this GPU's triton) and the default,
+def test_tma_candidates(d, kind, p):
+    """Each pass's TMA candidates (host-side descriptors on this GPU's triton) and its default,
     against float64 at real tiles."""
     from vlfast.ops.attention import triton as K
     from vlfast.ops.attention import tuning
@@ -112,9 +112,16 @@ def test_tma_forward_candidates(d, kind, p):
     ref, base = reference64(q, k, v, do, keep), pytorch_same_dtype(q, k, v, do, keep)
     problem = K.Problem(q, k, v, None, None, s, s, mask, d ** -0.5)
     assert problem.tma_ok == (torch.cuda.get_device_capability()[0] >= 9)
-    configs = tuning.candidates(d, torch.bfloat16, "fwd")
-    named = dict.fromkeys(("loss", "image", "text", "scale", "bias"))
-    for config in [configs[0]] + [c for c in configs if c.tma]:
-        out, _ = K.forward(problem, config)
-        assert_relative_rule({**named, "loss": out.double()}, {**named, "loss": ref["out"]},
-                             {**named, "loss": base["out"]}, TOL[torch.bfloat16], f"{kind} d{d} {config}", floor=1.0)
+    fwd = tuning.candidates(d, torch.bfloat16, "fwd")
+    for config in [fwd[0]] + [c for c in fwd if c.tma]:
+        out, lse2 = K.forward(problem, config)
+        got = {"out": out.double(), "dq": None, "dk": None, "dv": None}
+        assert_relative_rule(_named(got), _named({**got, "out": ref["out"]}), _named({**got, "out": base["out"]}),
+                             TOL[torch.bfloat16], f"{kind} d{d} fwd {config}", floor=1.0)
+    out, lse2 = K.forward(problem, fwd[0])
+    bwd = tuning.candidates(d, torch.bfloat16, "bwd")
+    for config in [bwd[0]] + [c for c in bwd if c.tma]:
+        dq, dk, dv = K.backward(problem, do, out, lse2, config)
+        got = {"out": None, "dq": dq.double(), "dk": dk.double(), "dv": dv.double()}
+        assert_relative_rule(_named(got), _named({**ref, "out": None}), _named({**base, "out": None}),
+                             TOL[torch.bfloat16], f"{kind} d{d} bwd {config}", floor=1.0)

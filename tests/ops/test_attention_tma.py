@@ -1,6 +1,6 @@
-"""The attention forward's TMA variant (tuning.Config.tma: K and V tiles through host-side tensor
-descriptors) in Triton's interpreter: the same result as plain loads, bit for bit, and float64's within
-the rule; calls that TMA cannot serve run with plain loads."""
+"""The attention kernels' TMA variants (tuning.Config.tma: the tiles each loop loads come through
+host-side tensor descriptors) in Triton's interpreter: the same results as plain loads, bit for bit,
+and float64's within the rule; calls that TMA cannot serve run with plain loads."""
 import pytest
 import torch
 
@@ -46,6 +46,24 @@ def test_tma_forward_matches_plain_loads_and_float64(name, monkeypatch):
                              f"{name} {bm}x{bn} tma", floor=1.0)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_tma_backward_matches_plain_loads_and_float64(name, monkeypatch):
+    monkeypatch.setenv("VLFAST_POISON", "1")
+    kind, b, h, h_kv, sq, sk, d, p = CASES[name]
+    q, k, v, do, mask, keep = _case(kind, b, h, h_kv, sq, sk, d, **p)
+    problem = K.Problem(q, k, v, None, None, sq, sk, mask, d ** -0.5)
+    ref, base = reference64(q, k, v, do, keep), pytorch_same_dtype(q, k, v, do, keep)
+    out, lse2 = K.forward(problem, tuning.Config(32, 32, 4, 2))
+    for bm, bn in ((32, 32), (64, 32)):
+        plain = K.backward(problem, do, out, lse2, tuning.Config(bm, bn, 4, 2))
+        tma = K.backward(problem, do, out, lse2, tuning.Config(bm, bn, 4, 2, tma=True))
+        assert all(torch.equal(a, b) for a, b in zip(tma, plain)), f"{name} {bm}x{bn}"
+        got = {"loss": None, "image": tma[0].double(), "text": tma[1].double(), "scale": None, "bias": tma[2].double()}
+        want = {"loss": None, "image": ref["dq"], "text": ref["dk"], "scale": None, "bias": ref["dv"]}
+        same = {"loss": None, "image": base["dq"], "text": base["dk"], "scale": None, "bias": base["dv"]}
+        assert_relative_rule(got, want, same, 1e-3, f"{name} {bm}x{bn} tma backward", floor=1.0)
+
+
 def test_calls_tma_cannot_serve_run_with_plain_loads():
     # a head dim of 100: rows of 200 bytes break TMA's 16-byte stride rule
     q, k, v, do, _, _ = _case("none", 1, 2, 2, 40, 40, 100)
@@ -62,14 +80,14 @@ def test_calls_tma_cannot_serve_run_with_plain_loads():
     assert torch.equal(asked, plain)
 
 
-def test_table_entries_may_ask_for_tma_on_the_forward_only(tmp_path):
+def test_table_entries_may_ask_for_tma(tmp_path):
     import json
     table = {**tuning.empty_table("Test GPU", "9.0"), "measured": dict.fromkeys(tuning.MEASURED_FIELDS, "x"),
              "configs": {"half/d128/causal/fwd": {"bm": 128, "bn": 64, "num_warps": 8, "num_stages": 3, "tma": True}}}
     path = tmp_path / "t.json"
     path.write_text(json.dumps(table))
     assert tuning.load_table(path).configs["half/d128/causal/fwd"] == tuning.Config(128, 64, 8, 3, True)
-    table["configs"] = {"half/d128/causal/bwd": {"bm": 64, "bn": 64, "num_warps": 8, "num_stages": 3, "tma": True}}
+    table["configs"] = {"half/d128/causal/bwd": {"bm": 64, "bn": 64, "num_warps": 8, "num_stages": 3, "tma": 1}}
     path.write_text(json.dumps(table))
     with pytest.raises(tuning.TableError, match="'tma' must be true or false"):
         tuning.load_table(path)

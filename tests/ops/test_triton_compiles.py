@@ -33,7 +33,7 @@ def test_tensor_cores_and_pipelined_loads(compiled):
     for r in compiled:
         if not r["variant"].startswith(("stats", "grad", "attn", "dw_acc")):
             continue  # only the GEMM-tile kernels use tensor cores
-        if r["variant"].startswith("attn fwd-tma"):  # K and V by TMA on Hopper (never chosen on Ampere)
+        if r["variant"].startswith(("attn fwd-tma", "attn dq-tma", "attn dkdv-tma")):  # TMA on Hopper only
             assert r["capability"] != 90 or (r["tma"] > 0 and r["wgmma"] > 0), f"no TMA copies: {r}"
             continue
         if not r["variant"].endswith("maskedK"):  # odd D: rows too unaligned for async copies

@@ -185,12 +185,12 @@ def attention_variants(all_configs: bool = False):
         block_d = max(16, triton.next_power_of_2(d))
         consts = dict(HEAD_DIM=d, BLOCK_D=block_d, BM=config.bm, BN=config.bn,
                       VARLEN=varlen, MAP_PER_BATCH=False, UPCAST=False, PRECISION=precision, **masks[mask_name])
-        if name == "fwd":
-            consts["TMA"] = config.tma
+        consts["TMA"] = config.tma
+        rows = config.bm if name == "dkdv" else config.bn  # dK/dV reads Q and dO tiles; the others K, V
         sig = signature(kernel, {})
         for arg in sig:
-            if arg in ("k_desc", "v_desc"):  # host-side TMA descriptors of (B, H_kv, S, D); else unused
-                sig[arg] = f"tensordesc<{dtype}[1,1,{config.bn},{block_d}]>" if config.tma else f"*{dtype}:16"
+            if arg in ("k_desc", "v_desc", "a_desc", "b_desc"):  # host-side TMA descriptors; else unused
+                sig[arg] = f"tensordesc<{dtype}[1,1,{rows},{block_d}]>" if config.tma else f"*{dtype}:16"
             elif arg in tensors:
                 sig[arg] = f"*{dtype}:16"
             elif arg in ("LSE2", "DELTA"):
@@ -212,10 +212,11 @@ def attention_variants(all_configs: bool = False):
             for name, kernel in pass_kernels:
                 yield variant(name, kernel, d, "bf16", "tf32", mask_name, varlen, config,
                               f"d{d} {mask_name}{' varlen' if varlen else ''}")
-    for d in (64, 128, 256):  # the forward's TMA candidates, on the causal mask
-        for config in tuning.candidates(d, torch.bfloat16, "fwd"):
-            if config.tma:
-                yield variant("fwd", K._attn_fwd, d, "bf16", "tf32", "causal", False, config, f"d{d} causal {config}")
+    for d in (64, 128, 256):  # the TMA candidates, on the causal mask
+        for pass_, pass_kernels in kernels.items():
+            for config in tuning.candidates(d, torch.bfloat16, pass_):
+                for name, kernel in pass_kernels if config.tma else ():
+                    yield variant(name, kernel, d, "bf16", "tf32", "causal", False, config, f"d{d} causal {config}")
     if not all_configs:
         return
     for torch_dtype, dtype, precision in ((torch.bfloat16, "bf16", "tf32"), (torch.float32, "fp32", "tf32"),

@@ -279,7 +279,7 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, st
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, qk_scale, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, a_desc, b_desc, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                  stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
                  stride_gqb, stride_gqh, stride_gqs, stride_lb, stride_lh,
@@ -290,8 +290,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, qk_scale, sm_scale,
                  VARLEN: tl.constexpr, HAS_MAP: tl.constexpr, MAP_PER_BATCH: tl.constexpr,
                  CAUSAL: tl.constexpr, SPANS: tl.constexpr, WINDOW: tl.constexpr, DALLE: tl.constexpr,
                  KEY_VALID: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """dQ for one query block of one head, over the key blocks the forward visited."""
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """dQ for one query block of one head, over the key blocks the forward visited.
+    TMA: K and V tiles through a_desc / b_desc ((1, 1, BN, BLOCK_D) blocks, as in the forward)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -327,10 +328,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, qk_scale, sm_scale,
                                  CAUSAL, WINDOW)
             cols = kb * BN + tl.arange(0, BN)
             col_ok = cols < k_len
-            kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_ks + dims[:, None],
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            vt = tl.load(v_base + cols[None, :].to(tl.int64) * stride_vs + dims[:, None],
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            if TMA:
+                kt = tl.trans(a_desc.load([b, kvh, kb * BN, 0]).reshape(BN, BLOCK_D))
+                vt = tl.trans(b_desc.load([b, kvh, kb * BN, 0]).reshape(BN, BLOCK_D))
+            else:
+                kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_ks + dims[:, None],
+                             mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                vt = tl.load(v_base + cols[None, :].to(tl.int64) * stride_vs + dims[:, None],
+                             mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             s = _dot(q, kt, None, UPCAST, PRECISION) * qk_scale
             if need:
                 keep = _keep_tile(p_q, _positions(cols, col_ok, 0, pos_ptr, k_len, PERMUTED), span_row, valid_row,
@@ -346,7 +351,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, qk_scale, sm_scale,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, qk_scale, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, a_desc, b_desc, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                    stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
                    stride_gkb, stride_gkh, stride_gks, stride_lb, stride_lh,
@@ -357,9 +362,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, qk_scale, sm_scale,
                    VARLEN: tl.constexpr, HAS_MAP: tl.constexpr, MAP_PER_BATCH: tl.constexpr,
                    CAUSAL: tl.constexpr, SPANS: tl.constexpr, WINDOW: tl.constexpr, DALLE: tl.constexpr,
                    KEY_VALID: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
     """dK, dV for one key block of one kv head: its query heads in turn, deterministic.
-    dK and dV share the layout given by stride_gk*; dO shares q's head and token layout."""
+    dK and dV share the layout given by stride_gk*; dO shares q's head and token layout.
+    TMA: Q and dO tiles through a_desc / b_desc ((1, 1, BM, BLOCK_D) blocks; rows past Sq read 0)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
@@ -404,10 +410,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, qk_scale, sm_scale,
                 rows = qb * BM + tl.arange(0, BM)
                 row_ok = rows < q_len
                 qtile = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(q_base + (q_start + rows)[:, None].to(tl.int64) * stride_qs + dims[None, :], mask=qtile,
-                            other=0.0)
-                do = tl.load(do_base + (q_start + rows)[:, None].to(tl.int64) * stride_ds + dims[None, :],
-                             mask=qtile, other=0.0)
+                if TMA:
+                    q = a_desc.load([b, h, qb * BM, 0]).reshape(BM, BLOCK_D)
+                    do = b_desc.load([b, h, qb * BM, 0]).reshape(BM, BLOCK_D)
+                else:
+                    q = tl.load(q_base + (q_start + rows)[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                                mask=qtile, other=0.0)
+                    do = tl.load(do_base + (q_start + rows)[:, None].to(tl.int64) * stride_ds + dims[None, :],
+                                 mask=qtile, other=0.0)
                 lse2 = tl.load(LSE2 + l_base + rows, mask=row_ok, other=float("inf"))
                 delta = tl.load(DELTA + l_base + rows, mask=row_ok, other=0.0)
                 s = _dot(q, tl.trans(k), None, UPCAST, PRECISION) * qk_scale  # (BM, BN)
@@ -435,17 +445,21 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _tma_aligned(x: Tensor) -> bool:
+    """TMA's alignment rule: unit last stride, base address and outer strides multiples of 16 bytes."""
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0
+                                                                for st in x.stride()[:-1])
+
+
 def _tma_ok(q: Tensor, k: Tensor, v: Tensor, varlen: bool) -> bool:
-    """Whether K and V can be read through TMA descriptors: a Hopper GPU (or the interpreter), dense
-    (B, H, S, D) half-precision tensors whose base addresses and outer strides are multiples of 16
-    bytes (TMA's alignment rule), and a Triton that has host-side descriptors (the packed layout's
-    sequences are no descriptor bounds)."""
+    """Whether Q, K and V can be read through TMA descriptors: a Hopper GPU (or the interpreter), dense
+    (B, H, S, D) half-precision tensors that TMA can address, and a Triton that has host-side
+    descriptors (the packed layout's sequences are no descriptor bounds). The backward also needs dO's."""
     if varlen or q.dtype not in (torch.float16, torch.bfloat16) or TensorDescriptor is None:
         return False
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
         return False  # no TMA before Hopper
-    return all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0
-                                                                    for st in x.stride()[:-1]) for x in (k, v))
+    return all(_tma_aligned(x) for x in (q, k, v))
 
 
 def _descriptor(x: Tensor, bn: int, block_d: int):
@@ -599,14 +613,18 @@ def _backward(p: Problem, do: Tensor, lse2: Tensor, delta: Tensor, config: tunin
     dv = _scratch.empty(*v.shape, dtype=v.dtype, device=v.device)
     opts = config.launch()
     common = (p.scale * LOG2E, p.scale)
+    use_tma = config.tma and p.tma_ok and _tma_aligned(do)
+    kv_descs = (_descriptor(k, bn, p.block_d), _descriptor(v, bn, p.block_d)) if use_tma else (k, v)
+    q_descs = (_descriptor(q, bm, p.block_d), _descriptor(do, bm, p.block_d)) if use_tma else (q, do)
     map_q, has_map, per_batch = p.block_lists(bm, bn, by_key=False)
     _attn_bwd_dq[(triton.cdiv(p.sq, bm), p.batch * p.heads)](
-        q, k, v, do, dq, lse2, delta, *common, *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do),
+        q, k, v, do, dq, lse2, delta, *kv_descs, *common, *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do),
         *p.strides(dq), *p.lse_strides(lse2), p.cu_q, p.cu_k, p.sq, p.sk, p.heads, p.heads // p.kv_heads, *map_q, *p.mask_args,
-        BM=bm, BN=bn, HAS_MAP=has_map, MAP_PER_BATCH=per_batch, **p.flags, **opts)
+        BM=bm, BN=bn, HAS_MAP=has_map, MAP_PER_BATCH=per_batch, TMA=use_tma, **p.flags, **opts)
     map_k, _, _ = p.block_lists(bm, bn, by_key=True)
     _attn_bwd_dkdv[(triton.cdiv(p.sk, bn), p.batch * p.kv_heads)](
-        q, k, v, do, dk, dv, lse2, delta, *common, *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do),
+        q, k, v, do, dk, dv, lse2, delta, *q_descs, *common, *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do),
         *p.strides(dk), *p.lse_strides(lse2), p.cu_q, p.cu_k, p.sq, p.sk, p.kv_heads, p.heads // p.kv_heads,
-        *map_k, *p.mask_args, BM=bm, BN=bn, HAS_MAP=has_map, MAP_PER_BATCH=per_batch, **p.flags, **opts)
+        *map_k, *p.mask_args, BM=bm, BN=bn, HAS_MAP=has_map, MAP_PER_BATCH=per_batch, TMA=use_tma, **p.flags,
+        **opts)
     return dq, dk, dv

@@ -49,8 +49,9 @@ MEASURED_FIELDS = ("device", "torch", "triton", "date")  # the run behind a tabl
 @dataclass(frozen=True)
 class Config:
     """One launch of a pass: (BM, BN) tiles (the block map is built for them), warps, stages, and
-    (forward only) whether K and V tiles arrive by TMA (Hopper's tensor memory accelerator, through
-    host-side tensor descriptors) instead of per-thread loads, where the call allows it."""
+    whether the tiles each loop loads (K, V; for dK/dV: Q, dO) arrive by TMA (Hopper's tensor memory
+    accelerator, through host-side tensor descriptors) instead of per-thread loads, where the call
+    allows it (triton.py's _tma_ok)."""
     bm: int
     bn: int
     num_warps: int
@@ -163,19 +164,21 @@ DEFAULTS = {(cls, name, kind, p): config
 # D = 128 (16 KB); fp32 64 x 64 forward at D > 64 (1 KB spilled exact; 448 KB of shared memory at
 # D = 256); bf16 64 x 128 forward at D = 256 (304 KB of shared memory). Half-precision tiles keep
 # BM >= 64 (wgmma's smallest M): with 32 rows the dQ kernel compiles to no tensor-core instructions.
-# Half-precision forwards also have TMA candidates (Config.tma; dense layouts only, see triton.py).
+# Half-precision passes also have TMA candidates (Config.tma; dense layouts on Hopper, see triton.py).
 _C = Config
 _CANDIDATES = {
     ("half", 64, "fwd"): [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 8, 3),
                           _C(128, 64, 8, 4), _C(128, 64, 8, 3, True), _C(128, 128, 8, 2, True)],
-    ("half", 64, "bwd"): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(128, 64, 8, 3), _C(64, 32, 4, 3)],
+    ("half", 64, "bwd"): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(128, 64, 8, 3), _C(64, 32, 4, 3),
+                          _C(64, 64, 8, 3, True)],
     ("half", 128, "fwd"): [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 8, 3),
                            _C(128, 64, 8, 2), _C(128, 64, 8, 3, True), _C(128, 64, 8, 2, True)],
     ("half", 128, "bwd"): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(64, 32, 8, 3), _C(128, 32, 8, 3),
-                           _C(128, 64, 8, 2)],
+                           _C(128, 64, 8, 2), _C(64, 64, 8, 3, True)],
     ("half", 256, "fwd"): [_C(64, 64, 8, 2), _C(64, 32, 8, 2), _C(128, 32, 8, 2), _C(128, 64, 8, 2),
                            _C(64, 64, 8, 2, True)],
-    ("half", 256, "bwd"): [_C(64, 32, 8, 2), _C(64, 64, 8, 1), _C(128, 32, 8, 2), _C(64, 64, 8, 2)],
+    ("half", 256, "bwd"): [_C(64, 32, 8, 2), _C(64, 64, 8, 1), _C(128, 32, 8, 2), _C(64, 64, 8, 2),
+                           _C(64, 32, 8, 2, True)],
     ("fp32", 64, "fwd"): [_C(64, 32, 4, 3), _C(64, 32, 8, 3), _C(32, 32, 4, 3), _C(64, 64, 4, 3)],
     ("fp32", 64, "bwd"): [_C(32, 32, 4, 3), _C(32, 32, 8, 2), _C(32, 32, 8, 3)],
     ("fp32", 128, "fwd"): [_C(64, 32, 4, 3), _C(64, 32, 8, 3), _C(32, 32, 4, 3), _C(64, 32, 8, 2)],
@@ -264,8 +267,8 @@ def _parse_entry(path, key: str, value) -> Config:
         if not ok(value[field]):
             _fail(path, where, f"field {field!r} must be {want}, got {value[field]!r}")
     tma = value.get("tma", False)
-    if not isinstance(tma, bool) or (tma and parts[3] != "fwd"):
-        _fail(path, where, f"field 'tma' must be true or false (true only for 'fwd'), got {tma!r}")
+    if not isinstance(tma, bool):
+        _fail(path, where, f"field 'tma' must be true or false, got {tma!r}")
     return Config(value["bm"], value["bn"], value["num_warps"], value["num_stages"], tma)
 
 
