@@ -72,6 +72,22 @@ def test_triton_many_chunks(reduction, dtype, monkeypatch):
     _check(Case(256, 64, 300, dtype, reduction, 0.1, 30.0, 1e-4, True, ignored=0.1), "triton")
 
 
+@pytest.mark.triton
+def test_triton_weight_gradient_beyond_float16_range(monkeypatch):
+    """bf16 d_weight entries past float16's 65504 (summed over 8 chunks in scaled float16)."""
+    from vlfast.ops.linear_cross_entropy import triton as tri
+    monkeypatch.setenv("VLFAST_POISON", "1")
+    monkeypatch.setattr(tri, "MIN_CHUNK_ROWS", 8)
+    monkeypatch.setattr(tri, "CHUNK_BYTES", 8 * 4 * 50)
+    case = Case(64, 32, 50, torch.bfloat16, "sum", z_loss=1e-3)
+    hidden, weight, bias, targets, grad = make_inputs(case)
+    hidden = hidden * 3000
+    ref = reference64(case, hidden, weight, bias, targets, grad)
+    assert ref["weight"].abs().max() > 65504
+    got = run_vlfast(case, "triton", hidden, weight, bias, targets, grad)
+    assert_relative_rule(got, ref, pytorch_same_dtype(case, hidden, weight, bias, targets, grad), 2e-3, "x3000")
+
+
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
 def test_large_vocabulary_with_ignored_rows(impl):
     _check(Case(17, 64, 32000 if impl == "reference" else 3000, torch.float32, "mean", 0.1, None, 0.0, True,
