@@ -13,10 +13,6 @@ from .clip_loss_cases import assert_relative_rule
 pytestmark = pytest.mark.triton
 
 
-def _named(out):
-    return {"loss": out, "image": None, "text": None, "scale": None, "bias": None}
-
-
 def _case(kind, b, h, h_kv, sq, sk, d, **p):
     q, k, v, do = make_qkv(b, h, h_kv, sq, sk, d, torch.float16)
     keep = None if kind == "none" else loop_mask(kind, sq, sk, **p)[None, None]
@@ -30,38 +26,43 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_tma_forward_matches_plain_loads_and_float64(name, monkeypatch):
-    monkeypatch.setenv("VLFAST_POISON", "1")
+def _problem(name):
+    """(the kernels' Problem, dO, float64 reference, same-dtype PyTorch) of CASES[name], fp16."""
     kind, b, h, h_kv, sq, sk, d, p = CASES[name]
     q, k, v, do, mask, keep = _case(kind, b, h, h_kv, sq, sk, d, **p)
     problem = K.Problem(q, k, v, None, None, sq, sk, mask, d ** -0.5)
     assert problem.tma_ok
-    ref, base = reference64(q, k, v, do, keep), pytorch_same_dtype(q, k, v, do, keep)
+    return problem, do, reference64(q, k, v, do, keep), pytorch_same_dtype(q, k, v, do, keep)
+
+
+def _only(d, *names):
+    return {n: d[n] for n in names}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tma_forward_matches_plain_loads_and_float64(name, monkeypatch):
+    monkeypatch.setenv("VLFAST_POISON", "1")
+    problem, _, ref, base = _problem(name)
     for bm, bn in ((32, 32), (64, 32)):
         plain, lse_plain = K.forward(problem, tuning.Config(bm, bn, 4, 2))
         tma, lse_tma = K.forward(problem, tuning.Config(bm, bn, 4, 2, tma=True))
         assert torch.equal(tma, plain) and torch.equal(lse_tma, lse_plain), f"{name} {bm}x{bn}"
-        assert_relative_rule(_named(tma.double()), _named(ref["out"]), _named(base["out"]), 1e-3,
+        assert_relative_rule({"out": tma.double()}, _only(ref, "out"), _only(base, "out"), 1e-3,
                              f"{name} {bm}x{bn} tma", floor=1.0)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_tma_backward_matches_plain_loads_and_float64(name, monkeypatch):
     monkeypatch.setenv("VLFAST_POISON", "1")
-    kind, b, h, h_kv, sq, sk, d, p = CASES[name]
-    q, k, v, do, mask, keep = _case(kind, b, h, h_kv, sq, sk, d, **p)
-    problem = K.Problem(q, k, v, None, None, sq, sk, mask, d ** -0.5)
-    ref, base = reference64(q, k, v, do, keep), pytorch_same_dtype(q, k, v, do, keep)
+    problem, do, ref, base = _problem(name)
     out, lse2 = K.forward(problem, tuning.Config(32, 32, 4, 2))
     for bm, bn in ((32, 32), (64, 32)):
         plain = K.backward(problem, do, out, lse2, tuning.Config(bm, bn, 4, 2))
         tma = K.backward(problem, do, out, lse2, tuning.Config(bm, bn, 4, 2, tma=True))
         assert all(torch.equal(a, b) for a, b in zip(tma, plain)), f"{name} {bm}x{bn}"
-        got = {"loss": None, "image": tma[0].double(), "text": tma[1].double(), "scale": None, "bias": tma[2].double()}
-        want = {"loss": None, "image": ref["dq"], "text": ref["dk"], "scale": None, "bias": ref["dv"]}
-        same = {"loss": None, "image": base["dq"], "text": base["dk"], "scale": None, "bias": base["dv"]}
-        assert_relative_rule(got, want, same, 1e-3, f"{name} {bm}x{bn} tma backward", floor=1.0)
+        got = dict(zip(("dq", "dk", "dv"), (x.double() for x in tma)))
+        assert_relative_rule(got, _only(ref, "dq", "dk", "dv"), _only(base, "dq", "dk", "dv"), 1e-3,
+                             f"{name} {bm}x{bn} tma backward", floor=1.0)
 
 
 def test_calls_tma_cannot_serve_run_with_plain_loads():
