@@ -102,23 +102,14 @@ def test_bench_unknown_op_lists_the_known_ones():
     assert "unknown op 'no_such_op'" in out.stderr and "clip_loss" in out.stderr
 
 
-def test_bench_script_form_runs():
-    out = _run("benchmarks/bench_clip_loss.py", "--help")
+def test_bench_module_form_runs():
+    out = _run("-m", "vlfast.bench.bench_clip_loss", "--help")
     assert out.returncode == 0, out.stderr
     assert "clip_loss" in out.stdout
 
 
-def test_bench_without_benchmarks_folder_says_so(tmp_path, monkeypatch):
-    from vlfast import __main__ as cli
-    monkeypatch.setattr(vlfast, "__file__", str(tmp_path / "site-packages" / "vlfast" / "__init__.py"))
-    with pytest.raises(SystemExit, match="no benchmarks/ folder"):
-        cli._benchmarks_package()
-
-
 def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
-    from vlfast import __main__ as cli
-    cli._benchmarks_package()
-    from benchmarks import report
+    from vlfast.bench import report
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     why = report.plot([{"ms": 1.0}], str(tmp_path / "x.png"))
     assert why and "matplotlib" in why and not (tmp_path / "x.png").exists()
@@ -127,9 +118,8 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
 def test_a_failing_contender_or_reference_becomes_a_row_and_the_run_goes_on():
     from types import SimpleNamespace
 
-    from vlfast import __main__ as cli
-    runner = cli._benchmarks_package()
-    from benchmarks.common import Case, Contender
+    from vlfast.bench import runner
+    from vlfast.bench.common import Case, Contender
 
     def broken(x, mode):
         raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB\nmore detail")

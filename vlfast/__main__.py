@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 
 def _info(args, rest) -> int:
@@ -15,26 +13,9 @@ def _info(args, rest) -> int:
     return 0
 
 
-def _benchmarks_package():
-    """Import benchmarks/ from the source checkout; it ships beside the package, not in a wheel."""
-    import vlfast
-    root = Path(vlfast.__file__).resolve().parent.parent / "benchmarks"
-    if not (root / "runner.py").is_file():
-        raise SystemExit(f"vlfast bench: no benchmarks/ folder at {root}. The benchmarks live in the source "
-                         "checkout, not in the installed package: clone the repository and "
-                         "`pip install -e .` there, then run `python -m vlfast bench` again.")
-    if "benchmarks" not in sys.modules:
-        # By path rather than via sys.path, so the checkout's other folders (tests/) shadow nothing.
-        spec = importlib.util.spec_from_file_location("benchmarks", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("benchmarks.runner")
-
-
 def _bench(args, rest) -> int:
-    return _benchmarks_package().main(rest)
+    from vlfast.bench import runner  # matplotlib, peers: imported only for bench
+    return runner.main(rest)
 
 
 def main(argv=None) -> int:

@@ -91,8 +91,8 @@ def triton_why_not_for(device: torch.device, dtype: torch.dtype) -> Optional[str
 
 def availability(triton_check: Callable[[], Optional[str]],
                  cuda_check: Callable[[], Optional[str]]) -> dict:
-    """impl -> check returning None if it can run, else the reason (the reference always runs)."""
-    return {"reference": lambda: None, "triton": triton_check, "cuda": cuda_check}
+    """impl -> check returning None if it can run, else the reason (reference and torch always run)."""
+    return {"reference": lambda: None, "torch": lambda: None, "triton": triton_check, "cuda": cuda_check}
 
 
 def status(checks: dict) -> dict:

@@ -1,8 +1,11 @@
-"""Choosing an implementation for an op: impl="auto" | "reference" | "triton" | "cuda".
+"""Choosing an implementation for an op: impl="auto" | "reference" | "torch" | "triton" | "cuda".
 
+"reference" is the spec: plain PyTorch written to be read, fp32/fp64 math, what the tests check
+against. "torch" is the fast composition of PyTorch's own kernels (SDPA, chunked GEMMs,
+F.cross_entropy, matmul + argmin) with the same guarantees; it runs on any device and is the CPU path.
 "auto" (or the environment variable VLFAST_IMPL) prefers the CUDA extension where it has been
-measured fastest for the op (AUTO_PREFERS_CUDA), then Triton on a GPU, then the reference. Any other
-value is an explicit choice: it runs or raises with the reason, it never falls back.
+measured fastest for the op (AUTO_PREFERS_CUDA), then Triton on a GPU, then "torch". Any other value
+is an explicit choice: it runs or raises with the reason, it never falls back.
 """
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-IMPLS = ("reference", "triton", "cuda")
-_AUTO_ORDER = ("cuda", "triton", "reference")
+IMPLS = ("reference", "torch", "triton", "cuda")
+_AUTO_ORDER = ("cuda", "triton", "torch", "reference")
 
 # Ops for which impl="auto" takes the CUDA extension (where it can run) ahead of Triton. An op goes
 # True only once benchmarks/gpu_check.sh has measured its CUDA kernels faster than its Triton ones

@@ -63,7 +63,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], c
     float64 for float64 inputs)."""
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention.fwd"):
-        if impl == "reference":
+        if impl in ("reference", "torch"):
             return _reference_forward(q, k, v, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
         return module.forward(problem)
@@ -84,7 +84,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     do = do.contiguous()
     with nvtx_range("vlfast.attention.bwd"):
-        if impl == "reference":
+        if impl in ("reference", "torch"):
             return _reference_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
         return module.backward(problem, do, out, lse2)

@@ -42,8 +42,8 @@ def _triton_backward(*args):
     return triton.backward(*args)
 
 
-_FORWARD = {"reference": _reference_forward, "triton": _triton_forward, "cuda": _cuda.forward}
-_BACKWARD = {"reference": _reference_backward, "triton": _triton_backward, "cuda": _cuda.backward}
+_FORWARD = {"reference": _reference_forward, "torch": _reference_forward, "triton": _triton_forward, "cuda": _cuda.forward}
+_BACKWARD = {"reference": _reference_backward, "torch": _reference_backward, "triton": _triton_backward, "cuda": _cuda.backward}
 
 
 def _check_finite_scalars(scale: Tensor, bias: Optional[Tensor]) -> None:

@@ -26,7 +26,7 @@ def _triton_lookup(*args):
     return triton.lookup(*args)
 
 
-_FORWARD = {"reference": _reference.lookup, "triton": _triton_lookup, "cuda": _cuda.lookup}
+_FORWARD = {"reference": _reference.lookup, "torch": _reference.lookup, "triton": _triton_lookup, "cuda": _cuda.lookup}
 
 
 def _unit_feature_stride(x: Tensor) -> Tensor:

@@ -32,8 +32,8 @@ def _triton_backward(*args):
     return triton.backward(*args)
 
 
-_FORWARD = {"reference": _reference.forward_chunked, "triton": _triton_forward}
-_BACKWARD = {"reference": _reference.backward_chunked, "triton": _triton_backward}
+_FORWARD = {"reference": _reference.forward_chunked, "torch": _reference.forward_chunked, "triton": _triton_forward}
+_BACKWARD = {"reference": _reference.backward_chunked, "torch": _reference.backward_chunked, "triton": _triton_backward}
 
 
 def _check_targets(targets: Tensor, v: int, ignore_index: int) -> None:

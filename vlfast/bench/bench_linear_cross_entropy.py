@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import vlfast  # noqa: E402
-from benchmarks.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads  # noqa: E402
-from vlfast.ops.linear_cross_entropy import implementation_status  # noqa: E402
-from vlfast.ops.linear_cross_entropy import reference as spec  # noqa: E402
+import vlfast
+from vlfast.bench.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads
+from vlfast.ops.linear_cross_entropy import implementation_status
+from vlfast.ops.linear_cross_entropy import reference as spec
 
 OP = "linear_cross_entropy"
 GRADS = ("d_hidden", "d_weight")
@@ -164,5 +160,5 @@ def contenders(case: Case, device: torch.device) -> list:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from vlfast.bench.runner import main
     sys.exit(main([OP] + sys.argv[1:]))

@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import vlfast  # noqa: E402
-from benchmarks import common  # noqa: E402
-from benchmarks.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer  # noqa: E402
-from vlfast.nn import VectorQuantizer  # noqa: E402
-from vlfast.ops.codebook_lookup import implementation_status  # noqa: E402
-from vlfast.ops.codebook_lookup import reference as spec  # noqa: E402
+import vlfast
+from vlfast.bench import common
+from vlfast.bench.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer
+from vlfast.nn import VectorQuantizer
+from vlfast.ops.codebook_lookup import implementation_status
+from vlfast.ops.codebook_lookup import reference as spec
 
 OP = "codebook_lookup"
 COMMITMENT, DECAY = 0.25, 0.99
@@ -259,5 +255,5 @@ def contenders(case: Case, device: torch.device) -> list:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from vlfast.bench.runner import main
     sys.exit(main([OP] + sys.argv[1:]))

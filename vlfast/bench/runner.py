@@ -1,6 +1,6 @@
 """The harness behind `python -m vlfast bench`: every op's cases, every contender, one row each.
 
-The ops are the files benchmarks/bench_<op>.py; each provides
+The ops are the files vlfast/bench/bench_<op>.py; each provides
   cases(device, size) -> [Case]                      size: "full", "quick" or "tiny"
   make_inputs(case, device) -> inputs
   reference(case, inputs, device) -> (float64 outputs, how) or (None, why there are none)
@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from benchmarks import report
-from benchmarks.common import compare, free_memory, measure, synchronize, worst
+from vlfast.bench import report
+from vlfast.bench.common import compare, free_memory, measure, synchronize, worst
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,24 +51,6 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
-class Progress:
-    """One status line on stderr: redrawn in place on a terminal, a line per step in a log."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        line = f"[{self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {label}"
-        print(("\r" + line[:119].ljust(119)) if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty and self.done:
-            print(file=sys.stderr)
-
-
 def _modes(contender, case) -> tuple:
     return tuple(m for m in case.modes if contender.modes is None or m in contender.modes)
 
@@ -95,7 +77,8 @@ def _time_one(contender, inputs, mode, ref, device, compare_fn=compare) -> dict:
 def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -> None:
     """Every case of `op`; emit(row) receives each row as soon as it is measured."""
     plan = [(case, module.contenders(case, device)) for case in module.cases(device, size)]
-    progress = Progress(sum(len(_modes(c, case)) for case, cs in plan for c in cs if c.skip is None))
+    progress = tqdm(total=sum(len(_modes(c, case)) for case, cs in plan for c in cs if c.skip is None),
+                    desc=op, unit="run", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     for case, contenders in plan:
         base = {"op": op, "case": case.name, "shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
                 "params": case.params}
@@ -115,7 +98,8 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
             inputs = module.make_inputs(case, device)
         except Exception as e:
             for c, m in runnable:
-                progress.step(f"{op} {case.name} {c.name} {m}")
+                progress.set_postfix_str(f"{case.name} {c.name} {m}", refresh=False)
+                progress.update()
                 row(c.name, m, status="error", message=f"making inputs: {_describe(e)}")
             free_memory(device)
             continue
@@ -125,8 +109,9 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
             ref, how = None, f"fp64 reference failed: {_describe(e)}"
         free_memory(device)
         for c, m in runnable:
-            progress.step(f"{op} {case.name} {c.name} {m}")
+            progress.set_postfix_str(f"{case.name} {c.name} {m}")
             result = _time_one(c, inputs, m, ref, device, getattr(module, "compare", compare))
+            progress.update()
             free_memory(device)
             errors = result.get("errors", {})
             flops = module.flops(case, m)
@@ -155,7 +140,7 @@ def main(argv=None) -> int:
             report.write_json(rows, args.json)
 
     for op in args.ops:
-        module = importlib.import_module(f"benchmarks.bench_{op}")
+        module = importlib.import_module(f"vlfast.bench.bench_{op}")
         start = len(rows)
         run_op(op, module, device, size, meta, emit)
         print(f"\n{op}\n{report.table(rows[start:])}\n{report.summary(rows[start:])}")

@@ -1,7 +1,7 @@
 """vlfast.clip_loss against PyTorch's dense logits and the fused-loss peers, loss and every gradient.
 
     python -m vlfast bench clip_loss [--quick] [--json PATH] [--plot PATH]
-    python benchmarks/bench_clip_loss.py [same options]
+    python -m vlfast.bench.bench_clip_loss [same options]
 
 Peers (each only where it imports; the summary lists the rest):
   torch-dense  logits = scale * img @ txt.T in the input dtype (bf16 logits, as users write it);
@@ -17,19 +17,15 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import vlfast  # noqa: E402
-from benchmarks.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads  # noqa: E402
-from vlfast.ops.clip_loss import implementation_status  # noqa: E402
-from vlfast.ops.clip_loss import reference as spec  # noqa: E402
+import vlfast
+from vlfast.bench.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads
+from vlfast.ops.clip_loss import implementation_status
+from vlfast.ops.clip_loss import reference as spec
 
 OP = "clip_loss"
 GRADS = ("d_image", "d_text", "d_scale", "d_bias")
@@ -221,5 +217,5 @@ def contenders(case: Case, device: torch.device) -> list:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from vlfast.bench.runner import main
     sys.exit(main([OP] + sys.argv[1:]))

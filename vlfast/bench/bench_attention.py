@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import vlfast.masks as M  # noqa: E402
-from benchmarks.common import FWD, FWD_BWD, Case, Contender, vlfast_contenders  # noqa: E402
-from vlfast.ops.attention import attention, attention_varlen, implementation_status  # noqa: E402
-from vlfast.ops.attention.reference import attention_dense  # noqa: E402
+import vlfast.masks as M
+from vlfast.bench.common import FWD, FWD_BWD, Case, Contender, vlfast_contenders
+from vlfast.ops.attention import attention, attention_varlen, implementation_status
+from vlfast.ops.attention.reference import attention_dense
 
 OP = "attention"
 GRADS = ("d_q", "d_k", "d_v")
@@ -230,5 +226,5 @@ def contenders(case: Case, device: torch.device) -> list:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from vlfast.bench.runner import main
     sys.exit(main([OP] + sys.argv[1:]))

@@ -1,7 +1,7 @@
 """A CLIP training step: vlfast.models.CLIP + vlfast.nn.ClipLoss against transformers' CLIPModel.
 
     python -m vlfast bench clip_model [--quick] [--json PATH] [--plot PATH]
-    python benchmarks/bench_clip_model.py [same options]
+    python -m vlfast.bench.bench_clip_model [same options]
 
 One step is forward + backward of both towers and the contrastive loss (gradients into .grad, no
 optimizer), under torch.autocast(bfloat16) for bf16 cases, float32 weights. Both models hold the same
@@ -21,18 +21,14 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import FWD_BWD, Case, Contender, import_peer  # noqa: E402
-from vlfast.loaders import clip_from_transformers, transformers_config  # noqa: E402
-from vlfast.models import CLIP, CLIPConfig  # noqa: E402
-from vlfast.nn import ClipLoss  # noqa: E402
+from vlfast.bench.common import FWD_BWD, Case, Contender, import_peer
+from vlfast.loaders import clip_from_transformers, transformers_config
+from vlfast.models import CLIP, CLIPConfig
+from vlfast.nn import ClipLoss
 
 OP = "clip_model"
 SHORTEST_CAPTION = 8
@@ -175,5 +171,5 @@ def contenders(case: Case, device: torch.device) -> list:
 
 
 if __name__ == "__main__":
-    from benchmarks.runner import main
+    from vlfast.bench.runner import main
     sys.exit(main([OP] + sys.argv[1:]))
