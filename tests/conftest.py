@@ -1,6 +1,9 @@
 """Test setup: Triton runs in its CPU interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before triton is first imported, so this runs before any test module.
+On a machine with a GPU the interpreter stays off (the compiled kernels run there, in the tests marked
+`gpu`), and the tests that run Triton kernels on CPU tensors through the interpreter are skipped with
+the command that runs them instead: one process cannot hold both kinds of @triton.jit function.
 """
 import os
 import sys
@@ -14,12 +17,29 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+INTERPRETER_COMMAND = "TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= python -m pytest -m triton"
+
+
+def skip_reason(keywords, has_cuda: bool, interpreting: bool):
+    """Why a test with these markers cannot run in this session, or None.
+
+    `triton` tests run kernels in the interpreter on CPU tensors, except ahead-of-time compiles (`aot`),
+    which need neither; `gpu` tests need a CUDA device.
+    """
+    if "gpu" in keywords:
+        return None if has_cuda else "needs a CUDA device"
+    if "triton" in keywords and "aot" not in keywords and not interpreting:
+        return ("runs Triton kernels on CPU tensors in Triton's interpreter, which is off on a machine with "
+                f"a GPU; run these with `{INTERPRETER_COMMAND}` (the gpu tests cover the compiled kernels)")
+    return None
+
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
-            item.add_marker(skip_gpu)
+        reason = skip_reason(item.keywords, HAS_CUDA, interpreting)
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.aot]
 ROOT = Path(__file__).resolve().parents[2]
 # Largest dynamic shared memory of one block: H100/H200 (sm_90) and A100 (sm_80).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}

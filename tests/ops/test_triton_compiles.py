@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.aot]
 ROOT = Path(__file__).resolve().parents[2]
 
 
