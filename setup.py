@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -163,4 +164,16 @@ class BuildCuda(build_ext):
                 (folder / STATUS_FILE).write_text(json.dumps(status) + "\n")
 
 
-setup(ext_modules=[CMakeExtension("vlfast._C")], cmdclass={"build_ext": BuildCuda})
+class WheelTaggedByBuild(bdist_wheel):
+    """A wheel is tagged for a platform only when it carries vlfast._C; without it, py3-none-any."""
+
+    def run(self):
+        self.run_command("build")
+        if not self.get_finalized_command("build_ext").extensions:  # BuildCuda._skip emptied the list
+            self.root_is_pure = True
+            self.distribution.ext_modules = []  # so that install puts the package in purelib
+        super().run()
+
+
+setup(ext_modules=[CMakeExtension("vlfast._C")],
+      cmdclass={"build_ext": BuildCuda, "bdist_wheel": WheelTaggedByBuild})
