@@ -8,7 +8,7 @@
 # SECTIONS picks sections (default all: versions peer-wheels install info gpu-tests memcheck
 # racecheck bench), so a session can spread the work over calls, e.g.
 #     SECTIONS="versions install gpu-tests memcheck racecheck"   then   SECTIONS="install bench"
-# One more section runs only when SECTIONS names it: tune (attention's launch-config table, below).
+# One more section runs only when SECTIONS names it: tune (the bench with VLFAST_AUTOTUNE=1, below).
 # GPU_TESTS narrows the tests (pytest paths or -k expressions), BENCH_OPS / BENCH_SIZE the bench.
 set -uo pipefail
 
@@ -101,22 +101,20 @@ run racecheck 120 bash -c "SMOKE_ARGS=--tiny sanitize racecheck"
 
 # Rows are written to the JSON as they are measured, so a timeout still leaves the finished ones.
 # The bench measures what users get: default configs (VLFAST_AUTOTUNE=0 unless the caller sets it;
-# with 1, attention alone would time ~10 candidates per shape class, minutes of compiles; the `tune`
-# section below does that once, into a table). BENCH_OPS (default: every op) and BENCH_SIZE (--quick
-# for a shorter run) fit the bench to the budget.
+# with 1, attention alone times ~5-7 candidates per pass and shape class, a compile each: the `tune`
+# section below). BENCH_OPS (default: every op) and BENCH_SIZE (--quick for a shorter run) fit the
+# bench to the budget.
 run bench 600 bash -c "set -o pipefail; VLFAST_AUTOTUNE=\${VLFAST_AUTOTUNE:-0} python3 -m vlfast bench \${BENCH_OPS:-} \
     \${BENCH_SIZE:-} --json '$OUT/bench.json' --plot '$OUT/bench.png' 2>&1 | tee '$OUT/bench.log'"
 
-# Opt-in (only when SECTIONS names it; not part of the default run): time every launch-config
-# candidate of the attention kernels per head dim and mask kind (benchmarks/tune_attention.py) and
-# write the winners to $OUT/attention_tuned.json, rewritten after each (head dim, kind) pair. It starts
-# no pair that the slowest pair so far would carry past 20 s before the section's limit. How many of
-# the 56 pairs fit one call is not yet measured: narrow with TUNE_ARGS (e.g. "--head-dims 64 128"), or
-# resume in a later call from a table carried in the tree
-# (TUNE_ARGS="--resume vlfast/ops/attention/tuned/h200.json"). benchmarks/results/README.md has the steps.
+# Opt-in (only when SECTIONS names it; not part of the default run): the bench with VLFAST_AUTOTUNE=1
+# (vlfast/_launch_configs.py): every Triton kernel times its candidate configs on the first call of
+# each key, and each row's "config" records the winner and every candidate's ms. Evidence for
+# changing a kernel's default in the code; there is no table to fill. TUNE_OPS (default: attention
+# clip_loss codebook_lookup) and BENCH_SIZE fit it to the budget; how much fits one call is not yet measured.
 if [[ " ${SECTIONS:-} " == *" tune "* ]]; then
-    run tune 540 bash -c "python3 benchmarks/tune_attention.py --budget-s \$((SECTION_LIMIT_S - 20)) \
-        --out '$OUT/attention_tuned.json' \${TUNE_ARGS:-}"
+    run tune 540 bash -c "set -o pipefail; VLFAST_AUTOTUNE=1 python3 -m vlfast bench \${TUNE_OPS:-attention clip_loss codebook_lookup} \
+        \${BENCH_SIZE:-} --json '$OUT/bench-autotune.json' 2>&1 | tee '$OUT/bench-autotune.log'"
 fi
 
 echo "=== done in ${SECONDS}s; files in $OUT:"

@@ -1,8 +1,8 @@
 """The report behind `python -m vlfast info`: versions, the device, and which implementations can run.
 
 Ops are found, not listed: every package under vlfast/ops/ that defines
-`implementation_status(device, dtype)` gets a section, so a new op needs no entry here; one that
-also defines `tuning_status(device)` (attention) gets a line on where its launch configs come from.
+`implementation_status(device, dtype)` gets a section, so a new op needs no entry here. Every Triton
+kernel picks its launch configs the same way (vlfast/_launch_configs.py): one line says how.
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def _extension_info(ext, reason: Optional[str]) -> dict:
 def collect() -> dict:
     """Everything `info` prints, as plain JSON-able data."""
     import vlfast
+    from vlfast import _launch_configs as launch_configs
     from vlfast._backends import extension
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,8 +77,6 @@ def collect() -> dict:
         # Each op's own default dtype: the one its kernels are tuned for.
         status = module.implementation_status(device)
         ops[name] = {"device": str(device), "impls": status, "auto": _auto_choice(name, device, status)}
-        if hasattr(module, "tuning_status"):  # ops whose launch configs come from a tuned table
-            ops[name]["tuning"] = module.tuning_status(device if device.type == "cuda" else None)
     return {
         "vlfast": vlfast.__version__,
         "python": platform.python_version(),
@@ -87,6 +86,7 @@ def collect() -> dict:
         "cuda": _cuda(),
         "env": {k: os.environ.get(k) for k in ENV_VARS},
         "extension": _extension_info(ext, ext_reason),
+        "launch_configs": launch_configs.describe(),
         "ops": ops,
     }
 
@@ -109,11 +109,10 @@ def format_report(info: dict) -> str:
                      f"{ext['host_compiler']}), cudart {ext['cudart']}, {ext['nvtx']}; ops: {', '.join(ext['ops'])}")
     else:
         lines.append(f"vlfast._C not built: {ext['reason']}")
+    lines.append(f"configs  {info['launch_configs']['summary']}")
     for op, entry in info["ops"].items():
         lines.append(f"{op} (inputs on {entry['device']}):")
         lines.append(f"  {'auto':<10} {entry['auto']}")
         for impl, reason in entry["impls"].items():
             lines.append(f"  {impl:<10} " + ("available" if reason is None else f"unavailable: {reason}"))
-        if "tuning" in entry:
-            lines.append(f"  {'configs':<10} {entry['tuning']['summary']}")
     return "\n".join(lines)

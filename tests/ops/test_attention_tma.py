@@ -80,15 +80,3 @@ def test_calls_tma_cannot_serve_run_with_plain_loads():
     asked, _ = K.forward(problem, tuning.Config(32, 32, 4, 2, tma=True))
     assert torch.equal(asked, plain)
 
-
-def test_table_entries_may_ask_for_tma(tmp_path):
-    import json
-    table = {**tuning.empty_table("Test GPU", "9.0"), "measured": dict.fromkeys(tuning.MEASURED_FIELDS, "x"),
-             "configs": {"half/d128/causal/fwd": {"bm": 128, "bn": 64, "num_warps": 8, "num_stages": 3, "tma": True}}}
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps(table))
-    assert tuning.load_table(path).configs["half/d128/causal/fwd"] == tuning.Config(128, 64, 8, 3, True)
-    table["configs"] = {"half/d128/causal/bwd": {"bm": 64, "bn": 64, "num_warps": 8, "num_stages": 3, "tma": 1}}
-    path.write_text(json.dumps(table))
-    with pytest.raises(tuning.TableError, match="'tma' must be true or false"):
-        tuning.load_table(path)

@@ -1,15 +1,11 @@
-"""The attention kernels' launch configs (vlfast/ops/attention/tuning.py): mask kinds, the built-in
-defaults, tuned tables, autotuning, and every candidate config's numerics in the interpreter."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+"""The attention kernels' launch configs (vlfast/ops/attention/tuning.py, chosen the way every
+kernel's are: vlfast/_launch_configs.py): mask kinds, keys, the defaults and candidates the
+ahead-of-time compiles cover, autotuning per key, and every candidate tile's numerics in the interpreter."""
 import pytest
 import torch
 
 import vlfast.masks as M
+from vlfast import _launch_configs as lc
 from vlfast.ops.attention import tuning
 
 from .attention_cases import loop_mask, make_qkv, pytorch_same_dtype, reference64, span_ids
@@ -19,14 +15,13 @@ HALF_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @pytest.fixture
-def compiled_path(monkeypatch):
-    """tuning.py as on a GPU without a tuned table: no interpreter, no autotuning, no GPU to match."""
-    monkeypatch.setattr(tuning, "_INTERPRET", False)
-    monkeypatch.setattr(tuning, "_AUTOTUNE", False)
-    monkeypatch.setattr(tuning, "_gpu", lambda device: None)
-    monkeypatch.setattr(tuning, "_TABLES", {})
-    monkeypatch.setattr(tuning, "_AUTOTUNED", {})
-    monkeypatch.setattr(tuning, "_LAST", {})
+def gpu_path(monkeypatch):
+    """Configs chosen as on a GPU (no interpreter), VLFAST_AUTOTUNE unset, nothing autotuned yet."""
+    monkeypatch.setattr(lc, "triton_interpreting", lambda: False)
+    monkeypatch.delenv("VLFAST_AUTOTUNE", raising=False)
+    monkeypatch.setattr(lc, "_CHOSEN", {})
+    for configs in tuning.CONFIGS.values():
+        monkeypatch.setattr(configs, "_autotuned", {})
 
 
 # --- mask kinds ---------------------------------------------------------------------------------------
@@ -51,47 +46,28 @@ def test_mask_kind_of_every_mask_and_composition():
     assert {want for _, want in cases} == set(tuning.KINDS)
 
 
-# --- the built-in defaults ------------------------------------------------------------------------------
+# --- defaults and candidates ----------------------------------------------------------------------------
 
-def _stated_rule(head_dim: int, dtype: torch.dtype) -> dict:
-    """The defaults as tuning.py's comment states them (compiled path)."""
-    if dtype == torch.float32:
-        tiles = {"fwd": (64, 32), "bwd": (32, 32)}
-    elif head_dim <= 128:
-        tiles = {"fwd": (128, 64), "bwd": (64, 64)}
-    else:
-        tiles = {"fwd": (64, 64), "bwd": (64, 32)}
-    stages = 3 if head_dim <= 128 else 2
-    (fm, fn), (bm, bn) = tiles["fwd"], tiles["bwd"]
-    return {"fwd": tuning.Config(fm, fn, 8 if fm >= 128 or head_dim >= 128 else 4, stages),
-            "bwd": tuning.Config(bm, bn, 8, stages)}
+def _block_d(head_dim: int) -> int:
+    """The kernels' BLOCK_D family, which sets their register and shared-memory use."""
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
-def test_defaults_follow_the_stated_rule(compiled_path):
+def test_the_aot_compiles_cover_every_default_and_candidate():
+    """tests/tools/triton_aot.py compiles each pass's candidates (the default first) at a few head
+    dims; every head dim's candidates must be among those compiled for its BLOCK_D family and dtype
+    class (fp16 and bf16 share theirs), so that the compile tests check whatever can run."""
+    from tests.tools import triton_aot
     for dtype in HALF_AND_FP32:
-        for d in range(1, 257):
-            want = _stated_rule(d, dtype)
-            for kind in tuning.KINDS:
-                for pass_ in tuning.PASSES:
-                    got = tuning.choose(d, dtype, kind, pass_, length=2048, run=lambda c: None)
-                    assert got == want[pass_] == tuning.default_config(d, dtype, kind, pass_), (d, dtype, kind, pass_)
-                    assert tuning.candidates(d, dtype, pass_)[0] == want[pass_]
-
-
-def test_the_interpreter_runs_small_tiles(monkeypatch):
-    monkeypatch.setattr(tuning, "_INTERPRET", True)
-    for dtype in HALF_AND_FP32:
-        for d in (16, 72, 128, 256):
-            assert tuning.choose(d, dtype, "spans", "bwd") == tuning.Config(32, 32, 1, 1)
-
-
-def test_problem_takes_its_configs_from_tuning(compiled_path):
-    from vlfast.ops.attention import triton as K
-    q, k, v, _ = make_qkv(1, 2, 2, 40, 40, 96, torch.bfloat16)
-    p = K.Problem(q, k, v, None, None, 40, 40, M.image_prefix(9, 40), 96 ** -0.5)
-    assert p.kind == "spans"
-    assert p.config("fwd", None) == tuning.Config(128, 64, 8, 3)
-    assert p.config("bwd", None) == tuning.Config(64, 64, 8, 3)
+        compiled_as = torch.float32 if dtype == torch.float32 else torch.bfloat16
+        for pass_ in tuning.PASSES:
+            compiled = {(_block_d(d), c) for d in triton_aot.ATTENTION_HEAD_DIMS
+                        for c in tuning.candidates(d, compiled_as, pass_)}
+            for d in range(1, tuning.MAX_HEAD_DIM + 1):
+                found = tuning.candidates(d, dtype, pass_)
+                assert found[0] == tuning.default_config(d, dtype, pass_)
+                missing = [c for c in found if (_block_d(d), c) not in compiled]
+                assert not missing, (d, dtype, pass_, missing)
 
 
 def test_candidates_are_distinct_tiles_the_kernels_take():
@@ -99,136 +75,62 @@ def test_candidates_are_distinct_tiles_the_kernels_take():
         for d in range(1, 257):
             for pass_ in tuning.PASSES:
                 found = tuning.candidates(d, dtype, pass_)
-                assert len(set(found)) == len(found) and found[0] == tuning.default_config(d, dtype, "none", pass_)
+                assert len(set(found)) == len(found)
                 for c in found:
                     assert all(x & (x - 1) == 0 for x in (c.bm, c.bn, c.num_warps)) and 16 <= min(c.bm, c.bn)
                     assert dtype == torch.float32 or c.bm >= 64, c  # wgmma needs 64 rows
-    with pytest.raises(ValueError, match="head dims up to 256"):
-        tuning.head_dim_bucket(257)
+    with pytest.raises(ValueError, match="head dims 1 to 256, got 257"):
+        tuning.candidates(257, torch.bfloat16, "fwd")
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
-        tuning.dtype_class(torch.float64)
+        tuning.default_config(64, torch.float64, "fwd")
+    with pytest.raises(ValueError, match="pass must be one of"):
+        tuning.launch_key("fwd+bwd", torch.bfloat16, 64, "none", "tf32", 100)
 
 
-# --- tuned tables -----------------------------------------------------------------------------------------
-
-MEASURED = {"device": "Test GPU", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-12-01"}
-
-
-def _write_table(folder, configs, gpu="Test GPU", capability="9.0", measured=MEASURED, name="test.json", **extra):
-    table = {**tuning.empty_table(gpu, capability), "measured": measured, "configs": configs, **extra}
-    path = folder / name
-    path.write_text(json.dumps(table))
-    return path
-
-
-@pytest.fixture
-def table_dir(tmp_path, monkeypatch, compiled_path):
-    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
-    monkeypatch.setattr(tuning, "_gpu", lambda device: ("Test GPU", "9.0"))
-    return tmp_path
+def test_problem_takes_the_default_and_records_it(gpu_path):
+    from vlfast.ops.attention import triton as K
+    q, k, v, _ = make_qkv(1, 2, 2, 40, 40, 96, torch.bfloat16)
+    p = K.Problem(q, k, v, None, None, 40, 40, M.image_prefix(9, 40), 96 ** -0.5)
+    assert p.kind == "spans"
+    assert p.config("fwd", None) == tuning.candidates(96, torch.bfloat16, "fwd")[0]
+    assert p.config("bwd", None) == tuning.candidates(96, torch.bfloat16, "bwd")[0]
+    key = str(tuning.launch_key("fwd", torch.bfloat16, 96, "spans", p.flags["PRECISION"], 40))
+    assert tuning.last_choices()["attention.fwd"][key] == {"config": str(p.configs["fwd"]), "source": "default"}
+    assert set(tuning.last_choices(forget=True)) == {"attention.fwd", "attention.bwd"}
+    assert tuning.last_choices() == {}
 
 
-def test_a_table_entry_overrides_the_default(table_dir):
-    entry = {"bm": 64, "bn": 128, "num_warps": 4, "num_stages": 2, "ms": 0.5, "default_ms": 0.6}
-    _write_table(table_dir, {"half/d65-72/causal/fwd": entry})
-    _write_table(table_dir, {"half/d65-72/spans/fwd": entry}, gpu="Another GPU", name="other.json")
-    assert tuning.choose(72, torch.bfloat16, "causal", "fwd") == tuning.Config(64, 128, 4, 2)
-    assert tuning.choose(65, torch.float16, "causal", "fwd") == tuning.Config(64, 128, 4, 2)
-    assert tuning.last_choices()["fwd"] == {"config": "64x128 w4 s2", "source": "table test.json half/d65-72/causal/fwd"}
-    # other keys, and other GPUs' tables, keep the defaults
-    for args in ((72, torch.bfloat16, "causal", "bwd"), (72, torch.bfloat16, "spans", "fwd"),
-                 (80, torch.bfloat16, "causal", "fwd"), (72, torch.float32, "causal", "fwd")):
-        assert tuning.choose(*args) == tuning.default_config(*args)
-    status = tuning.describe()
-    assert status["entries"] == 1 and status["table"].endswith("test.json") and "1 entries" in status["summary"]
+def test_the_interpreter_runs_small_tiles(monkeypatch):
+    monkeypatch.setattr(lc, "triton_interpreting", lambda: True)
+    monkeypatch.setenv("VLFAST_AUTOTUNE", "1")  # never timed there
+    for dtype in HALF_AND_FP32:
+        for d in (16, 72, 128, 256):
+            for pass_ in tuning.PASSES:
+                key = tuning.launch_key(pass_, dtype, d, "spans", "tf32", 1000)
+                assert tuning.CONFIGS[pass_].choose(key, run=pytest.fail) == tuning.Config(32, 32, 1, 1)
 
 
-def test_an_empty_table_keeps_the_defaults(table_dir):
-    _write_table(table_dir, {}, measured={k: None for k in tuning.MEASURED_FIELDS})
-    assert tuning.choose(128, torch.bfloat16, "none", "bwd") == tuning.Config(64, 64, 8, 3)
-    assert "until a GPU run fills it" in tuning.describe()["summary"]
-
-
-GOOD = {"bm": 64, "bn": 64, "num_warps": 4, "num_stages": 3}
-
-
-@pytest.mark.parametrize("configs,extra,match", [
-    ({"half/d65-72/causal": GOOD}, {}, r"configs\['half/d65-72/causal'\]: keys are"),
-    ({"bf16/d65-72/causal/fwd": GOOD}, {}, r"configs\['bf16/d65-72/causal/fwd'\]: unknown dtype class 'bf16'"),
-    ({"half/d72/causal/fwd": GOOD}, {}, r"unknown head-dim bucket 'd72'"),
-    ({"half/d65-72/prefix/fwd": GOOD}, {}, r"unknown mask kind 'prefix'"),
-    ({"half/d65-72/causal/fwd": {**GOOD, "bm": 48}}, {}, r"configs\['half/d65-72/causal/fwd'\]: field 'bm' must be"),
-    ({"half/d65-72/causal/bwd": {**GOOD, "num_warps": "8"}}, {}, r"\[.half/d65-72/causal/bwd.\]: field 'num_warps'"),
-    ({"half/d65-72/causal/fwd": {k: v for k, v in GOOD.items() if k != "bn"}}, {}, r"missing field 'bn'"),
-    ({"half/d65-72/causal/fwd": {**GOOD, "warps": 4}}, {}, r"unknown field 'warps'"),
-    ({"half/d65-72/causal/fwd": [64, 64, 4, 3]}, {}, r"must be an object"),
-    ({}, {"format": 2}, r"field 'format': must be 1"),
-    ({}, {"gpu": None}, r"field 'gpu'"),
-])
-def test_a_malformed_table_gets_a_clear_error(table_dir, configs, extra, match):
-    path = _write_table(table_dir, configs, **extra)
-    with pytest.raises(tuning.TableError, match=match) as info:
-        tuning.choose(72, torch.bfloat16, "causal", "fwd")
-    assert str(path) in str(info.value)
-    assert tuning.describe()["error"] is not None  # `vlfast info` reports it instead of failing
-
-
-def test_entries_need_the_run_that_measured_them(table_dir):
-    _write_table(table_dir, {"half/d128/none/fwd": GOOD}, measured={**MEASURED, "date": None})
-    with pytest.raises(tuning.TableError, match=r"'measured'.date: a table with entries must name the run"):
-        tuning.choose(128, torch.bfloat16, "none", "fwd")
-    (table_dir / "test.json").write_text("{not json")
-    with pytest.raises(tuning.TableError, match="cannot read it as JSON"):
-        tuning.load_table(table_dir / "test.json")
-
-
-def test_shipped_tables_load_and_name_their_gpu():
-    tables = tuning.shipped_tables()
-    assert any(t.path.name == "h200.json" and t.gpu == "NVIDIA H200" and t.capability == "9.0" for t in tables)
-    for t in tables:  # load_table checks every entry, and that a table with entries says who measured it
-        assert set(tuning.MEASURED_FIELDS) <= set(t.measured)
-
-
-# --- autotuning ------------------------------------------------------------------------------------------
-
-def test_autotuning_times_every_candidate_once_per_key(compiled_path, monkeypatch):
-    monkeypatch.setattr(tuning, "_AUTOTUNE", True)
+def test_autotuning_keys_on_kind_length_and_head_dim(gpu_path, monkeypatch):
+    monkeypatch.setenv("VLFAST_AUTOTUNE", "1")
+    monkeypatch.setattr(lc, "_time_ms", lambda run: run())
     fast = tuning.Config(64, 32, 8, 3)
-    timings = {}
-
-    def fake_time(run):
-        return run()
+    timed = []
 
     def run(config):
-        timings[config] = timings.get(config, 0) + 1
-        if config == tuning.Config(128, 128, 8, 2):
-            raise RuntimeError("out of resources: shared memory")
+        timed.append(config)
         return 0.5 if config == fast else 1.0
 
-    monkeypatch.setattr(tuning, "_time", fake_time)
-    bwd_candidates = set(tuning.candidates(96, torch.bfloat16, "bwd"))
-    assert tuning.choose(96, torch.bfloat16, "causal", "bwd", length=2000, precision="tf32", run=run) == fast
-    assert set(timings) == bwd_candidates
-    timings.clear()
-    # the same key (length 1500 is in the same length bucket, 2048): no timing
-    assert tuning.choose(96, torch.bfloat16, "causal", "bwd", length=1500, precision="tf32", run=run) == fast
-    assert not timings
-    # another head-dim bucket or length bucket: timed again
-    tuning.choose(80, torch.bfloat16, "causal", "bwd", length=1500, precision="tf32", run=run)
-    tuning.choose(96, torch.bfloat16, "causal", "bwd", length=5000, precision="tf32", run=run)
-    assert set(timings) == bwd_candidates and all(n == 2 for n in timings.values())
-    keys = [k for k in tuning.autotuned() if k[3] == "bwd"]
-    assert sorted((k[1], k[6]) for k in keys) == [("d73-80", 2048), ("d81-96", 2048), ("d81-96", 8192)]
-    winner, results = tuning.autotuned()[("half", "d81-96", "causal", "bwd", "bfloat16", "tf32", 2048)]
-    assert winner == fast and results[str(fast)] == 0.5 and len(results) == len(bwd_candidates)
-    assert tuning.last_choices(forget=True)["bwd"]["source"].startswith("autotuned")
-    assert tuning.last_choices() == {}
-    # the forward's failing candidate is skipped and reported; the default wins ties
-    assert tuning.choose(96, torch.bfloat16, "causal", "fwd", length=100, run=run) == tuning.Config(128, 64, 8, 3)
-    (results,) = [r for k, (_, r) in tuning.autotuned().items() if k[3] == "fwd"]
-    assert results[str(tuning.Config(128, 128, 8, 2))].startswith("RuntimeError: out of resources")
-    # without a run function (nothing to time) the table or default is used
-    assert tuning.choose(104, torch.bfloat16, "none", "fwd") == tuning.Config(128, 64, 8, 3)
+    def choose(d, kind, length):
+        return tuning.CONFIGS["bwd"].choose(tuning.launch_key("bwd", torch.bfloat16, d, kind, "tf32", length), run)
+
+    assert choose(96, "causal", 2000) == fast
+    assert timed == tuning.candidates(96, torch.bfloat16, "bwd")
+    timed.clear()
+    assert choose(96, "causal", 1500) == fast and not timed  # the same length bucket (2048): kept
+    for d, kind, length in ((80, "causal", 1500), (96, "causal", 5000), (96, "spans", 2000)):
+        choose(d, kind, length)
+        assert timed == tuning.candidates(d, torch.bfloat16, "bwd"), (d, kind, length)
+        timed.clear()
 
 
 # --- every candidate in the interpreter ------------------------------------------------------------------
@@ -275,36 +177,3 @@ def test_every_candidate_tile_is_correct(pass_, monkeypatch):
             got = _named(None, dq.double(), dk.double(), dv.double())
             assert_relative_rule(got, _named(None, ref["dq"], ref["dk"], ref["dv"]),
                                  _named(None, base["dq"], base["dk"], base["dv"]), 1e-5, ctx, floor=1.0)
-
-
-# --- benchmarks/tune_attention.py ------------------------------------------------------------------------
-
-def _tune_script(*args, interpret: bool):
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, str(root / "benchmarks" / "tune_attention.py"), *args], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_tune_script_says_it_needs_a_gpu(tmp_path):
-    out = _tune_script("--out", str(tmp_path / "t.json"), interpret=False)
-    assert out.returncode != 0 and "on a CUDA GPU, and there is none here" in out.stderr
-    assert not (tmp_path / "t.json").exists()
-
-
-@pytest.mark.triton
-def test_tune_script_writes_a_table_vlfast_reads(tmp_path):
-    """The whole procedure in the interpreter (--cpu-dry-run), then a second run that resumes."""
-    path = tmp_path / "t.json"
-    out = _tune_script("--cpu-dry-run", "--head-dims", "72", "--kinds", "spans", "--out", str(path), interpret=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    table = tuning.load_table(path)
-    assert set(table.configs) == {"half/d65-72/spans/fwd", "half/d65-72/spans/bwd"}
-    assert table.gpu == "cpu dry run" and all(table.measured[f] for f in tuning.MEASURED_FIELDS)
-    for key, config in table.configs.items():
-        assert config in tuning.candidates(72, torch.bfloat16, key.split("/")[3])
-    again = _tune_script("--cpu-dry-run", "--head-dims", "72", "--kinds", "spans", "--out", str(path), interpret=True)
-    assert again.returncode == 0 and "in the table already" in again.stdout

@@ -95,6 +95,12 @@ def compile_kernel(kernel, sig: dict, constexprs: dict, capability: int = 90, nu
                         ptx.count("mma.sync"), ptx.count("cp.async") - tma, tma)
 
 
+def _listed(configs, key, all_configs: bool) -> list:
+    """A kernel's configs for a key (vlfast/_launch_configs.py): the default, or every candidate."""
+    found = configs.candidates(key)
+    return found if all_configs else found[:1]
+
+
 LAYOUTS = {"softmax-sym": (False, True, True), "softmax-rows": (False, False, True),
            "sigmoid": (True, False, True), "sigmoid-neg": (True, False, False)}
 
@@ -103,13 +109,17 @@ def clip_loss_variants(all_configs: bool = False):
     """(label, kernel, signature, constexprs, config) for the contrastive-loss kernels: every layout
     and input dtype (fp32 both exact and as TF32; fp16 through the masked-K path of odd D), on the
     family's default config or on all of them."""
+    import torch
     from vlfast.ops.clip_loss import triton as K
     dtypes = (("bf16", "tf32", True), ("fp16", "tf32", False), ("fp32", "tf32", True), ("fp32", "ieee", True))
-    for kernel, name in ((K._logit_stats_kernel, "stats"), (K._logit_grad_kernel, "grad")):
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for kernel, name, configs in ((K._logit_stats_kernel, "stats", K.STATS_CONFIGS),
+                                  (K._logit_grad_kernel, "grad", K.GRAD_CONFIGS)):
         for layout, (sigmoid, symmetric, has_pos) in LAYOUTS.items():
             for dtype, precision, even_k in dtypes:
-                family = K._family(precision)
-                for config in family if all_configs else family[:1]:
+                key = K.launch_key(torch_dtypes[dtype], 64 if even_k else 100, "sigmoid" if sigmoid else "softmax",
+                                   symmetric, precision)
+                for config in _listed(configs, key, all_configs):
                     consts = dict(SIGMOID=sigmoid, SYMMETRIC=symmetric, HAS_BIAS=sigmoid, HAS_POS=has_pos,
                                   DOT_PRECISION=precision, UPCAST=False, EVEN_K=even_k, **config.kwargs)
                     sig = signature(kernel, {"a_ptr": dtype, "b_ptr": dtype, "g_ptr": dtype})
@@ -122,23 +132,26 @@ def clip_loss_variants(all_configs: bool = False):
 def linear_cross_entropy_variants(all_configs: bool = False):
     """The row kernel of the fused linear cross-entropy: statistics + gradient, gradient only."""
     from vlfast.ops.linear_cross_entropy import triton as K
+    from vlfast.ops.linear_cross_entropy import weight_grad as W
     kernel = K._ce_rows_kernel
     for dtype in ("bf16", "fp32"):
         for stats, label in ((True, "fwd"), (False, "bwd")):
-            consts = dict(HAS_BIAS=True, SOFTCAP=True, COMPUTE_STATS=stats, WRITE_GRAD=True, BLOCK_V=K.BLOCK_V)
-            sig = signature(kernel, {"g_ptr": dtype, "bias_ptr": dtype, "targets_ptr": "i64"})
-            yield f"ce_rows {label} {dtype}", kernel, sig, consts, K.ROW_KERNEL_CONFIG
-    import triton
-
-    from vlfast.ops.linear_cross_entropy import weight_grad as W
-    gemm = {k: v for k, v in W._GEMM.items() if k.startswith("B")}
-    launch = triton.Config({}, num_warps=W._GEMM["num_warps"], num_stages=W._GEMM["num_stages"])
+            for config in _listed(K.ROW_CONFIGS, (), all_configs):
+                consts = dict(HAS_BIAS=True, SOFTCAP=True, COMPUTE_STATS=stats, WRITE_GRAD=True, **config.kwargs)
+                sig = signature(kernel, {"g_ptr": dtype, "bias_ptr": dtype, "targets_ptr": "i64"})
+                yield f"ce_rows {label} {dtype}", kernel, sig, consts, config
     for dtype in ("bf16", "fp16"):  # the d_weight accumulator: a GEMM tile (G^T @ hidden) per program
-        sig = signature(W._accumulate_kernel, {"acc_ptr": "fp16", "g_ptr": dtype, "h_ptr": dtype})
-        sig["V"] = sig["H"] = "i32:16"  # the goal's 32064 x 4096: 16-divisible rows vectorise
-        yield f"dw_acc {dtype}", W._accumulate_kernel, sig, dict(UPCAST=False, FIRST=False, **gemm), launch
-    yield ("dw_finish bf16", W._finish_kernel, signature(W._finish_kernel, {"acc_ptr": "fp16"}),
-           dict(TO_BF16=True, BLOCK=W._FINISH_BLOCK), triton.Config({}, num_warps=4, num_stages=1))
+        for config in _listed(W.GEMM_CONFIGS, (), all_configs):
+            sig = signature(W._accumulate_kernel, {"acc_ptr": "fp16", "g_ptr": dtype, "h_ptr": dtype})
+            sig["V"] = sig["H"] = "i32:16"  # the goal's 32064 x 4096: 16-divisible rows vectorise
+            yield f"dw_acc {dtype}", W._accumulate_kernel, sig, dict(UPCAST=False, FIRST=False, **config.kwargs), config
+    for config in _listed(W.FINISH_CONFIGS, (), all_configs):
+        yield ("dw_finish bf16", W._finish_kernel, signature(W._finish_kernel, {"acc_ptr": "fp16"}),
+               dict(TO_BF16=True, **config.kwargs), config)
+
+
+# The codebook scan's (input dtype, feature dims): one of each config family (test_launch_configs checks).
+CODEBOOK_DIMS = (("bf16", (8, 100, 256, 512)), ("fp16", (64,)), ("fp32", (64, 256)))
 
 
 def codebook_lookup_variants(all_configs: bool = False):
@@ -147,11 +160,10 @@ def codebook_lookup_variants(all_configs: bool = False):
     import torch
     import triton
     from vlfast.ops.codebook_lookup import triton as K
-    for dtype, dims in (("bf16", (8, 100, 256, 512)), ("fp16", (64,)), ("fp32", (64, 256))):
+    for dtype, dims in CODEBOOK_DIMS:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         for d in dims:
-            family = K._FAMILIES[K.family(torch_dtype.itemsize, d)]
-            for config in family if all_configs else family[:1]:
+            for config in _listed(K.SCAN_CONFIGS, K.launch_key(torch_dtype, d), all_configs):
                 bk = K._block_k({**config.kwargs, "D": d})
                 consts = dict(D=d, DOT_PRECISION=K.dot_precision(torch_dtype), UPCAST=False, BK=bk,
                               NUM_K=triton.cdiv(d, bk), EVEN_K=d % bk == 0, **config.kwargs)
@@ -163,11 +175,16 @@ def codebook_lookup_variants(all_configs: bool = False):
                {"COSINE": cosine, "BR": 64, "BD": 64}, triton.Config({}, num_warps=4, num_stages=1))
 
 
+# Attention's head dims for every candidate: one per BLOCK_D family (64, 128, 256), and 96 for the
+# head dims between 64 and 128, whose defaults differ from 128's (test_attention_tuning checks).
+ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
+
+
 def attention_variants(all_configs: bool = False):
     """Forward, dQ and dK/dV kernels on their default configs (tuning.py): head dims 64 / 128 / 256 in
     bf16, block-mapped masks, the packed layout. With all_configs, also every candidate config of
     tuning.py on the causal mask: bf16, and float32 both as TF32 and exact, at head dims 64, 96 (the
-    buckets between 64 and 128, whose defaults differ from 128's), 128 and 256."""
+    head dims between 64 and 128, whose defaults differ from 128's), 128 and 256."""
     import torch
     import triton
     from vlfast.ops.attention import triton as K
@@ -177,7 +194,6 @@ def attention_variants(all_configs: bool = False):
              "spans": {**base, "CAUSAL": True, "SPANS": True, "HAS_MAP": True},
              "none": {**base, "CAUSAL": False, "HAS_MAP": False},
              "dalle-column": {**base, "CAUSAL": True, "DALLE": 2, "HAS_MAP": True, "PERMUTED": True}}
-    kinds = {"causal": "causal", "spans": "spans", "none": "none", "dalle-column": "dalle_column"}
     kernels = {"fwd": (("fwd", K._attn_fwd),), "bwd": (("dq", K._attn_bwd_dq), ("dkdv", K._attn_bwd_dkdv))}
     tensors = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 
@@ -208,7 +224,7 @@ def attention_variants(all_configs: bool = False):
     for d, mask_name, varlen in ((128, "causal", False), (64, "none", False), (128, "spans", False),
                                  (64, "causal", True), (256, "causal", False), (64, "dalle-column", False)):
         for pass_, pass_kernels in kernels.items():
-            config = tuning.default_config(d, torch.bfloat16, kinds[mask_name], pass_)
+            config = tuning.default_config(d, torch.bfloat16, pass_)
             for name, kernel in pass_kernels:
                 yield variant(name, kernel, d, "bf16", "tf32", mask_name, varlen, config,
                               f"d{d} {mask_name}{' varlen' if varlen else ''}")
@@ -221,7 +237,7 @@ def attention_variants(all_configs: bool = False):
         return
     for torch_dtype, dtype, precision in ((torch.bfloat16, "bf16", "tf32"), (torch.float32, "fp32", "tf32"),
                                           (torch.float32, "fp32", "ieee")):
-        for d in (64, 96, 128, 256):
+        for d in ATTENTION_HEAD_DIMS:
             for pass_, pass_kernels in kernels.items():
                 for config in tuning.candidates(d, torch_dtype, pass_):
                     for name, kernel in pass_kernels:

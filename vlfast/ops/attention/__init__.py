@@ -190,13 +190,6 @@ def implementation_status(device: Union[str, torch.device], dtype: torch.dtype =
     return status(_why_not(torch.device(device), dtype, head_dim))
 
 
-def tuning_status(device: Union[str, torch.device, None] = None) -> dict:
-    """Where the Triton kernels' launch configs come from on this machine (for `vlfast info`): the
-    interpreter's, a tuned table for this GPU, or the built-in defaults; see tuning.py."""
-    from . import tuning  # imports no triton
-    return tuning.describe(device)
-
-
 def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 

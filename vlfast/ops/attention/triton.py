@@ -10,7 +10,7 @@ Backward, deterministic (no atomics): _attn_bwd_dkdv, one program per (key block
 loops over the query heads of its group and the query blocks that reach the key block, holding
 dK, dV in registers; _attn_bwd_dq, one program per (query block, batch * head), recomputes the
 scores and accumulates dQ. delta = rowsum(dO * O) comes first (_attn_bwd_delta).
-Tiles, warps and stages per pass come from tuning.py (defaults, a tuned table per GPU, autotuning).
+Tiles, warps and stages per pass come from tuning.py (defaults, or autotuning with VLFAST_AUTOTUNE=1).
 """
 from __future__ import annotations
 
@@ -527,9 +527,9 @@ class Problem:
     def config(self, pass_: str, run) -> tuning.Config:
         """The launch config of "fwd" or "bwd"; run(config) launches the pass, for autotuning."""
         if pass_ not in self.configs:
-            self.configs[pass_] = tuning.choose(self.head_dim, self.q.dtype, self.kind, pass_, device=self.q.device,
-                                                length=max(self.sq, self.sk), precision=self.flags["PRECISION"],
-                                                run=run)
+            key = tuning.launch_key(pass_, self.q.dtype, self.head_dim, self.kind, self.flags["PRECISION"],
+                                    max(self.sq, self.sk))
+            self.configs[pass_] = tuning.CONFIGS[pass_].choose(key, run)
         return self.configs[pass_]
 
     def to_layout(self, x: Tensor) -> Tensor:

@@ -15,7 +15,6 @@ That is 4 GEMMs of 2*N*M*D in all: the floor for a loss whose column statistics 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -24,10 +23,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..._backends import triton_interpreting
+from ..._launch_configs import KernelConfigs, chosen
 from . import partials
 
 _INTERPRET = triton_interpreting()
-_AUTOTUNE = os.environ.get("VLFAST_AUTOTUNE", "0") == "1"
 # Column splits are multiples of the widest column tile, so every config tiles them exactly.
 _MAX_BN = 128
 # The backward's G chunk size in bytes (None: partials.grad_chunk_rows' default); tests shrink it.
@@ -39,31 +38,28 @@ def _configs(bm, bn_choices, bk, warps, stage_choices):
             for bn in bn_choices for s in stage_choices]
 
 
-# Two families, the first config of each the default (all of a family with VLFAST_AUTOTUNE=1; each
-# costs a compile). Tensor cores (fp16, bf16, fp32 as TF32): 128 x 128 tiles on 8 warps pipeline
-# 3-4 stages on wgmma without spills in ahead-of-time compiles for sm_90a (tests/tools/triton_aot.py);
-# 128 x 256 spills 1-3 KB. Exact fp32 runs on the FMA units, where 128 x 128 spills ~9 KB: smaller
-# tiles. Every config of a family has the same BM (the stats kernel sizes its column partials by it).
-# To be narrowed by measurement on the H200.
-if _INTERPRET:  # one small config: the interpreter is slow, and several tiles get exercised
-    _TENSOR_CORE = _EXACT_FP32 = _configs(32, [32], 32, 4, [1])
-else:
-    _TENSOR_CORE = _configs(128, [128, 64], 64, 8, [3, 4])
-    _EXACT_FP32 = _configs(64, [64, 32], 32, 4, [3, 2])
+# Two families, the first config of each the default (vlfast/_launch_configs.py times all of a
+# family with VLFAST_AUTOTUNE=1; each costs a compile). Tensor cores (fp16, bf16, fp32 as TF32):
+# 128 x 128 tiles on 8 warps pipeline 3-4 stages on wgmma without spills in ahead-of-time compiles
+# for sm_90a (tests/tools/triton_aot.py); 128 x 256 spills 1-3 KB. Exact fp32 runs on the FMA units,
+# where 128 x 128 spills ~9 KB: smaller tiles. To be narrowed by measurement on the H200.
+_TENSOR_CORE = _configs(128, [128, 64], 64, 8, [3, 4])
+_EXACT_FP32 = _configs(64, [64, 32], 32, 4, [3, 2])
+# The interpreter: one small config (it is slow, and several tiles get exercised).
+_INTERPRETER = triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)
 
 
-def _family(precision: str) -> list:
-    return _EXACT_FP32 if precision == "ieee" else _TENSOR_CORE
+def launch_key(dtype: torch.dtype, d: int, kind: str, symmetric: bool, precision: str) -> tuple:
+    """The key both kernels' configs are chosen by; its last element, the dot precision, picks the family."""
+    return (str(dtype).replace("torch.", ""), d, kind, symmetric, precision)
 
 
-def _pick_configs(configs, named_args, **kwargs):
-    """Autotuner pruning: the family for this dot precision; its default alone unless autotuning."""
-    family = _family(kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")))
-    return family if _AUTOTUNE else family[:1]
+def _family(key: tuple) -> list:
+    return _EXACT_FP32 if key[-1] == "ieee" else _TENSOR_CORE
 
 
-_PRUNE = {"early_config_prune": _pick_configs}
-_KEY = ["D", "SIGMOID", "SYMMETRIC", "DOT_PRECISION"]
+STATS_CONFIGS = KernelConfigs("clip_loss.stats", _family, interpreter=_INTERPRETER)
+GRAD_CONFIGS = KernelConfigs("clip_loss.grad", _family, interpreter=_INTERPRETER)
 
 
 def _even_k(args):
@@ -144,7 +140,6 @@ def _positive_logit_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_ptr, N, D, off
     tl.store(out_ptr + rows, z, mask=ok)
 
 
-@triton.autotune(configs=_TENSOR_CORE + _EXACT_FP32, key=_KEY, prune_configs_by=_PRUNE)
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _logit_stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_part_ptr, col_part_ptr,
@@ -198,7 +193,6 @@ def _logit_stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_part_ptr
     tl.store(row_part_ptr + pid_s.to(tl.int64) * N + rows, out, mask=row_ok)
 
 
-@triton.autotune(configs=_TENSOR_CORE + _EXACT_FP32, key=_KEY, prune_configs_by=_PRUNE)
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _logit_grad_kernel(a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, stats_ptr, em_ptr, w_ptr, ds_part_ptr,
@@ -268,17 +262,25 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     m = b.shape[0]
     flags = _flags(a, bias, kind, symmetric, offset)
     bias_arg = bias if bias is not None else scale  # never read when HAS_BIAS is False
-    row_blocks = triton.cdiv(n, _family(flags["DOT_PRECISION"])[0].kwargs["BM"])
-    splits, cols_per_split = partials.column_splits(row_blocks, m, a.device, _MAX_BN)
-    stats, row_part, col_part = partials.forward_partials(n, m, row_blocks, splits, symmetric, a.device)
-    if kind == "softmax":
-        _positive_logit_kernel[(triton.cdiv(n, 64),)](a, b, scale, bias_arg, stats[0], n, d, offset,
-                                                      a.stride(0), b.stride(0), HAS_BIAS=bias is not None,
-                                                      BR=64, BD=64)
-    col_arg = col_part if symmetric else row_part  # a placeholder pointer when there is no column direction
-    _logit_stats_kernel[(row_blocks, splits)](a, b, scale, bias_arg, stats[0], row_part, col_arg, n, m, d,
-                                              offset, cols_per_split, a.stride(0), b.stride(0), **flags)
-    return partials.combine_forward(stats, row_part, col_part, kind, symmetric)
+
+    def stats_pass(config) -> tuple:
+        """The forward's kernels on one config, into partials sized for its row blocks."""
+        row_blocks = triton.cdiv(n, config.kwargs["BM"])
+        splits, cols_per_split = partials.column_splits(row_blocks, m, a.device, _MAX_BN)
+        stats, row_part, col_part = partials.forward_partials(n, m, row_blocks, splits, symmetric, a.device)
+        if kind == "softmax":
+            _positive_logit_kernel[(triton.cdiv(n, 64),)](a, b, scale, bias_arg, stats[0], n, d, offset,
+                                                          a.stride(0), b.stride(0), HAS_BIAS=bias is not None,
+                                                          BR=64, BD=64)
+        col_arg = col_part if symmetric else row_part  # a placeholder pointer when there is no column direction
+        _logit_stats_kernel[(row_blocks, splits)](a, b, scale, bias_arg, stats[0], row_part, col_arg, n, m, d,
+                                                  offset, cols_per_split, a.stride(0), b.stride(0), **flags,
+                                                  **config.kwargs,
+                                                  num_warps=config.num_warps, num_stages=config.num_stages)
+        return stats, row_part, col_part
+
+    config = STATS_CONFIGS.choose(launch_key(a.dtype, d, kind, symmetric, flags["DOT_PRECISION"]), stats_pass)
+    return partials.combine_forward(*stats_pass(config), kind, symmetric)
 
 
 def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], stats: Tensor,
@@ -290,18 +292,28 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     bias_arg = bias if bias is not None else scale
     chunk = partials.grad_chunk_rows(n, m, d, a.element_size(), GRAD_CHUNK_BYTES)
     most_programs = triton.cdiv(chunk, 32) * triton.cdiv(m, 32)  # the smallest tile any config uses
+    key = launch_key(a.dtype, d, kind, symmetric, flags["DOT_PRECISION"])
 
     def launch(r0, c, g, w, em, ds_part, db_part):
-        def grid(meta):
-            return (triton.cdiv(c, meta["BM"]), triton.cdiv(m, meta["BN"]))
+        def grad_pass(config, ds_out, db_out):  # writes g and one partial sum per program
+            bm, bn = config.kwargs["BM"], config.kwargs["BN"]
+            _logit_grad_kernel[(triton.cdiv(c, bm), triton.cdiv(m, bn))](
+                a[r0:r0 + c], b, g, scale, bias_arg, stats, em, w, ds_out, db_out, c, n, m, d, r0, offset,
+                a.stride(0), b.stride(0), g.stride(0), **flags, **config.kwargs,
+                num_warps=config.num_warps, num_stages=config.num_stages)
 
-        _logit_grad_kernel[grid](a[r0:r0 + c], b, g, scale, bias_arg, stats, em, w, ds_part, db_part,
-                                 c, n, m, d, r0, offset, a.stride(0), b.stride(0), g.stride(0), **flags)
+        spare = []  # timed candidates' partial sums: one with more programs than the winner would
+        # leave entries in ds_part / db_part that the winner does not overwrite
+
+        def timed(config):
+            spare.extend([] if spare else [torch.empty_like(ds_part), torch.empty_like(db_part)])
+            grad_pass(config, *spare)
+
+        grad_pass(GRAD_CONFIGS.choose(key, timed), ds_part, db_part)
 
     return partials.backward(grad, a, b, stats, symmetric, need_a, need_b, chunk, most_programs, launch)
 
 
 def tuned_configs() -> dict:
-    """The configs the autotuner chose so far, per kernel and tuning key (for benchmark reports)."""
-    return {name: {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
-            for name, kernel in (("stats", _logit_stats_kernel), ("grad", _logit_grad_kernel))}
+    """The configs chosen so far, per kernel and key (for benchmark reports; vlfast/_launch_configs.py)."""
+    return chosen("clip_loss.")

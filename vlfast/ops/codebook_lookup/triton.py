@@ -13,8 +13,6 @@ Splits along the codebook fill the GPU when N is small; their partial results me
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -22,12 +20,12 @@ from torch import Tensor
 
 from ... import _scratch
 from ..._backends import triton_interpreting
+from ..._launch_configs import KernelConfigs, chosen
 from . import certify
 from .splits import merge as merge_splits
 from .splits import plan as split_plan
 
 _INTERPRET = triton_interpreting()
-_AUTOTUNE = os.environ.get("VLFAST_AUTOTUNE", "0") == "1"
 # Codebook splits are multiples of the widest code tile, so every config tiles them exactly.
 _MAX_BN = 128
 
@@ -36,24 +34,21 @@ def _config(bm, bn, bk_max, warps, stages):
     return triton.Config({"BM": bm, "BN": bn, "BK_MAX": bk_max}, num_warps=warps, num_stages=stages)
 
 
-# Families by input width and feature dimension; the first config of each is the default, all of one
-# with VLFAST_AUTOTUNE=1 (each costs a compile). Every config of a family has the same BM (the split
-# count is sized by it). Chosen by ahead-of-time compiles (tests/tools/triton_aot.py): wgmma on sm_90a,
-# pipelined code tiles, no spills, shared memory within sm_80's 163 KB. For D <= 128 the default's
-# 64-code tile keeps registers near 110, so two blocks share an SM and one's score epilogue (the
-# running argmin, about as costly as the MMAs at D = 64) overlaps the other's MMAs. To be narrowed by
-# measurement on the H200.
-if _INTERPRET:  # one small config: the interpreter is slow; D > 64 takes the chunked path
-    _FAMILIES = {key: [_config(32, 32, 64, 4, 1)] for key in ("16-narrow", "16-wide", "16-chunked",
-                                                             "32-narrow", "32-chunked")}
-else:
-    _FAMILIES = {
-        "16-narrow": [_config(128, 64, 128, 8, 4), _config(128, 128, 128, 8, 3), _config(128, 128, 128, 8, 4)],
-        "16-wide": [_config(128, 64, 256, 8, 3), _config(128, 128, 256, 8, 2), _config(128, 32, 256, 4, 3)],
-        "16-chunked": [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 8, 4)],
-        "32-narrow": [_config(64, 64, 64, 4, 3), _config(64, 128, 64, 8, 3)],
-        "32-chunked": [_config(64, 64, 32, 4, 3), _config(64, 128, 32, 8, 3)],
-    }
+# Families by input width and feature dimension; the first config of each is the default
+# (vlfast/_launch_configs.py times all of one with VLFAST_AUTOTUNE=1; each costs a compile). Chosen
+# by ahead-of-time compiles (tests/tools/triton_aot.py): wgmma on sm_90a, pipelined code tiles, no
+# spills, shared memory within sm_80's 163 KB. For D <= 128 the default's 64-code tile keeps
+# registers near 110, so two blocks share an SM and one's score epilogue (the running argmin, about
+# as costly as the MMAs at D = 64) overlaps the other's MMAs. To be narrowed by measurement on the H200.
+_FAMILIES = {
+    "16-narrow": [_config(128, 64, 128, 8, 4), _config(128, 128, 128, 8, 3), _config(128, 128, 128, 8, 4)],
+    "16-wide": [_config(128, 64, 256, 8, 3), _config(128, 128, 256, 8, 2), _config(128, 32, 256, 4, 3)],
+    "16-chunked": [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 8, 4)],
+    "32-narrow": [_config(64, 64, 64, 4, 3), _config(64, 128, 64, 8, 3)],
+    "32-chunked": [_config(64, 64, 32, 4, 3), _config(64, 128, 32, 8, 3)],
+}
+# The interpreter: one small config (it is slow); D > 64 takes the chunked path there.
+_INTERPRETER = _config(32, 32, 64, 4, 1)
 
 
 def family(element_size: int, d: int) -> str:
@@ -63,11 +58,13 @@ def family(element_size: int, d: int) -> str:
     return "16-narrow" if d <= 128 else "16-wide" if d <= 256 else "16-chunked"
 
 
-def _pick_configs(configs, named_args, **kwargs):
-    """Autotuner pruning: the family for this dtype and D; its default alone unless autotuning."""
-    d = kwargs["D"] if "D" in kwargs else named_args["D"]
-    configs = _FAMILIES[family(named_args["z_ptr"].element_size(), d)]
-    return configs if _AUTOTUNE else configs[:1]
+def launch_key(dtype: torch.dtype, d: int) -> tuple:
+    """The key the scan's config is chosen by: (dtype name, input bytes per element, D)."""
+    return (str(dtype).replace("torch.", ""), dtype.itemsize, d)
+
+
+SCAN_CONFIGS = KernelConfigs("codebook_lookup.scan", lambda key: _FAMILIES[family(key[1], key[2])],
+                             interpreter=_INTERPRETER)
 
 
 def _block_k(args):
@@ -77,7 +74,6 @@ def _block_k(args):
 _HEURISTICS = {"BK": _block_k,
                "NUM_K": lambda args: triton.cdiv(args["D"], _block_k(args)),
                "EVEN_K": lambda args: args["D"] % _block_k(args) == 0}
-_ALL_CONFIGS = [c for configs in _FAMILIES.values() for c in configs]
 
 
 @triton.jit
@@ -95,7 +91,6 @@ def _load_tile(base, ks, ok, D, KS_ON_ROWS: tl.constexpr, EVEN_K: tl.constexpr, 
     return x
 
 
-@triton.autotune(configs=_ALL_CONFIGS, key=["D"], prune_configs_by={"early_config_prune": _pick_configs})
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _scan_kernel(z_ptr, e_ptr, alpha_ptr, beta_ptr, best_ptr, second_ptr, index_ptr,
@@ -189,15 +184,21 @@ def scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Ten
     """(best (N,) fp32, second (N,) fp32, index (N,) int32) of the scores; certify.py has the contract."""
     n, d = z.shape
     k = e.shape[0]
-    bm = _FAMILIES[family(z.element_size(), d)][0].kwargs["BM"]
-    row_blocks = triton.cdiv(n, bm)
-    splits, per_split = split_plan(row_blocks, k, z.device, _MAX_BN)
-    best = _scratch.empty(splits, n, dtype=torch.float32, device=z.device)
-    second = _scratch.empty(splits, n, dtype=torch.float32, device=z.device)
-    index = torch.empty(splits, n, dtype=torch.int32, device=z.device)
-    _scan_kernel[(row_blocks, splits)](z, e, alpha, beta, best, second, index, n, k, per_split,
-                                       z.stride(0), e.stride(0), D=d, DOT_PRECISION=dot_precision(z.dtype),
-                                       UPCAST=_INTERPRET and z.dtype == torch.bfloat16)
+
+    def scan_pass(config) -> tuple:
+        """The scan on one config, into partial results sized for its row blocks."""
+        row_blocks = triton.cdiv(n, config.kwargs["BM"])
+        splits, per_split = split_plan(row_blocks, k, z.device, _MAX_BN)
+        best = _scratch.empty(splits, n, dtype=torch.float32, device=z.device)
+        second = _scratch.empty(splits, n, dtype=torch.float32, device=z.device)
+        index = torch.empty(splits, n, dtype=torch.int32, device=z.device)
+        _scan_kernel[(row_blocks, splits)](z, e, alpha, beta, best, second, index, n, k, per_split,
+                                           z.stride(0), e.stride(0), D=d, DOT_PRECISION=dot_precision(z.dtype),
+                                           UPCAST=_INTERPRET and z.dtype == torch.bfloat16, **config.kwargs,
+                                           num_warps=config.num_warps, num_stages=config.num_stages)
+        return best, second, index
+
+    best, second, index = scan_pass(SCAN_CONFIGS.choose(launch_key(z.dtype, d), scan_pass))
     return merge_splits(best, second, index)
 
 
@@ -215,9 +216,8 @@ last_call = {"rows": 0, "rescored": 0}
 
 
 def describe() -> dict:
-    """For benchmark rows: the configs the autotuner chose so far, and the last call's re-scored rows."""
-    configs = {str(key): str(config) for key, config in getattr(_scan_kernel, "cache", {}).items()}
-    return {"scan": configs, **last_call}
+    """For benchmark rows: the scan's configs chosen so far, and the last call's re-scored rows."""
+    return {"scan": chosen("codebook_lookup.scan").get("codebook_lookup.scan", {}), **last_call}
 
 
 def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:

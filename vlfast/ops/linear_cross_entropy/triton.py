@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ... import _scratch
 from ..._backends import triton_interpreting
+from ..._launch_configs import KernelConfigs
 from ..._gemm import addmm_f32_, mm_f32_into
 from .reference import reduce, row_weights
 from .weight_grad import ScaledHalfAccumulator, lse_bound, scale_for
@@ -35,9 +36,12 @@ _INTERPRET = triton_interpreting()
 # 32 MiB: with d_hidden and d_weight, 346 MiB extra at 8192 x 4096 x 32064 bf16 (the 0.35 GB goal).
 CHUNK_BYTES = int(os.environ.get("VLFAST_LCE_CHUNK_BYTES", 32 << 20))
 MIN_CHUNK_ROWS = 256
-BLOCK_V = 128 if _INTERPRET else 2048
-# The row kernel is memory-bound: 8 warps stream a 2048-wide block of one row (8 floats a thread).
-ROW_KERNEL_CONFIG = triton.Config({}, num_warps=1 if _INTERPRET else 8, num_stages=1)
+# The row kernel is memory-bound: 8 warps stream a 2048-wide block of one row (8 floats a thread),
+# on Triton's default 3 stages (what it has always launched with). One candidate: no measurement has
+# asked for another, and a launch writes G over its logits, so it could not be timed as it stands.
+_ROWS = [triton.Config({"BLOCK_V": 2048}, num_warps=8, num_stages=3)]
+ROW_CONFIGS = KernelConfigs("linear_cross_entropy.rows", lambda key: _ROWS,
+                            interpreter=triton.Config({"BLOCK_V": 128}, num_warps=1, num_stages=1))
 
 
 @triton.jit
@@ -141,12 +145,14 @@ def _launch_rows(logits, bias, targets, w, lse, loss, g, v, ignore_index, smooth
                  compute_stats: bool):
     rows = logits.shape[0]
     dummy = lse  # pointer for arguments a variant never reads
+    config = ROW_CONFIGS.choose(())
     _ce_rows_kernel[(rows,)](logits, logits.stride(0), bias if bias is not None else dummy, targets,
                              w if w is not None else dummy, lse, loss if loss is not None else dummy,
                              g if g is not None else dummy, g.stride(0) if g is not None else 0,
                              v, ignore_index, smoothing, softcap or 1.0, z_loss,
                              HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), COMPUTE_STATS=compute_stats,
-                             WRITE_GRAD=g is not None, BLOCK_V=BLOCK_V, num_warps=ROW_KERNEL_CONFIG.num_warps)
+                             WRITE_GRAD=g is not None, **config.kwargs, num_warps=config.num_warps,
+                             num_stages=config.num_stages)
 
 
 class _Grads:

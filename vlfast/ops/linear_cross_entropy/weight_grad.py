@@ -24,15 +24,20 @@ from torch import Tensor
 
 from ... import _scratch
 from ..._backends import triton_interpreting
+from ..._launch_configs import KernelConfigs
 
 _INTERPRET = triton_interpreting()
 # 2^15: half of float16's range (65504) spare for the rounding of a partial sum near the bound.
 TARGET = 2.0 ** 15
-if _INTERPRET:
-    _GEMM = dict(BV=32, BH=32, BK=32, num_warps=1, num_stages=1)
-else:  # a first guess for Hopper, to be tuned on the H200: the accumulator's read + write dominate
-    _GEMM = dict(BV=128, BH=128, BK=64, num_warps=8, num_stages=3)
-_FINISH_BLOCK = 256 if _INTERPRET else 4096
+# One candidate each (vlfast/_launch_configs.py): no measurement has asked for more, and the GEMM
+# accumulates into acc, so a launch is not safe to repeat for timing.
+# The GEMM: a first guess for Hopper, to be tuned on the H200: the accumulator's read + write dominate.
+_GEMM = [triton.Config({"BV": 128, "BH": 128, "BK": 64}, num_warps=8, num_stages=3)]
+_FINISH = [triton.Config({"BLOCK": 4096}, num_warps=4, num_stages=3)]
+GEMM_CONFIGS = KernelConfigs("linear_cross_entropy.dw_acc", lambda key: _GEMM,
+                             interpreter=triton.Config({"BV": 32, "BH": 32, "BK": 32}, num_warps=1, num_stages=1))
+FINISH_CONFIGS = KernelConfigs("linear_cross_entropy.dw_finish", lambda key: _FINISH,
+                               interpreter=triton.Config({"BLOCK": 256}, num_warps=4, num_stages=1))
 
 
 @triton.jit
@@ -135,12 +140,11 @@ class ScaledHalfAccumulator:
         c = g.shape[0]
         if c == 0:
             return
-        cfg = _GEMM
-        grid = (triton.cdiv(v, cfg["BV"]), triton.cdiv(h, cfg["BH"]))
+        cfg = GEMM_CONFIGS.choose(())
+        grid = (triton.cdiv(v, cfg.kwargs["BV"]), triton.cdiv(h, cfg.kwargs["BH"]))
         _accumulate_kernel[grid](self.acc, g, hidden_c, self.scale, v, h, c, g.stride(0), hidden_c.stride(0),
-                                 BV=cfg["BV"], BH=cfg["BH"], BK=cfg["BK"], FIRST=self.chunks == 0,
-                                 UPCAST=_INTERPRET and g.dtype == torch.bfloat16,
-                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                 FIRST=self.chunks == 0, UPCAST=_INTERPRET and g.dtype == torch.bfloat16,
+                                 **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.chunks += 1
 
     def result(self) -> Tensor:
@@ -149,7 +153,8 @@ class ScaledHalfAccumulator:
         if self.chunks == 0:  # no rows: the sum is empty
             self.acc.zero_()
         elif n:
-            _finish_kernel[(triton.cdiv(n, _FINISH_BLOCK),)](self.acc, self.scale, n,
-                                                             TO_BF16=self.dtype == torch.bfloat16,
-                                                             BLOCK=_FINISH_BLOCK)
+            cfg = FINISH_CONFIGS.choose(())
+            _finish_kernel[(triton.cdiv(n, cfg.kwargs["BLOCK"]),)](self.acc, self.scale, n,
+                                                                   TO_BF16=self.dtype == torch.bfloat16, **cfg.kwargs,
+                                                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return self.acc.view(self.dtype)
