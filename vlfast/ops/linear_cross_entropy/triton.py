@@ -26,13 +26,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ... import _scratch
-from ..._backends import triton_interpreting
-from ..._launch_configs import KernelConfigs
 from ..._gemm import addmm_f32_, mm_f32_into
+from ..._launch_configs import KernelConfigs
 from .reference import reduce, row_weights
 from .weight_grad import ScaledHalfAccumulator, lse_bound, scale_for
 
-_INTERPRET = triton_interpreting()
 # 32 MiB: with d_hidden and d_weight, 346 MiB extra at 8192 x 4096 x 32064 bf16 (the 0.35 GB goal).
 CHUNK_BYTES = int(os.environ.get("VLFAST_LCE_CHUNK_BYTES", 32 << 20))
 MIN_CHUNK_ROWS = 256
