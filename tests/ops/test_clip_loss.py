@@ -218,11 +218,11 @@ def test_non_contiguous_inputs():
 
 # --- dispatch ---------------------------------------------------------------------------------------
 
-def test_auto_on_cpu_is_reference(monkeypatch):
+def test_auto_on_cpu_is_torch(monkeypatch):
     from vlfast.ops import clip_loss as op
     seen = []
-    real = op._FORWARD["reference"]
-    monkeypatch.setitem(op._FORWARD, "reference", lambda *a: seen.append(1) or real(*a))
+    real = op._FORWARD["torch"]
+    monkeypatch.setitem(op._FORWARD, "torch", lambda *a: seen.append(1) or real(*a))
     monkeypatch.delenv("VLFAST_IMPL", raising=False)
     vlfast.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0)
     assert seen

@@ -216,11 +216,11 @@ def test_split_plan_tiles_the_codebook():
 
 # --- dispatch -----------------------------------------------------------------------------------------
 
-def test_auto_on_cpu_is_reference(monkeypatch):
+def test_auto_on_cpu_is_torch(monkeypatch):
     from vlfast.ops import codebook_lookup as op
     seen = []
-    real = op._FORWARD["reference"]
-    monkeypatch.setitem(op._FORWARD, "reference", lambda *a: seen.append(1) or real(*a))
+    real = op._FORWARD["torch"]
+    monkeypatch.setitem(op._FORWARD, "torch", lambda *a: seen.append(1) or real(*a))
     monkeypatch.delenv("VLFAST_IMPL", raising=False)
     vlfast.codebook_lookup(torch.randn(3, 4), torch.randn(5, 4))
     assert seen
