@@ -18,6 +18,7 @@ from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from ...masks import Mask
 from . import reference as _reference
+from . import torch_impl as _torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_TRITON_HEAD_DIM = 256
@@ -50,6 +51,18 @@ def _reference_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale):
     return _reference.backward_varlen(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
 
 
+def _torch_forward(q, k, v, cu_q, cu_k, mask, scale):
+    if cu_q is None:
+        return _torch.forward(q, k, v, mask, scale)
+    return _torch.forward_varlen(q, k, v, cu_q, cu_k, mask, scale)
+
+
+def _torch_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale):
+    if cu_q is None:
+        return _torch.backward(do, q, k, v, out, lse2, mask, scale)
+    return _torch.backward_varlen(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
+
+
 def _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale):
     from . import triton  # imported on first use: vlfast imports where triton does not
     return triton, triton.Problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
@@ -63,8 +76,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], c
     float64 for float64 inputs)."""
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention.fwd"):
-        if impl in ("reference", "torch"):
+        if impl == "reference":
             return _reference_forward(q, k, v, cu_q, cu_k, mask, scale)
+        if impl == "torch":
+            return _torch_forward(q, k, v, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
         return module.forward(problem)
 
@@ -84,8 +99,10 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     do = do.contiguous()
     with nvtx_range("vlfast.attention.bwd"):
-        if impl in ("reference", "torch"):
+        if impl == "reference":
             return _reference_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
+        if impl == "torch":
+            return _torch_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
         return module.backward(problem, do, out, lse2)
 

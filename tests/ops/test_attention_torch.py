@@ -1,0 +1,165 @@
+"""impl="torch" (PyTorch's CPU flash kernel over the mask's tiles) against float64 with explicit dense masks."""
+import pytest
+import torch
+
+import vlfast.masks as M
+from vlfast.ops.attention import attention, attention_varlen
+from vlfast.ops.attention import torch_impl
+
+from .attention_cases import loop_mask, make_qkv, reference64, run_vlfast, span_ids
+from .test_attention import MASK_CASES, NAMES, _check
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("kind,p", MASK_CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_mask(kind, p, dtype):
+    _check(2, 4, 2, 50, 50, 32, dtype, kind, p, "torch")
+
+
+@pytest.mark.parametrize("kind,p", [
+    ("dalle-row", {"text_len": 7, "rows": 10, "cols": 13}),     # row / column layers take the grid plan
+    ("dalle-column", {"text_len": 7, "rows": 10, "cols": 13}),
+    ("dalle-row", {"text_len": 0, "rows": 9, "cols": 11}),      # no text
+    ("dalle-conv", {"text_len": 7, "rows": 10, "cols": 13, "kernel": 5}),
+    ("spans", {"spans": [(0, 144)]}),                           # several blocks of 128: whole and partial tiles
+    ("window", {"window": 150}),
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masks_over_several_blocks(kind, p, dtype):
+    s = p["text_len"] + p["rows"] * p["cols"] if kind.startswith("dalle") else 137
+    _check(1, 2, 1, s, s, 72, dtype, kind, p, "torch")
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (1, 3), (2, 1), (97, 130), (130, 97), (130, 300), (300, 130)])
+@pytest.mark.parametrize("kind", ["none", "causal"])
+def test_length_pairs(sq, sk, kind):
+    """Causal masks are bottom-right aligned; with Sq > Sk the first queries keep nothing."""
+    _check(1, 2, 1, sq, sk, 16, torch.float32, kind, {}, "torch")
+
+
+@pytest.mark.parametrize("sq,sk,kind", [(97, 97, "causal"), (130, 97, "causal"), (97, 130, "spans")])
+def test_length_pairs_bfloat16(sq, sk, kind):
+    p = {"spans": [(40, 50)]} if kind == "spans" else {}
+    _check(2, 2, 1, sq, sk, 80, torch.bfloat16, kind, p, "torch")
+
+
+@pytest.mark.parametrize("d", [72, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_head_dims(d, dtype):
+    _check(1, 2, 2, 37, 41, d, dtype, "causal", {}, "torch")
+
+
+@pytest.mark.parametrize("ratio", [2, 7])
+@pytest.mark.parametrize("kind,p", [("causal", {}), ("dalle-column", {"text_len": 5, "rows": 4, "cols": 6})],
+                         ids=str)
+def test_grouped_query(ratio, kind, p):
+    _check(2, ratio * 2, 2, 29, 29, 16, torch.float32, kind, p, "torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_key_padding_with_fully_masked_rows(dtype):
+    """Rows that keep nothing give exact zeros and zero gradients (checked inside _check)."""
+    valid = torch.zeros(2, 140, dtype=torch.bool)
+    valid[0, 5:25] = True
+    valid[0, 131:] = True  # batch 1 has no valid key at all; batch 0's first queries see none (causal)
+    _check(2, 2, 2, 140, 140, 16, dtype, "causal", {}, "torch", keep_extra=valid[:, None, :],
+           mask_extra=M.key_padding(valid))
+
+
+def test_fully_masked_rows_give_zero_gradients():
+    valid = torch.zeros(1, 30, dtype=torch.bool)
+    valid[0, 10:] = True
+    q, k, v, do = make_qkv(1, 2, 2, 30, 30, 16, torch.float32)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = attention(*leaves, mask=M.causal() & M.key_padding(valid), impl="torch")
+    out.backward(do)
+    assert (out[:, :, :10] == 0).all() and not out.isnan().any()
+    assert (leaves[0].grad[:, :, :10] == 0).all() and (leaves[1].grad[:, :, :10] == 0).all()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_inputs_propagate(where, dtype):
+    """The CPU kernel drops NaN scores in float32 / bfloat16 (a NaN in q or k gives finite outputs);
+    ours must give NaN where the spec (the float64 reference) does, in outputs and gradients."""
+    q, k, v, do = make_qkv(1, 2, 2, 20, 20, 16, dtype)
+    dict(q=q, k=k, v=v)[where][0, 1, 3, 2] = float("nan")
+    got, want = ({name: x.isnan() for name, x in run_vlfast(q.to(t), k.to(t), v.to(t), do.to(t), M.causal(),
+                                                              impl).items()}
+                 for t, impl in ((dtype, "torch"), (torch.float64, "reference")))
+    for name in NAMES:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_varlen_matches_per_sequence_attention():
+    """Zero-length and length-1 sequences, query and key lengths that differ, GQA, spans packed by token."""
+    lq, lk = [5, 0, 1, 40, 33, 7, 3], [5, 0, 1, 40, 33, 12, 0]
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+    ids = torch.cat([torch.tensor(span_ids(n, [(1, 3), (n - 4, 3)] if n >= 8 else []), dtype=torch.int32) for n in lk])
+    for mask in (None, M.causal(), M.spans(ids)):
+        q, k, v, do = (x[0].transpose(0, 1).contiguous() for x in make_qkv(1, 4, 2, int(cu_q[-1]), int(cu_k[-1]),
+                                                                             24, torch.float32))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = attention_varlen(*leaves, cu_q, cu_k, max(lq), max(lk), mask=mask, impl="torch")
+        out.backward(do)
+        for b in range(len(lq)):
+            q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+            if q1 == q0:
+                continue
+            seq = [x[a:c].transpose(0, 1)[None] for x, a, c in ((q, q0, q1), (k, k0, k1), (v, k0, k1), (do, q0, q1))]
+            kind = "none" if mask is None else "causal" if mask.span_ids is None else "spans"
+            keep = loop_mask(kind, q1 - q0, k1 - k0, ids=ids[k0:k1].tolist())[None, None]
+            ref = reference64(*seq, keep)
+            got = {"out": out[q0:q1], "dq": leaves[0].grad[q0:q1], "dk": leaves[1].grad[k0:k1],
+                   "dv": leaves[2].grad[k0:k1]}
+            for name in NAMES:
+                g = got[name].double().transpose(0, 1)[None]
+                torch.testing.assert_close(g, ref[name], rtol=1e-5, atol=1e-5, msg=f"seq {b} {name}")
+
+
+def test_block_sparse_masks_skip_tiles():
+    """DALL-E row / column layers and an image prefix run fewer (query, key) pairs than the dense square."""
+    s = 64 + 16 * 16
+    for mask in (M.dalle(64, 16, 16, "row"), M.dalle(64, 16, 16, "column"), M.image_prefix(144, 512)):
+        n = 512 if mask.span_ids is not None else s
+        plan = torch_impl._plan(mask, n, n, torch.float32, torch.device("cpu"))
+        pairs = 0
+        for tile in plan.tiles:
+            rows = tile.q.stop - tile.q.start
+            keys = tile.k.cols if tile.k.cols else tile.k.stop - tile.k.start
+            pairs += rows * keys / (2 if tile.causal else 1)
+        assert pairs < 0.7 * n * n, (mask, pairs / n / n)
+
+
+def test_auto_on_cpu_runs_torch(monkeypatch):
+    calls = []
+    real = torch_impl.forward
+    monkeypatch.setattr(torch_impl, "forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.delenv("VLFAST_IMPL", raising=False)
+    q, k, v, _ = make_qkv(1, 2, 2, 9, 9, 16, torch.float32)
+    attention(q, k, v, mask=M.causal())
+    assert calls
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    mask = M.image_prefix(7, 24)
+
+    def step(q, k, v):
+        return attention(q * 1.5, k, v, mask=mask, impl="torch").square().sum()
+
+    q, k, v = (torch.randn(2, h, 24, 16, requires_grad=True) for h in (4, 2, 2))
+    out = torch.compile(step, fullgraph=True)(q, k, v)
+    out.backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    want = step(q, k, v)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    for g, x in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, x.grad)

@@ -1,0 +1,302 @@
+"""Attention from PyTorch's own CPU flash kernel, with work the mask rules out skipped.
+
+The mask is split into tiles: a tile is a (query view, key view) pair that PyTorch's CPU flash
+attention (aten._scaled_dot_product_flash_attention_for_cpu, the kernel behind F.scaled_dot_product_
+attention on a CPU) runs in one call, with no mask, with is_causal (top-left aligned) or with an
+additive mask of the tile's size. Queries that several tiles visit are merged by their log-sum-exp;
+the backward runs the kernel's backward per tile with the merged out and lse (its softmax is then the
+whole row's), summing dq over a query's tiles and dk / dv over a key's.
+
+  causal, Sq == Sk         one is_causal tile (what SDPA runs)
+  DALL-E row / column      text queries: causal over text; image queries: all text keys, then each
+                           image row against its own row, causal (grid views: rows as heads; column
+                           layers permute the grid column-major first)
+  every other mask         blocks of queries, each against the run of key blocks the block map keeps,
+                           with an additive mask where the run is not kept whole (cached per mask)
+
+Inputs with a NaN or inf take the reference (the CPU kernel drops NaN scores in float32 / bfloat16).
+On other devices the reference's chunked code runs.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ...masks import DALLE_KINDS, Mask
+from . import reference as _reference
+from .blocks import _status, _tensor_key
+
+LOG2E = 1.4426950408889634
+BLOCK = 128  # queries / keys per block of the generic plan
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_CACHE: dict = {}
+_CACHE_LIMIT = 64
+
+
+@dataclass
+class View:
+    """Where a tile's tokens sit in a (B, H, S, ...) tensor: a slice of S, or a grid of `rows` x
+    `cols` tokens from `start` with the rows folded into the head axis ((B*H, rows, cols, ...))."""
+    start: int
+    stop: int
+    cols: int = 0  # 0: a plain slice
+
+    def of(self, x: Tensor) -> Tensor:
+        if not self.cols:
+            return x[:, :, self.start:self.stop]
+        return x.flatten(0, 1)[:, self.start:self.stop].unflatten(1, (-1, self.cols))
+
+
+@dataclass
+class Tile:
+    q: View
+    k: View
+    causal: bool = False                 # top-left aligned over the tile
+    bias: Optional[Tensor] = None        # (B' , 1, q, k) additive mask in the inputs' dtype
+    empty: Optional[Tensor] = None       # (B', 1, q) bool: rows that keep no key of this tile
+
+
+@dataclass
+class Plan:
+    tiles: list
+    empty: Optional[Tensor]              # (B', 1, Sq) bool: rows that keep no key at all, or None
+    perm: Optional[Tensor] = None        # column-major token order (DALL-E column layers)
+
+
+# --- plans -------------------------------------------------------------------------------------------
+
+def _dalle_grid(mask: Mask, sq: int, sk: int):
+    """(text_len, rows, cols, kind) when the mask is exactly a DALL-E row / column layer over the
+    whole sequence, else None."""
+    if mask.dalle is None or mask.span_ids is not None or mask.key_valid is not None or mask.window is not None:
+        return None
+    t, rows, cols, kind, _ = mask.dalle
+    if kind == DALLE_KINDS["conv"] or sq != sk or sk != t + rows * cols:
+        return None
+    return t, rows, cols, kind
+
+
+def _grid_plan(t: int, rows: int, cols: int, kind: int, s: int, device) -> Plan:
+    """Text queries causal over text; image queries see all text and (in grid order) their own row."""
+    perm = None
+    if kind == DALLE_KINDS["column"]:  # columns become rows: column-major image tokens
+        grid = torch.arange(rows * cols, device=device).view(rows, cols).T.reshape(-1)
+        perm = torch.cat([torch.arange(t, device=device), t + grid])
+        rows, cols = cols, rows
+    tiles = []
+    if t:
+        tiles += [Tile(View(0, t), View(0, t), causal=True), Tile(View(t, s), View(0, t))]
+    if rows * cols:
+        tiles.append(Tile(View(t, s, cols), View(t, s, cols), causal=True))
+    return Plan(tiles, None, perm)
+
+
+def _runs(kept: list) -> list:
+    """[(first, last + 1)] of consecutive True entries."""
+    runs, start = [], None
+    for i, k in enumerate(kept + [False]):
+        if k and start is None:
+            start = i
+        elif not k and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _block_plan(mask: Mask, sq: int, sk: int, dtype, device) -> Plan:
+    """Blocks of queries against the runs of key blocks the block map keeps."""
+    status = _status(mask, sq, sk, BLOCK, BLOCK, device)  # (B', nQ, nK): 0 skipped, 1 whole, 2 partial
+    any_kept = (status != 0).any(dim=0).tolist()
+    all_whole = (status == 1).all(dim=0).tolist()
+    keep = _reference._kept(mask, 0, sq, sq, sk, 1, device)  # (B', Sq, Sk) bool
+    if keep.shape[0] != status.shape[0]:
+        keep = keep.expand(status.shape[0], sq, sk)
+    tiles = []
+    for qb, kept in enumerate(any_kept):
+        q0, q1 = qb * BLOCK, min(sq, (qb + 1) * BLOCK)
+        for kb0, kb1 in _runs(kept):
+            k0, k1 = kb0 * BLOCK, min(sk, kb1 * BLOCK)
+            tile = Tile(View(q0, q1), View(k0, k1))
+            if not all(all_whole[qb][kb0:kb1]):
+                part = keep[:, q0:q1, k0:k1]
+                tile.bias = torch.zeros(part.shape, dtype=dtype, device=device).masked_fill_(
+                    ~part, float("-inf"))[:, None]
+                empty = ~part.any(dim=-1)
+                tile.empty = empty[:, None] if bool(empty.any()) else None
+            tiles.append(tile)
+    empty = ~keep.any(dim=-1)
+    return Plan(tiles, empty[:, None] if bool(empty.any()) else None)
+
+
+def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
+    if mask is None:
+        return Plan([Tile(View(0, sq), View(0, sk))], None)
+    if (mask.causal and sq == sk and mask.window is None and mask.span_ids is None and mask.dalle is None
+            and mask.key_valid is None):
+        return Plan([Tile(View(0, sq), View(0, sk), causal=True)], None)
+    key = (mask.causal, mask.window, mask.dalle, _tensor_key(mask.span_ids), _tensor_key(mask.key_valid),
+           sq, sk, dtype, str(device))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        refs, value = hit
+        if all(r() is t for r, t in zip(refs, (mask.span_ids, mask.key_valid)) if t is not None):
+            return value
+    grid = _dalle_grid(mask, sq, sk)
+    value = _grid_plan(*grid, sk, device) if grid is not None else _block_plan(mask, sq, sk, dtype, device)
+    if len(_CACHE) >= _CACHE_LIMIT:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = ([weakref.ref(t) for t in (mask.span_ids, mask.key_valid) if t is not None], value)
+    return value
+
+
+# --- forward and backward over a plan ----------------------------------------------------------------
+
+def _finite(*xs: Tensor) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in xs)
+
+
+def _usable(q: Tensor) -> bool:
+    return q.device.type == "cpu" and q.shape[-1] > 0
+
+
+def _expand_kv(x: Tensor, group: int) -> Tensor:
+    return x.repeat_interleave(group, dim=1) if group > 1 else x
+
+
+def _permuted(x: Tensor, perm: Optional[Tensor]) -> Tensor:
+    return x if perm is None else x.index_select(2, perm)
+
+
+def _unpermuted(x: Tensor, perm: Optional[Tensor]) -> Tensor:
+    if perm is None:
+        return x
+    out = torch.empty_like(x)
+    out.index_copy_(2, perm, x)
+    return out
+
+
+def _single(plan: Plan) -> bool:
+    """One unmasked tile over all queries in their plain layout."""
+    return len(plan.tiles) == 1 and plan.tiles[0].bias is None and not plan.tiles[0].q.cols
+
+
+def _forward_plan(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Sq, D) in q's dtype, natural-log lse (B, H, Sq) in the compute dtype, -inf where
+    a row keeps nothing)."""
+    ct = _reference.compute_dtype(q.dtype)
+    if _single(plan):  # one call: its outputs are the answer
+        tile = plan.tiles[0]
+        out, lse = _FLASH(q, tile.k.of(k), tile.k.of(v), is_causal=tile.causal, scale=scale)
+        return out, lse.to(ct)
+    b, h, sq, d = q.shape
+    acc = torch.zeros(b, h, sq, d, dtype=ct, device=q.device)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=ct, device=q.device)
+    for tile in plan.tiles:
+        o, l = _FLASH(tile.q.of(q), tile.k.of(k), tile.k.of(v), is_causal=tile.causal, attn_mask=tile.bias,
+                      scale=scale)
+        l = l.to(ct)
+        if tile.empty is not None:  # the kernel gives these rows lse 0: they must weigh nothing
+            l = l.masked_fill(tile.empty, float("-inf"))
+        acc_v, lse_v = tile.q.of(acc), tile.q.of(lse)
+        new = torch.logaddexp(lse_v, l)
+        safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # rows with nothing yet
+        acc_v.mul_(torch.exp(lse_v - safe)[..., None]).add_(o.to(ct) * torch.exp(l - safe)[..., None])
+        lse_v.copy_(new)
+    return acc.to(q.dtype), lse
+
+
+def _backward_plan(do, q, k, v, out, lse, plan: Plan, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) with k, v already expanded to q's heads; lse natural, +inf on empty rows."""
+    if _single(plan):
+        tile = plan.tiles[0]
+        return _FLASH_BWD(do, q, tile.k.of(k), tile.k.of(v), out, lse.to(torch.float32 if q.dtype != torch.float64
+                                                                           else q.dtype),
+                          0.0, tile.causal, scale=scale)
+    ct = _reference.compute_dtype(q.dtype)
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=ct, device=q.device) for x in (q, k, v))
+    for tile in plan.tiles:
+        g = _FLASH_BWD(tile.q.of(do), tile.q.of(q), tile.k.of(k), tile.k.of(v), tile.q.of(out), tile.q.of(lse),
+                       0.0, tile.causal, attn_mask=tile.bias, scale=scale)
+        for acc, view, grad in ((dq, tile.q, g[0]), (dk, tile.k, g[1]), (dv, tile.k, g[2])):
+            view.of(acc).add_(grad)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Sq, D), lse2 (B, H, Sq)) as reference.forward gives them."""
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    if not _usable(q) or sq == 0 or sk == 0 or not _finite(q, k, v):
+        return _reference.forward(q, k, v, mask, scale)
+    plan = _plan(mask, sq, sk, q.dtype, q.device)
+    group = h // k.shape[1]
+    qp, kp, vp = _permuted(q, plan.perm), _permuted(_expand_kv(k, group), plan.perm), \
+        _permuted(_expand_kv(v, group), plan.perm)
+    out, lse = _forward_plan(qp, kp, vp, plan, scale)
+    out, lse = _unpermuted(out, plan.perm), _unpermuted(lse[..., None], plan.perm)[..., 0]
+    lse2 = lse * LOG2E
+    empty = torch.isinf(lse) & (lse < 0)
+    if plan.empty is not None:
+        empty = empty | plan.empty
+    if plan.empty is not None or bool(empty.any()):
+        out = out.masked_fill(empty[..., None], 0.0)
+        lse2 = lse2.masked_fill(empty, float("inf"))
+    return out, lse2
+
+
+def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, mask: Optional[Mask],
+             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) for upstream do, as reference.backward gives them."""
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if not _usable(q) or sq == 0 or sk == 0 or not _finite(q, k, v, do, out, lse2.nan_to_num(posinf=0.0)):
+        return _reference.backward(do, q, k, v, out, lse2, mask, scale)
+    plan = _plan(mask, sq, sk, q.dtype, q.device)
+    group = h // hkv
+    lse = lse2 * (1.0 / LOG2E)  # +inf on empty rows: their probabilities are exp(s - inf) = 0
+    args = [_permuted(x, plan.perm) for x in (do, q, _expand_kv(k, group), _expand_kv(v, group), out)]
+    lse = _permuted(lse[..., None], plan.perm)[..., 0]
+    dq, dk, dv = _backward_plan(*args, lse, plan, scale)
+    dq, dk, dv = (_unpermuted(x, plan.perm) for x in (dq, dk, dv))
+    if group > 1:
+        dk, dv = (x.view(b, hkv, group, sk, d).sum(dim=2) for x in (dk, dv))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+# --- the packed layout: one sequence at a time ----------------------------------------------------
+
+def forward_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, mask: Optional[Mask],
+                   scale: float) -> tuple[Tensor, Tensor]:
+    """(out (Tq, H, D), lse2 (H, Tq)) for packed sequences."""
+    out = torch.zeros_like(q)
+    lse2 = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=_reference.compute_dtype(q.dtype),
+                      device=q.device)
+    for q0, q1, k0, k1 in _reference._bounds(cu_q, cu_k):
+        if q1 == q0 or k1 == k0:  # no queries, or nothing to attend: output 0
+            continue
+        seq = _reference._seq
+        o, l = forward(seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1), _reference._sequence_mask(mask, k0, k1),
+                       scale)
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse2[:, q0:q1] = l[0]
+    return out, lse2
+
+
+def backward_varlen(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, cu_q: Tensor,
+                    cu_k: Tensor, mask: Optional[Mask], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    seq = _reference._seq
+    for q0, q1, k0, k1 in _reference._bounds(cu_q, cu_k):
+        if q1 == q0 or k1 == k0:
+            continue
+        g = backward(seq(do, q0, q1), seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1), seq(out, q0, q1),
+                     lse2[None, :, q0:q1], _reference._sequence_mask(mask, k0, k1), scale)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g)
+    return dq, dk, dv
