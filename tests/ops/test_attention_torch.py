@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vlfast.masks as M
-from vlfast.ops.attention import attention, attention_varlen
+from vlfast.ops.attention import attention, attention_backward, attention_forward, attention_varlen
 from vlfast.ops.attention import torch_impl
 
 from .attention_cases import loop_mask, make_qkv, reference64, run_vlfast, span_ids
@@ -12,9 +12,19 @@ from .test_attention import MASK_CASES, NAMES, _check
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
+@pytest.fixture(params=["dense", "tiled"])
+def plan(request, monkeypatch):
+    """Small masks run as one call with a dense mask; "tiled" forces the tiled plans at any size."""
+    torch_impl._CACHE.clear()
+    if request.param == "tiled":
+        monkeypatch.setattr(torch_impl, "DENSE_MAX_PAIRS", 0)
+    yield request.param
+    torch_impl._CACHE.clear()
+
+
 @pytest.mark.parametrize("kind,p", MASK_CASES, ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_mask(kind, p, dtype):
+def test_every_mask(kind, p, dtype, plan):
     _check(2, 4, 2, 50, 50, 32, dtype, kind, p, "torch")
 
 
@@ -27,20 +37,20 @@ def test_every_mask(kind, p, dtype):
     ("window", {"window": 150}),
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_masks_over_several_blocks(kind, p, dtype):
+def test_masks_over_several_blocks(kind, p, dtype, plan):
     s = p["text_len"] + p["rows"] * p["cols"] if kind.startswith("dalle") else 137
     _check(1, 2, 1, s, s, 72, dtype, kind, p, "torch")
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (1, 3), (2, 1), (97, 130), (130, 97), (130, 300), (300, 130)])
 @pytest.mark.parametrize("kind", ["none", "causal"])
-def test_length_pairs(sq, sk, kind):
+def test_length_pairs(sq, sk, kind, plan):
     """Causal masks are bottom-right aligned; with Sq > Sk the first queries keep nothing."""
     _check(1, 2, 1, sq, sk, 16, torch.float32, kind, {}, "torch")
 
 
 @pytest.mark.parametrize("sq,sk,kind", [(97, 97, "causal"), (130, 97, "causal"), (97, 130, "spans")])
-def test_length_pairs_bfloat16(sq, sk, kind):
+def test_length_pairs_bfloat16(sq, sk, kind, plan):
     p = {"spans": [(40, 50)]} if kind == "spans" else {}
     _check(2, 2, 1, sq, sk, 80, torch.bfloat16, kind, p, "torch")
 
@@ -54,12 +64,12 @@ def test_head_dims(d, dtype):
 @pytest.mark.parametrize("ratio", [2, 7])
 @pytest.mark.parametrize("kind,p", [("causal", {}), ("dalle-column", {"text_len": 5, "rows": 4, "cols": 6})],
                          ids=str)
-def test_grouped_query(ratio, kind, p):
+def test_grouped_query(ratio, kind, p, plan):
     _check(2, ratio * 2, 2, 29, 29, 16, torch.float32, kind, p, "torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_key_padding_with_fully_masked_rows(dtype):
+def test_key_padding_with_fully_masked_rows(dtype, plan):
     """Rows that keep nothing give exact zeros and zero gradients (checked inside _check)."""
     valid = torch.zeros(2, 140, dtype=torch.bool)
     valid[0, 5:25] = True
@@ -68,7 +78,7 @@ def test_key_padding_with_fully_masked_rows(dtype):
            mask_extra=M.key_padding(valid))
 
 
-def test_fully_masked_rows_give_zero_gradients():
+def test_fully_masked_rows_give_zero_gradients(plan):
     valid = torch.zeros(1, 30, dtype=torch.bool)
     valid[0, 10:] = True
     q, k, v, do = make_qkv(1, 2, 2, 30, 30, 16, torch.float32)
@@ -94,7 +104,7 @@ def test_nan_inputs_propagate(where, dtype):
         assert torch.equal(got[name], want[name]), name
 
 
-def test_varlen_matches_per_sequence_attention():
+def test_varlen_matches_per_sequence_attention(plan):
     """Zero-length and length-1 sequences, query and key lengths that differ, GQA, spans packed by token."""
     lq, lk = [5, 0, 1, 40, 33, 7, 3], [5, 0, 1, 40, 33, 12, 0]
     cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
@@ -122,17 +132,20 @@ def test_varlen_matches_per_sequence_attention():
 
 
 def test_block_sparse_masks_skip_tiles():
-    """DALL-E row / column layers and an image prefix run fewer (query, key) pairs than the dense square."""
-    s = 64 + 16 * 16
-    for mask in (M.dalle(64, 16, 16, "row"), M.dalle(64, 16, 16, "column"), M.image_prefix(144, 512)):
-        n = 512 if mask.span_ids is not None else s
+    """Past DENSE_MAX_PAIRS, DALL-E row / column layers and an image prefix run few more (query, key)
+    pairs than the mask keeps (counting is_causal tiles as half)."""
+    s = 256 + 32 * 32
+    for mask in (M.dalle(256, 32, 32, "row"), M.dalle(256, 32, 32, "column"), M.image_prefix(576, 1024)):
+        n = 1024 if mask.span_ids is not None else s
+        assert n * n > torch_impl.DENSE_MAX_PAIRS
         plan = torch_impl._plan(mask, n, n, torch.float32, torch.device("cpu"))
         pairs = 0
         for tile in plan.tiles:
             rows = tile.q.stop - tile.q.start
             keys = tile.k.cols if tile.k.cols else tile.k.stop - tile.k.start
             pairs += rows * keys / (2 if tile.causal else 1)
-        assert pairs < 0.7 * n * n, (mask, pairs / n / n)
+        kept = int(mask.to_dense(n, n).sum())
+        assert pairs < min(1.1 * kept, 0.75 * n * n), (mask, pairs / kept)
 
 
 def test_auto_on_cpu_runs_torch(monkeypatch):
@@ -163,3 +176,15 @@ def test_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(out, want)
     for g, x in zip(grads, (q, k, v)):
         torch.testing.assert_close(g, x.grad)
+
+
+@pytest.mark.parametrize("mask_args", [(True, 0, "spans", [0, 0, 0, 0, 0]), (True, 0, None, [0, 0, 0, 0, 0]),
+                                       (True, 0, None, [4, 4, 4, 1, 0])], ids=["spans", "causal", "dalle-row"])
+def test_opcheck(mask_args, plan):
+    q, k, v = torch.randn(2, 4, 20, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    causal, window, ids, dalle = mask_args
+    ids = torch.tensor(span_ids(20, [(2, 5)]), dtype=torch.int32) if ids else None
+    args = (q, k, v, None, None, 20, 20, causal, window, ids, dalle, None, 0.25, "torch")
+    torch.library.opcheck(attention_forward, args)
+    out, lse2 = attention_forward(*args)
+    torch.library.opcheck(attention_backward, (torch.randn_like(out), q, k, v, out, lse2) + args[3:])

@@ -33,6 +33,10 @@ from .blocks import _status, _tensor_key
 
 LOG2E = 1.4426950408889634
 BLOCK = 128  # queries / keys per block of the generic plan
+# Up to this many (query, key) pairs a mask runs as one call with a dense additive mask, as SDPA
+# would: below it the kernel's fixed cost per call and per head outweighs the pairs tiles skip
+# (measured on 2 cores, torch 2.13: DALL-E row at 320 tokens, image prefix at 512: even; row at 1280: tiles 2.6x faster).
+DENSE_MAX_PAIRS = 640 * 640
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _CACHE: dict = {}
@@ -67,6 +71,7 @@ class Plan:
     tiles: list
     empty: Optional[Tensor]              # (B', 1, Sq) bool: rows that keep no key at all, or None
     perm: Optional[Tensor] = None        # column-major token order (DALL-E column layers)
+    disjoint: bool = False               # every query in at most one tile: no merging
 
 
 # --- plans -------------------------------------------------------------------------------------------
@@ -83,18 +88,16 @@ def _dalle_grid(mask: Mask, sq: int, sk: int):
 
 
 def _grid_plan(t: int, rows: int, cols: int, kind: int, s: int, device) -> Plan:
-    """Text queries causal over text; image queries see all text and (in grid order) their own row."""
+    """Text queries causal over text; image queries against all text keys, and each image row (in
+    grid order) against its own row, causal (rows as heads); the two merge by log-sum-exp."""
     perm = None
     if kind == DALLE_KINDS["column"]:  # columns become rows: column-major image tokens
         grid = torch.arange(rows * cols, device=device).view(rows, cols).T.reshape(-1)
         perm = torch.cat([torch.arange(t, device=device), t + grid])
         rows, cols = cols, rows
-    tiles = []
-    if t:
-        tiles += [Tile(View(0, t), View(0, t), causal=True), Tile(View(t, s), View(0, t))]
-    if rows * cols:
-        tiles.append(Tile(View(t, s, cols), View(t, s, cols), causal=True))
-    return Plan(tiles, None, perm)
+    tiles = [Tile(View(0, t), View(0, t), causal=True), Tile(View(t, s), View(0, t))] if t else []
+    tiles.append(Tile(View(t, s, cols), View(t, s, cols), causal=True))
+    return Plan(tiles, None, perm, disjoint=not t)
 
 
 def _runs(kept: list) -> list:
@@ -125,13 +128,25 @@ def _block_plan(mask: Mask, sq: int, sk: int, dtype, device) -> Plan:
             tile = Tile(View(q0, q1), View(k0, k1))
             if not all(all_whole[qb][kb0:kb1]):
                 part = keep[:, q0:q1, k0:k1]
-                tile.bias = torch.zeros(part.shape, dtype=dtype, device=device).masked_fill_(
-                    ~part, float("-inf"))[:, None]
+                tile.bias = _bias(part, dtype)
                 empty = ~part.any(dim=-1)
                 tile.empty = empty[:, None] if bool(empty.any()) else None
             tiles.append(tile)
     empty = ~keep.any(dim=-1)
-    return Plan(tiles, empty[:, None] if bool(empty.any()) else None)
+    disjoint = all(len(_runs(kept)) <= 1 for kept in any_kept)
+    return Plan(tiles, empty[:, None] if bool(empty.any()) else None, disjoint=disjoint)
+
+
+def _bias(keep: Tensor, dtype) -> Tensor:
+    """(B', q, k) bool -> (B', 1, q, k) additive mask (0 kept, -inf not) in the inputs' dtype."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None]
+
+
+def _dense_plan(mask: Mask, sq: int, sk: int, dtype, device) -> Plan:
+    keep = _reference._kept(mask, 0, sq, sq, sk, 1, device)  # (B', Sq, Sk)
+    empty = ~keep.any(dim=-1)
+    return Plan([Tile(View(0, sq), View(0, sk), bias=_bias(keep, dtype))],
+                empty[:, None] if bool(empty.any()) else None, disjoint=True)
 
 
 def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
@@ -148,7 +163,12 @@ def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
         if all(r() is t for r, t in zip(refs, (mask.span_ids, mask.key_valid)) if t is not None):
             return value
     grid = _dalle_grid(mask, sq, sk)
-    value = _grid_plan(*grid, sk, device) if grid is not None else _block_plan(mask, sq, sk, dtype, device)
+    if sq * sk <= DENSE_MAX_PAIRS:
+        value = _dense_plan(mask, sq, sk, dtype, device)
+    elif grid is not None:
+        value = _grid_plan(*grid, sk, device)
+    else:
+        value = _block_plan(mask, sq, sk, dtype, device)
     if len(_CACHE) >= _CACHE_LIMIT:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = ([weakref.ref(t) for t in (mask.span_ids, mask.key_valid) if t is not None], value)
@@ -158,7 +178,12 @@ def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
 # --- forward and backward over a plan ----------------------------------------------------------------
 
 def _finite(*xs: Tensor) -> bool:
-    return all(bool(torch.isfinite(x).all()) for x in xs)
+    """False when any input holds a NaN or inf (a sum is one fast pass; a finite sum that overflows
+    only sends the call to the reference)."""
+    total = xs[0].sum(dtype=torch.float32 if xs[0].dtype == torch.float16 else None)
+    for x in xs[1:]:
+        total = total + x.sum(dtype=torch.float32 if x.dtype == torch.float16 else None)
+    return math.isfinite(total.item())
 
 
 def _usable(q: Tensor) -> bool:
@@ -182,8 +207,8 @@ def _unpermuted(x: Tensor, perm: Optional[Tensor]) -> Tensor:
 
 
 def _single(plan: Plan) -> bool:
-    """One unmasked tile over all queries in their plain layout."""
-    return len(plan.tiles) == 1 and plan.tiles[0].bias is None and not plan.tiles[0].q.cols
+    """One tile over all queries in their plain layout."""
+    return len(plan.tiles) == 1 and not plan.tiles[0].q.cols
 
 
 def _forward_plan(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float) -> tuple[Tensor, Tensor]:
@@ -192,9 +217,18 @@ def _forward_plan(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float) -> 
     ct = _reference.compute_dtype(q.dtype)
     if _single(plan):  # one call: its outputs are the answer
         tile = plan.tiles[0]
-        out, lse = _FLASH(q, tile.k.of(k), tile.k.of(v), is_causal=tile.causal, scale=scale)
+        out, lse = _FLASH(q, tile.k.of(k), tile.k.of(v), is_causal=tile.causal, attn_mask=tile.bias, scale=scale)
         return out, lse.to(ct)
     b, h, sq, d = q.shape
+    if plan.disjoint:  # each query in one tile: write its outputs where they go
+        out = (torch.zeros if plan.empty is not None else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=ct, device=q.device)
+        for tile in plan.tiles:
+            o, l = _FLASH(tile.q.of(q), tile.k.of(k), tile.k.of(v), is_causal=tile.causal, attn_mask=tile.bias,
+                          scale=scale)
+            tile.q.of(out).copy_(o)
+            tile.q.of(lse).copy_(l)  # rows this tile leaves empty are in plan.empty
+        return out, lse
     acc = torch.zeros(b, h, sq, d, dtype=ct, device=q.device)
     lse = torch.full((b, h, sq), float("-inf"), dtype=ct, device=q.device)
     for tile in plan.tiles:
@@ -217,15 +251,22 @@ def _backward_plan(do, q, k, v, out, lse, plan: Plan, scale: float) -> tuple[Ten
         tile = plan.tiles[0]
         return _FLASH_BWD(do, q, tile.k.of(k), tile.k.of(v), out, lse.to(torch.float32 if q.dtype != torch.float64
                                                                            else q.dtype),
-                          0.0, tile.causal, scale=scale)
+                          0.0, tile.causal, attn_mask=tile.bias, scale=scale)
     ct = _reference.compute_dtype(q.dtype)
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    dq, dk, dv = (torch.zeros(x.shape, dtype=ct, device=q.device) for x in (q, k, v))
+    # dq of a query in one tile is written once; dk / dv sum over tiles (in the compute dtype)
+    dq = (torch.zeros if plan.empty is not None or not plan.disjoint else torch.empty)(
+        q.shape, dtype=q.dtype if plan.disjoint else ct, device=q.device)
+    dk, dv = (torch.zeros(x.shape, dtype=ct, device=q.device) for x in (k, v))
     for tile in plan.tiles:
         g = _FLASH_BWD(tile.q.of(do), tile.q.of(q), tile.k.of(k), tile.k.of(v), tile.q.of(out), tile.q.of(lse),
                        0.0, tile.causal, attn_mask=tile.bias, scale=scale)
-        for acc, view, grad in ((dq, tile.q, g[0]), (dk, tile.k, g[1]), (dv, tile.k, g[2])):
-            view.of(acc).add_(grad)
+        if plan.disjoint:
+            tile.q.of(dq).copy_(g[0])
+        else:
+            tile.q.of(dq).add_(g[0])
+        tile.k.of(dk).add_(g[1])
+        tile.k.of(dv).add_(g[2])
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
@@ -242,13 +283,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float)
     out, lse = _forward_plan(qp, kp, vp, plan, scale)
     out, lse = _unpermuted(out, plan.perm), _unpermuted(lse[..., None], plan.perm)[..., 0]
     lse2 = lse * LOG2E
-    empty = torch.isinf(lse) & (lse < 0)
-    if plan.empty is not None:
-        empty = empty | plan.empty
-    if plan.empty is not None or bool(empty.any()):
-        out = out.masked_fill(empty[..., None], 0.0)
-        lse2 = lse2.masked_fill(empty, float("inf"))
-    return out, lse2
+    if plan.empty is not None:  # rows that keep nothing: output 0, lse2 +inf (no row else is empty)
+        out = out.masked_fill(plan.empty[..., None], 0.0)
+        lse2 = lse2.masked_fill(plan.empty, float("inf"))
+    return out.contiguous(), lse2.contiguous()  # the kernel's lse is (B, S, H) in memory
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, mask: Optional[Mask],
@@ -256,7 +294,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Ten
     """(dq, dk, dv) for upstream do, as reference.backward gives them."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    if not _usable(q) or sq == 0 or sk == 0 or not _finite(q, k, v, do, out, lse2.nan_to_num(posinf=0.0)):
+    if not _usable(q) or sq == 0 or sk == 0 or not _finite(do, out):
+        # q, k, v with a NaN or inf took the reference forward, whose out then holds them too
         return _reference.backward(do, q, k, v, out, lse2, mask, scale)
     plan = _plan(mask, sq, sk, q.dtype, q.device)
     group = h // hkv
