@@ -162,3 +162,18 @@ def test_scale_as_python_float():
     want = oc.ClipLoss()(image, text, torch.tensor(CLIP_SCALE, dtype=torch.float64))
     torch.testing.assert_close(ClipLoss()(image, text, CLIP_SCALE), want, rtol=1e-7, atol=0)
     assert math.isfinite(SigLipLoss()(image, text, SIGLIP_SCALE, SIGLIP_BIAS).item())
+
+
+@pytest.mark.parametrize("module", [ClipLoss, SigLipLoss])
+def test_negative_logit_scale_is_refused_and_zero_is_allowed(module):
+    """A negative multiplier would invert the loss (positives pushed apart); zero is a valid limit."""
+    a, b = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    for scale in (-1.0, torch.tensor(-0.25, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="logit_scale must be >= 0"):
+            module()(a, b, scale, torch.tensor(0.0, dtype=torch.float64))
+    if module is ClipLoss:  # all logits equal: each direction's cross-entropy is log N
+        torch.testing.assert_close(module()(a, b, 0.0), torch.tensor(math.log(5), dtype=torch.float64))
+    else:  # every logit is the bias b: the loss is -(log sigmoid(b) + (N - 1) log sigmoid(-b))
+        bias = 0.3
+        want = -(math.log(1 / (1 + math.exp(-bias))) + 4 * math.log(1 / (1 + math.exp(bias))))
+        torch.testing.assert_close(module()(a, b, 0.0, bias), torch.tensor(want, dtype=torch.float64))

@@ -274,6 +274,26 @@ def test_gumbel_bad_input():
     gq = GumbelQuantizer(K, D)
     with pytest.raises(ValueError, match="has 5 channels"):
         gq(torch.randn(2, 5, 3, 3))
-    gq.temperature = 0.0
-    with pytest.raises(ValueError, match="temperature must be a number > 0"):
-        gq(torch.randn(2, K))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_gumbel_temperature_is_checked_at_construction_and_on_assignment(bad):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        GumbelQuantizer(K, D, temperature=bad)
+    gq = GumbelQuantizer(K, D, temperature=1)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        gq.temperature = bad  # annealing to an invalid value fails where it happens
+    gq.temperature = 1 / 16
+    assert gq.temperature == 1 / 16
+
+
+@pytest.mark.parametrize("make", [lambda: make_vq(), lambda: GumbelQuantizer(K, D)])
+def test_decode_refuses_out_of_range_and_non_integer_indices(make):
+    quantizer = make()
+    for bad in (torch.tensor([[0, K]]), torch.tensor([[-1, 0]])):
+        with pytest.raises(ValueError, match=f"indices must be in \\[0, {K}\\)"):
+            quantizer.decode(bad)
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        quantizer.decode(torch.zeros(1, 2))
+    good = torch.tensor([[0, K - 1]])
+    torch.testing.assert_close(quantizer.decode(good), quantizer.codes()[good])

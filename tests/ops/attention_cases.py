@@ -83,9 +83,9 @@ def reference64(q, k, v, do, dense_keep):
     q, k, v = _leaves((q, k, v), torch.float64)
     group = q.shape[1] // k.shape[1]
     s = q @ k.repeat_interleave(group, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
-    if dense_keep is not None:
-        s = s.masked_fill(~dense_keep, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    p = torch.softmax(s if dense_keep is None else s.masked_fill(~dense_keep, float("-inf")), dim=-1)
+    if dense_keep is not None:  # zero the rows that keep nothing (NaN from softmax); NaN inputs stay NaN
+        p = torch.where(dense_keep.any(-1, keepdim=True), p, torch.zeros_like(p))
     return _collect(p @ v.repeat_interleave(group, 1), do, (q, k, v))
 
 

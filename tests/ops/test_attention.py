@@ -130,6 +130,45 @@ def test_key_padding_with_fully_masked_rows(impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", TRITON])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_inputs_reach_every_row_that_attends_them(impl, where):
+    """A NaN in q row 3 (or key 3 of k / v) of head 1 must give NaN in the causal rows that use it, in the
+    output and in dq; rows of the other head stay finite (the reference used to zero NaN rows)."""
+    q, k, v, do = make_qkv(1, 2, 2, 11, 11, 16, torch.float32)
+    dict(q=q, k=k, v=v)[where][0, 1, 3, 2] = float("nan")
+    got = run_vlfast(q, k, v, do, M.causal(), impl)
+    rows = torch.arange(11)
+    uses = rows == 3 if where == "q" else rows >= 3  # causal: rows >= 3 attend key 3
+    for name in ("out", "dq"):
+        nan_rows = got[name][0, 1].isnan().any(-1)
+        assert nan_rows[uses].all(), (name, nan_rows)
+        assert torch.isfinite(got[name][0, 0]).all(), name
+    if where != "v":  # a NaN value times a zero probability is NaN in a matmul: rows below 3 are unspecified
+        assert not got["out"][0, 1].isnan().any(-1)[~uses].any()
+
+
+@pytest.mark.parametrize("impl", ["reference", TRITON])
+def test_fully_masked_rows_give_zero_even_with_nan_queries(impl):
+    q, k, v, do = make_qkv(2, 2, 2, 6, 6, 16, torch.float32)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1] = False  # batch 1 keeps no key
+    q[1, 0, 2, :] = float("nan")
+    got = run_vlfast(q, k, v, do, M.key_padding(valid), impl)
+    assert (got["out"][1] == 0).all() and (got["dq"][1] == 0).all()
+    assert torch.isfinite(got["out"][0]).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", TRITON])
+@pytest.mark.parametrize("kind", ["none", "causal"])
+def test_no_keys_at_all_gives_zeros(impl, kind):
+    """Sk = 0: every row keeps nothing, so out = 0 and dq = 0 (as a zero-length packed sequence does)."""
+    q, k, v, do = make_qkv(2, 4, 2, 5, 0, 16, torch.float32)
+    got = run_vlfast(q, k, v, do, M.causal() if kind == "causal" else None, impl)
+    assert got["out"].shape == q.shape and (got["out"] == 0).all() and (got["dq"] == 0).all()
+    assert got["dk"].shape == k.shape and got["dv"].shape == v.shape
+
+
+@pytest.mark.parametrize("impl", ["reference", TRITON])
 def test_varlen_matches_per_sequence_attention(impl):
     """Zero-length and length-1 sequences, query and key lengths that differ, GQA, spans packed by token."""
     lq, lk = [5, 0, 1, 40, 33, 7], [5, 0, 1, 40, 33, 12]

@@ -175,6 +175,9 @@ def test_bad_input_gets_a_clear_error(change, exc, match):
     ({"logit_softcap": 0.0}, ValueError, "logit_softcap must be None or"),
     ({"logit_softcap": float("inf")}, ValueError, "logit_softcap"),
     ({"z_loss": -1.0}, ValueError, "z_loss must be"),
+    ({"label_smoothing": True}, TypeError, "label_smoothing must be a number, got True"),
+    ({"z_loss": True}, TypeError, "z_loss must be a number, got True"),
+    ({"logit_softcap": True}, TypeError, "logit_softcap must be None or a number, got True"),
     ({"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
     ({"bias": torch.randn(9)}, ValueError, r"bias must be \(10,\)"),
     ({"impl": "cuda"}, vlfast.ImplUnavailableError, "no CUDA C\\+\\+ kernel"),
@@ -182,6 +185,14 @@ def test_bad_input_gets_a_clear_error(change, exc, match):
 def test_bad_options_get_a_clear_error(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         vlfast.linear_cross_entropy(*_args(), **kwargs)
+
+
+@pytest.mark.parametrize("option", ["label_smoothing", "z_loss", "logit_softcap"])
+def test_module_refuses_boolean_options_when_built(option):
+    with pytest.raises(TypeError, match=f"{option} must be"):
+        vlfast.nn.LinearCrossEntropy(8, 10, **{option: True})
+    with pytest.raises(TypeError, match=f"{option} must be"):
+        vlfast.nn.LinearCrossEntropy.from_linear(torch.nn.Linear(8, 10), **{option: False})
 
 
 # --- the torch.library boundary ----------------------------------------------------------------------

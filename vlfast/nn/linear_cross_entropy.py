@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..ops.linear_cross_entropy import _check_options, linear_cross_entropy
+
+
+def _check_module_options(options: dict) -> None:
+    """Bad options fail when the module is built, not at its first forward."""
+    _check_options(options["reduction"], options["label_smoothing"], options["logit_softcap"], options["z_loss"],
+                   options["ignore_index"])
 
 
 class LinearCrossEntropy(nn.Module):
@@ -28,6 +34,7 @@ class LinearCrossEntropy(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_classes, device=device, dtype=dtype)) if bias else None
         self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                             logit_softcap=logit_softcap, z_loss=z_loss, impl=impl)
+        _check_module_options(self.options)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -50,6 +57,7 @@ class LinearCrossEntropy(nn.Module):
         if unknown:
             raise TypeError(f"LinearCrossEntropy.from_linear: unknown options {sorted(unknown)}")
         module.options.update(options)
+        _check_module_options(module.options)
         return module
 
     def forward(self, hidden: Tensor, targets: Tensor) -> Tensor:

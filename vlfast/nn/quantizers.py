@@ -78,7 +78,18 @@ class _Codebook(nn.Module):
         return self.codebook
 
     def embed(self, indices: Tensor) -> Tensor:
-        """Code vectors for indices (...) -> (..., dim); differentiable in the codebook."""
+        """Code vectors for indices (...) -> (..., dim); differentiable in the codebook.
+
+        indices must be integers in [0, num_codes) (checked: one host sync; on a GPU an index out of
+        range would otherwise end in a device-side assert)."""
+        name = f"{type(self).__name__}: indices"
+        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex() \
+                or indices.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+        if indices.numel():
+            low, high = (int(x) for x in torch.stack([indices.min(), indices.max()]).tolist())
+            if low < 0 or high >= self.num_codes:
+                raise ValueError(f"{name} must be in [0, {self.num_codes}), got values from {low} to {high}")
         return F.embedding(indices, self.codes())
 
     def decode(self, indices: Tensor) -> Tensor:
@@ -223,15 +234,24 @@ class GumbelQuantizer(_Codebook):
     def __init__(self, num_codes: int, dim: int, *, temperature: float = 1.0, hard: bool = False,
                  kl_weight: float = 1.0, channels_first: Optional[bool] = None):
         super().__init__(num_codes, dim, channels_first, requires_grad=True)
-        self.temperature = temperature
+        self.temperature = temperature  # checked by the setter below
         self.hard = hard
         if not math.isfinite(kl_weight) or kl_weight < 0:
             raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
         self.kl_weight = float(kl_weight)
 
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        # checked on every assignment, so an annealing schedule that reaches 0 fails where it does
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"GumbelQuantizer: temperature must be a finite number > 0, got {value!r}")
+        self._temperature = float(value)
+
     def forward(self, logits: Tensor) -> QuantizerOutput:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"GumbelQuantizer: temperature must be a number > 0, got {self.temperature!r}")
         rows, first = self._flatten(logits, self.num_codes, "logits")
         compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
         rows = rows.to(compute)

@@ -1,8 +1,9 @@
 """Attention in plain PyTorch: the specification, and the CPU path (dense and packed layouts).
 
 out[b, h, i] = sum_j softmax_j(scale * <q_i, k_j> over the kept j) v_j, with kv head h // (H / H_kv)
-(grouped-query attention); a query that keeps no key gets 0 and zero gradients. Which pairs are kept
-is the mask's predicate (vlfast.masks); query i of Sq sits at position i + (Sk - Sq).
+(grouped-query attention); a query that keeps no key gets 0 and zero gradients, and so does every
+query when Sk = 0 (no keys at all). A NaN in q, k or v reaches every output row that attends it. Which
+pairs are kept is the mask's predicate (vlfast.masks); query i of Sq sits at position i + (Sk - Sq).
 
 The forward also returns lse2 = log2 of the softmax denominator in base-2 units of the scaled
 logits (+inf where a row keeps nothing), which is what the kernels save for the backward.
@@ -45,9 +46,9 @@ def attention_dense(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale
     v = v.to(ct).repeat_interleave(group, dim=1)
     s = scale * q.to(ct) @ k.transpose(-1, -2)
     keep = _kept(mask, 0, q.shape[2], q.shape[2], k.shape[2], q.shape[0], q.device)
-    if keep is not None:
-        s = s.masked_fill(~keep[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no kept key: 0
+    p = torch.softmax(s if keep is None else s.masked_fill(~keep[:, None], float("-inf")), dim=-1)
+    if keep is not None:  # rows with no kept key: 0 (softmax gives NaN there); NaN inputs stay NaN
+        p = torch.where(keep[:, None].any(-1, keepdim=True), p, torch.zeros_like(p))
     return p @ v
 
 
@@ -65,6 +66,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float)
     vv = v.to(ct).repeat_interleave(group, dim=1)
     out = torch.empty(q.shape, dtype=ct, device=q.device)
     lse2 = torch.empty(b, h, sq, dtype=ct, device=q.device)
+    if sk == 0:  # no keys: every row keeps nothing
+        return torch.zeros_like(q), torch.full((b, h, sq), float("inf"), dtype=ct, device=q.device)
     step = _chunk(sk * h * b)
     for i0 in range(0, sq, step):
         i1 = min(sq, i0 + step)
@@ -72,13 +75,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float)
         keep = _kept(mask, i0, i1, sq, sk, b, q.device)
         if keep is not None:
             s = s.masked_fill(~keep[:, None], float("-inf"))
+        # Empty rows come from the mask, not from the scores, so a NaN score keeps its row NaN.
+        empty = (~keep.any(-1))[:, None, :, None] if keep is not None else \
+            torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=q.device)
         m = s.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        m = torch.where(empty, torch.zeros_like(m), m)
         p = torch.exp2(s - m)
         l = p.sum(dim=-1, keepdim=True)
-        out[:, :, i0:i1] = torch.where(l > 0, (p @ vv) / l.clamp(min=1e-30), torch.zeros_like(l))
-        lse2[:, :, i0:i1] = torch.where(l[..., 0] > 0, m[..., 0] + torch.log2(l[..., 0].clamp(min=1e-30)),
-                                        torch.full_like(l[..., 0], float("inf")))
+        out[:, :, i0:i1] = torch.where(empty, torch.zeros_like(l), (p @ vv) / l.clamp(min=1e-30))
+        lse2[:, :, i0:i1] = torch.where(empty[..., 0], torch.full_like(l[..., 0], float("inf")),
+                                        m[..., 0] + torch.log2(l[..., 0].clamp(min=1e-30)))
     return out.to(q.dtype), lse2  # float64 for float64 inputs, else float32
 
 

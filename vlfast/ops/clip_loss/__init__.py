@@ -47,12 +47,20 @@ _BACKWARD = {"reference": _reference_backward, "torch": _reference_backward, "tr
 
 
 def _check_finite_scalars(scale: Tensor, bias: Optional[Tensor]) -> None:
-    # One host sync; it turns a silent NaN loss into an error that names the argument.
-    finite = torch.isfinite(scale) if bias is None else torch.isfinite(scale) & torch.isfinite(bias)
-    if not bool(finite):
+    # One host sync; it turns a silent NaN loss (or a negative scale, which inverts the loss: positives
+    # pushed apart) into an error that names the argument. A zero scale is allowed: all logits equal.
+    good = torch.isfinite(scale) & (scale >= 0)
+    if not bool(good if bias is None else good & torch.isfinite(bias)):
         for name, x in (("logit_scale", scale), ("logit_bias", bias)):
             if x is not None and not bool(torch.isfinite(x)):
                 raise ValueError(f"vlfast.clip_loss: {name} must be finite, got {float(x)}")
+        _check_scale_sign(float(scale))
+
+
+def _check_scale_sign(scale: float) -> None:
+    if scale < 0:
+        raise ValueError(f"vlfast.clip_loss: logit_scale must be >= 0 (the multiplier itself, already "
+                         f"exponentiated), got {scale}")
 
 
 def _stats_dtype(a: Tensor) -> torch.dtype:
@@ -129,6 +137,8 @@ def _as_scalar_tensor(name: str, x, device: torch.device, features_dtype: torch.
     if isinstance(x, Real) and not isinstance(x, bool):
         if not math.isfinite(float(x)):
             raise ValueError(f"vlfast.clip_loss: {name} must be finite, got {x}")
+        if name == "logit_scale":
+            _check_scale_sign(float(x))
         return torch.tensor(float(x), device=device, dtype=_reference.compute_dtype(features_dtype))
     raise TypeError(f"vlfast.clip_loss: {name} must be a tensor or a real number, got {type(x).__name__}")
 

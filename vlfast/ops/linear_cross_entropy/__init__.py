@@ -177,13 +177,18 @@ def _check_options(reduction, label_smoothing, logit_softcap, z_loss, ignore_ind
         raise ValueError(f"vlfast.linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"vlfast.linear_cross_entropy: ignore_index must be an int, got {ignore_index!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # True would pass as 1
+            raise TypeError(f"vlfast.linear_cross_entropy: {name} must be a number, got {value!r}")
+    if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))):
+        raise TypeError(f"vlfast.linear_cross_entropy: logit_softcap must be None or a number, got {logit_softcap!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"vlfast.linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not (isinstance(z_loss, (int, float)) and math.isfinite(z_loss) and z_loss >= 0):
+    if not (math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"vlfast.linear_cross_entropy: z_loss must be a finite number >= 0, got {z_loss!r}")
     if logit_softcap is None:
         return 0.0
-    if not (isinstance(logit_softcap, (int, float)) and math.isfinite(logit_softcap) and logit_softcap > 0):
+    if not (math.isfinite(logit_softcap) and logit_softcap > 0):
         raise ValueError(f"vlfast.linear_cross_entropy: logit_softcap must be None or a finite number > 0, "
                          f"got {logit_softcap!r}")
     return float(logit_softcap)
