@@ -188,3 +188,16 @@ def test_opcheck(mask_args, plan):
     torch.library.opcheck(attention_forward, args)
     out, lse2 = attention_forward(*args)
     torch.library.opcheck(attention_backward, (torch.randn_like(out), q, k, v, out, lse2) + args[3:])
+
+
+def test_bad_input_gets_the_same_clear_errors():
+    q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    for args, kwargs, exc, match in [((q, k, torch.randn(2, 2, 9, 16)), {}, ValueError, "same shape"),
+                                     ((q, k, k), {"mask": M.dalle(2, 2, 2, "row")}, ValueError, "covers 2"),
+                                     ((q, k.double(), k.double()), {}, TypeError, "share a dtype")]:
+        with pytest.raises(exc, match=match):
+            attention(*args, impl="torch", **kwargs)
+    good = torch.tensor([0, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="longer than max_seqlen 3"):
+        attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1), good, good, 3, 4,
+                         impl="torch")

@@ -7,12 +7,14 @@ additive mask of the tile's size. Queries that several tiles visit are merged by
 the backward runs the kernel's backward per tile with the merged out and lse (its softmax is then the
 whole row's), summing dq over a query's tiles and dk / dv over a key's.
 
-  causal, Sq == Sk         one is_causal tile (what SDPA runs)
-  DALL-E row / column      text queries: causal over text; image queries: all text keys, then each
-                           image row against its own row, causal (grid views: rows as heads; column
-                           layers permute the grid column-major first)
-  every other mask         blocks of queries, each against the run of key blocks the block map keeps,
-                           with an additive mask where the run is not kept whole (cached per mask)
+  no mask; causal, Sq == Sk   one call, no mask / is_causal (what SDPA runs)
+  up to DENSE_MAX_PAIRS       one call with the whole additive mask (what SDPA with a dense mask runs)
+  DALL-E row / column         text queries: causal over text; image queries: all text keys, then each
+                              image row against its own row, causal (grid views: rows as heads; column
+                              layers permute the grid column-major first)
+  every other mask            blocks of queries, each against the runs of key blocks the block map
+                              keeps, with an additive mask where a run is not kept whole
+Plans other than the first are cached per mask and shape (a model reuses one mask across layers).
 
 Inputs with a NaN or inf take the reference (the CPU kernel drops NaN scores in float32 / bfloat16).
 On other devices the reference's chunked code runs.
@@ -34,8 +36,10 @@ from .blocks import _status, _tensor_key
 LOG2E = 1.4426950408889634
 BLOCK = 128  # queries / keys per block of the generic plan
 # Up to this many (query, key) pairs a mask runs as one call with a dense additive mask, as SDPA
-# would: below it the kernel's fixed cost per call and per head outweighs the pairs tiles skip
-# (measured on 2 cores, torch 2.13: DALL-E row at 320 tokens, image prefix at 512: even; row at 1280: tiles 2.6x faster).
+# would: there the kernel's fixed cost per call and per head outweighs the pairs that tiles skip
+# (2 cores, torch 2.13, fwd / bwd ms dense vs tiled: DALL-E row 4x320x320 fp32 0.54 / 1.33 vs
+# 0.84 / 1.12, bf16 0.29 / 1.78 vs 0.82 / 4.74; image prefix 4x505x505 fp32 even; DALL-E row
+# 8x1280x1280 fp32 15.6 / 36.3 vs 5.9 / 12.8, bf16 9.4 / 40.0 vs 5.2 / 29.7).
 DENSE_MAX_PAIRS = 640 * 640
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
