@@ -158,14 +158,20 @@ def test_auto_on_cpu_runs_torch(monkeypatch):
     assert calls
 
 
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_compile_fullgraph_forward_and_backward(layout):
+    """Outputs and gradients keep the layouts the op's fake kernels promise: (B, S, H, D) tensors viewed
+    as (B, H, S, D), as projections give them, included."""
     torch._dynamo.reset()
     mask = M.image_prefix(7, 24)
 
     def step(q, k, v):
+        if layout == "bshd":
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
         return attention(q * 1.5, k, v, mask=mask, impl="torch").square().sum()
 
-    q, k, v = (torch.randn(2, h, 24, 16, requires_grad=True) for h in (4, 2, 2))
+    shape = (lambda h: (2, 24, h, 16)) if layout == "bshd" else (lambda h: (2, h, 24, 16))
+    q, k, v = (torch.randn(*shape(h), requires_grad=True) for h in (4, 2, 2))
     out = torch.compile(step, fullgraph=True)(q, k, v)
     out.backward()
     grads = [x.grad.clone() for x in (q, k, v)]

@@ -210,6 +210,14 @@ def _unpermuted(x: Tensor, perm: Optional[Tensor]) -> Tensor:
     return out
 
 
+def _laid_out_like(x: Tensor, like: Tensor) -> Tensor:
+    """x with the strides of torch.empty_like(like), as the op's fake kernels promise (the kernel
+    returns gradients in (B, S, H, D) memory order)."""
+    if x.stride() == like.stride():
+        return x
+    return x.contiguous() if like.is_contiguous() else torch.empty_like(like).copy_(x)
+
+
 def _single(plan: Plan) -> bool:
     """One tile over all queries in their plain layout."""
     return len(plan.tiles) == 1 and not plan.tiles[0].q.cols
@@ -290,7 +298,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float)
     if plan.empty is not None:  # rows that keep nothing: output 0, lse2 +inf (no row else is empty)
         out = out.masked_fill(plan.empty[..., None], 0.0)
         lse2 = lse2.masked_fill(plan.empty, float("inf"))
-    return out.contiguous(), lse2.contiguous()  # the kernel's lse is (B, S, H) in memory
+    return _laid_out_like(out, q), lse2.contiguous()  # the kernel's lse is (B, S, H) in memory
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, mask: Optional[Mask],
@@ -310,7 +318,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Ten
     dq, dk, dv = (_unpermuted(x, plan.perm) for x in (dq, dk, dv))
     if group > 1:
         dk, dv = (x.view(b, hkv, group, sk, d).sum(dim=2) for x in (dk, dv))
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _laid_out_like(dq, q), _laid_out_like(dk, k), _laid_out_like(dv, v)
 
 
 # --- the packed layout: one sequence at a time ----------------------------------------------------
