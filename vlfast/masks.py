@@ -17,8 +17,11 @@ as in FlashAttention 2.1+ and KV-cache decoding). A pair is kept when every part
   key_padding(valid)       keys with valid[b, j] False are never attended. valid: (B, Sk) bool
                            (key_padding.from_lengths(lengths, Sk) for right padding).
 
-Combine parts with `&` (e.g. causal() & key_padding(valid)); None or no_mask() keeps every pair. A
-query with no key left gets output 0 and zero gradients. `to_dense(sq, sk)` gives the (B or 1, Sq, Sk)
+Combine parts with `&` (e.g. causal() & key_padding(valid)); None or no_mask() keeps every pair. Two
+masks that both set window or dalle combine when those are equal and raise otherwise; two masks that
+both set span_ids or key_valid must share the same tensor. A window counts back from the query, so
+Mask(window=w) needs causal=True (sliding_window(w) sets it). A query with no key left gets output 0
+and zero gradients. `to_dense(sq, sk)` gives the (B or 1, Sq, Sk)
 boolean matrix, for tests and for peers that take dense masks.
 """
 from __future__ import annotations
@@ -41,11 +44,25 @@ class Mask:
     dalle: Optional[tuple] = None                 # (text_len, rows, cols, kind code, kernel)
     key_valid: Optional[Tensor] = None            # (B, Sk) bool
 
+    def __post_init__(self):
+        if self.window is not None:
+            if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+                raise ValueError(f"vlfast.masks.Mask: window must be an int >= 1 or None, got {self.window!r}")
+            if not self.causal:  # i - j < w alone would keep every later key: refuse rather than guess
+                raise ValueError("vlfast.masks.Mask: window needs causal=True (a sliding window counts back from "
+                                 "the query); use vlfast.masks.sliding_window(w)")
+
     def __and__(self, other: "Mask") -> "Mask":
         if not isinstance(other, Mask):
             return NotImplemented
         merged = {}
-        for field in ("window", "span_ids", "dalle", "key_valid"):
+        for field in ("window", "dalle"):  # plain values: equal ones combine to themselves
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(f"vlfast.masks: both masks set {field}, with different values ({mine} and "
+                                 f"{theirs}); a mask holds one {field}")
+            merged[field] = mine if mine is not None else theirs
+        for field in ("span_ids", "key_valid"):  # tensors: comparing values would need a device sync
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine is not None and theirs is not None and mine is not theirs:
                 raise ValueError(f"vlfast.masks: both masks set {field}; combine masks with different parts")
@@ -133,6 +150,10 @@ def _dalle_keeps(p_q: Tensor, p_k: Tensor, text_len: int, rows: int, cols: int, 
 
 # --- constructors -----------------------------------------------------------------------------------
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def no_mask() -> Mask:
     """Every pair kept (bidirectional attention: CLIP's image tower)."""
     return Mask()
@@ -160,7 +181,15 @@ def spans(span_ids: Tensor) -> Mask:
 
 
 def image_prefix(num_image_tokens: int, seq_len: int, batch: Optional[int] = None, device=None) -> Mask:
-    """LLaVA: the first `num_image_tokens` tokens see each other; the text after them is causal."""
+    """LLaVA: the first `num_image_tokens` tokens see each other; the text after them is causal.
+    0 <= num_image_tokens <= seq_len."""
+    if not _is_int(seq_len) or seq_len < 0:
+        raise ValueError(f"vlfast.masks.image_prefix: seq_len must be an int >= 0, got {seq_len!r}")
+    if not _is_int(num_image_tokens) or not 0 <= num_image_tokens <= seq_len:
+        raise ValueError(f"vlfast.masks.image_prefix: num_image_tokens must be an int in [0, seq_len={seq_len}], "
+                         f"got {num_image_tokens!r}")
+    if batch is not None and (not _is_int(batch) or batch < 1):
+        raise ValueError(f"vlfast.masks.image_prefix: batch must be None or an int >= 1, got {batch!r}")
     ids = torch.full((seq_len,), -1, dtype=torch.int32, device=device)
     ids[:num_image_tokens] = 0
     return spans(ids if batch is None else ids.expand(batch, seq_len))
@@ -186,7 +215,18 @@ def key_padding(valid: Tensor) -> Mask:
 
 
 def _from_lengths(lengths: Tensor, sk: int) -> Mask:
-    """Right padding: the first lengths[b] keys of each batch are valid."""
+    """Right padding: the first lengths[b] keys of each batch are valid; lengths (B,) int in [0, sk]."""
+    if not _is_int(sk) or sk < 0:
+        raise ValueError(f"vlfast.masks.key_padding.from_lengths: sk must be an int >= 0, got {sk!r}")
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.is_floating_point() \
+            or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError("vlfast.masks.key_padding.from_lengths: lengths must be an integer tensor (B,), got "
+                        f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
+    if lengths.numel():
+        low, high = (int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())  # one host sync
+        if low < 0 or high > sk:
+            raise ValueError(f"vlfast.masks.key_padding.from_lengths: lengths must be in [0, {sk}], "
+                             f"got values from {low} to {high}")
     return key_padding(torch.arange(sk, device=lengths.device)[None, :] < lengths[:, None])
 
 

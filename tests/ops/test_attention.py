@@ -76,8 +76,6 @@ def test_mask_composition_and_key_padding():
     dense = (M.causal() & M.key_padding(valid)).to_dense(8, 8)
     assert torch.equal(dense, loop_mask("causal", 8, 8)[None] & valid[:, None, :])
     assert torch.equal(M.key_padding.from_lengths(torch.tensor([3, 8]), 8).key_valid[0], torch.arange(8) < 3)
-    with pytest.raises(ValueError, match="both masks set window"):
-        M.sliding_window(3) & M.sliding_window(4)
 
 
 @pytest.mark.parametrize("kind,p", MASK_CASES, ids=lambda x: str(x))
@@ -275,6 +273,56 @@ def test_bad_varlen_input_gets_a_clear_error():
             attention_varlen(q, k, k, cu_q, cu_k, mq, mk)
     with pytest.raises(ValueError, match="key_padding does not apply"):
         attention_varlen(q, k, k, good, good, 6, 6, mask=M.key_padding(torch.ones(2, 6, dtype=torch.bool)))
+
+
+def test_equal_mask_parts_combine_and_different_ones_are_refused():
+    row = M.dalle(4, 3, 5, "row")
+    both = row & M.dalle(4, 3, 5, "row")  # equal parts: the combination is the same mask
+    assert torch.equal(both.to_dense(19, 19), row.to_dense(19, 19))
+    assert torch.equal((M.sliding_window(3) & M.sliding_window(3)).to_dense(9, 9), M.sliding_window(3).to_dense(9, 9))
+    with pytest.raises(ValueError, match="both masks set dalle, with different values"):
+        row & M.dalle(4, 3, 5, "column")
+    with pytest.raises(ValueError, match="both masks set window, with different values"):
+        M.sliding_window(3) & M.sliding_window(4)
+
+
+def test_window_without_causal_is_refused():
+    """The window counts back from the query (i - j < w): without causal it would keep every later key."""
+    with pytest.raises(ValueError, match="window needs causal=True"):
+        M.Mask(window=3)
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        M.Mask(causal=True, window=0)
+    assert torch.equal(M.Mask(causal=True, window=3).to_dense(7, 7), M.sliding_window(3).to_dense(7, 7))
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: M.image_prefix(9, 8), ValueError, "num_image_tokens must be an int in \\[0, seq_len=8\\], got 9"),
+    (lambda: M.image_prefix(-1, 8), ValueError, "num_image_tokens must be"),
+    (lambda: M.image_prefix(2.0, 8), ValueError, "num_image_tokens must be"),
+    (lambda: M.image_prefix(2, -1), ValueError, "seq_len must be an int >= 0"),
+    (lambda: M.key_padding.from_lengths(torch.tensor([3.0, 8.0]), 8), TypeError, "lengths must be an integer"),
+    (lambda: M.key_padding.from_lengths(torch.tensor([3, 9]), 8), ValueError, "lengths must be in \\[0, 8\\]"),
+    (lambda: M.key_padding.from_lengths(torch.tensor([-1, 2]), 8), ValueError, "lengths must be in \\[0, 8\\]"),
+    (lambda: M.key_padding.from_lengths(torch.tensor([[3]]), 8), TypeError, "lengths must be an integer"),
+    (lambda: M.key_padding.from_lengths(torch.tensor([3]), 8.0), ValueError, "sk must be an int >= 0"),
+])
+def test_bad_mask_constructor_arguments(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_image_prefix_of_the_whole_sequence_and_from_lengths_of_zero_and_full():
+    assert torch.equal(M.image_prefix(8, 8).to_dense(8, 8)[0], torch.ones(8, 8, dtype=torch.bool))
+    valid = M.key_padding.from_lengths(torch.tensor([0, 8], dtype=torch.int32), 8).key_valid
+    assert not valid[0].any() and valid[1].all()
+
+
+def test_varlen_dalle_grid_smaller_than_a_sequence_is_refused():
+    q = torch.randn(20, 2, 16)
+    cu = torch.tensor([0, 6, 20], dtype=torch.int32)  # the second sequence has 14 tokens
+    with pytest.raises(ValueError, match="covers 4 \\+ 3 x 3 tokens but a sequence has 14 keys"):
+        attention_varlen(q, q, q, cu, cu, 14, 14, mask=M.dalle(4, 3, 3, "row"))
+    attention_varlen(q, q, q, cu, cu, 20, 20, mask=M.dalle(4, 2, 5, "row"))  # 14 tokens fit; a loose max is fine
 
 
 def test_bad_masks_get_a_clear_error():

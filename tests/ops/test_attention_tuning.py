@@ -39,7 +39,7 @@ def test_mask_kind_of_every_mask_and_composition():
         (M.causal() & padding, "causal"), (M.sliding_window(4) & padding, "window"),
         (M.spans(ids) & padding, "spans"), (M.spans(ids) & M.sliding_window(4), "spans"),
         (M.dalle(4, 4, 4, "column") & padding, "dalle_column"), (M.causal() & M.sliding_window(3), "window"),
-        (M.Mask(window=3), "window"),
+        (M.Mask(causal=True, window=3), "window"),
     ]
     for mask, want in cases:
         assert tuning.mask_kind(mask) == want, mask

@@ -158,6 +158,7 @@ def _check_qkv(fn: str, q, k, v, dims: int, head_axis: int) -> None:
 
 
 def _check_mask(fn: str, mask, batch: Optional[int], sk: int, total_k: Optional[int], device) -> Optional[Mask]:
+    """sk: the keys per sequence (dense), or the longest packed sequence's when total_k is given."""
     if mask is None:
         return None
     if not isinstance(mask, Mask):
@@ -177,10 +178,11 @@ def _check_mask(fn: str, mask, batch: Optional[int], sk: int, total_k: Optional[
             _fail(fn, "key_padding does not apply to packed sequences: cu_seqlens already gives their lengths")
         if tuple(mask.key_valid.shape) != (batch, sk):
             _fail(fn, f"key_padding must be ({batch}, {sk}), got {tuple(mask.key_valid.shape)}")
-    if mask.dalle is not None and total_k is None:
+    if mask.dalle is not None:
         text_len, rows, cols = mask.dalle[:3]
-        if sk > text_len + rows * cols:
-            _fail(fn, f"the DALL-E mask covers {text_len} + {rows} x {cols} tokens but there are {sk} keys")
+        if sk > text_len + rows * cols:  # keys past the grid would get made-up rows and columns
+            where = "a sequence has" if total_k is not None else "there are"
+            _fail(fn, f"the DALL-E mask covers {text_len} + {rows} x {cols} tokens but {where} {sk} keys")
     return mask
 
 
@@ -231,7 +233,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Mask] = None, s
     return out
 
 
-def _check_cu(fn: str, name: str, cu, total: int, batch: Optional[int], max_len: int, device) -> None:
+def _check_cu(fn: str, name: str, cu, total: int, batch: Optional[int], max_len: int, device) -> int:
+    """Checks the offsets; returns the longest sequence's length."""
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
         _fail(fn, f"{name} must be a 1-D int32 tensor of sequence starts, got "
                   f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
@@ -249,6 +252,7 @@ def _check_cu(fn: str, name: str, cu, total: int, batch: Optional[int], max_len:
                   f"got {cu.tolist() if cu.numel() <= 16 else f'first {first}, last {last}'}")
     if longest > max_len:
         _fail(fn, f"a sequence of {longest} tokens is longer than max_seqlen {max_len} ({name})")
+    return longest
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
@@ -263,8 +267,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     fn = "attention_varlen"
     _check_qkv(fn, q, k, v, 3, 1)
     _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q.shape[0], None, max_seqlen_q, q.device)
-    _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.shape[0] - 1, max_seqlen_k, q.device)
-    mask = _check_mask(fn, mask, cu_seqlens_q.shape[0] - 1, max_seqlen_k, k.shape[0], q.device)
+    longest_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.shape[0] - 1, max_seqlen_k,
+                          q.device)
+    mask = _check_mask(fn, mask, cu_seqlens_q.shape[0] - 1, longest_k, k.shape[0], q.device)
     scale = _check_scale(fn, scale, q.shape[-1])
     impl = resolve_impl("attention", impl, q.device, _why_not(q.device, q.dtype, q.shape[-1]))
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
