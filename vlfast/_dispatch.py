@@ -9,10 +9,11 @@ is an explicit choice: it runs or raises with the reason, it never falls back.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Mapping, Optional
 
 import torch
+
+from . import _env
 
 IMPLS = ("reference", "torch", "triton", "cuda")
 _AUTO_ORDER = ("cuda", "triton", "torch", "reference")
@@ -35,10 +36,7 @@ def requested_impl(impl: str) -> str:
     if impl not in ("auto",) + IMPLS:
         raise ValueError(f"impl must be one of {('auto',) + IMPLS}, got {impl!r}")
     if impl == "auto":
-        env = os.environ.get("VLFAST_IMPL", "auto").strip() or "auto"
-        if env not in ("auto",) + IMPLS:
-            raise ValueError(f"environment variable VLFAST_IMPL must be one of {('auto',) + IMPLS}, got {env!r}")
-        impl = env
+        impl = _env.choice("VLFAST_IMPL", ("auto",) + IMPLS, "auto")
     return impl
 
 

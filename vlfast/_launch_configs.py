@@ -20,9 +20,9 @@ needs str() and ==, and imports no triton until it times something.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Hashable, Optional, Sequence
 
+from . import _env
 from ._backends import triton_interpreting
 
 ENV_VAR = "VLFAST_AUTOTUNE"
@@ -30,10 +30,7 @@ ENV_VAR = "VLFAST_AUTOTUNE"
 
 def autotune_requested() -> bool:
     """VLFAST_AUTOTUNE: "1" times candidates, "0" or unset takes defaults; anything else raises."""
-    value = os.environ.get(ENV_VAR, "0").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"{ENV_VAR} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _env.flag(ENV_VAR)
 
 
 def _time_ms(run: Callable[[], object]) -> float:

@@ -5,9 +5,10 @@ Off, `nvtx_range` returns one shared null context: no allocation, no call into N
 from __future__ import annotations
 
 import contextlib
-import os
 
-ENABLED = os.environ.get("VLFAST_NVTX", "0") == "1"
+from . import _env
+
+ENABLED = _env.flag("VLFAST_NVTX")
 _NULL = contextlib.nullcontext()
 
 

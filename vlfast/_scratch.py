@@ -5,13 +5,13 @@ uninitialised memory, so an element a kernel forgot to write shows up as a NaN i
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from . import _env
 
 
 def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     out = torch.empty(*shape, dtype=dtype, device=device)
-    if os.environ.get("VLFAST_POISON", "0") == "1" and out.is_floating_point():
+    if _env.flag("VLFAST_POISON") and out.is_floating_point():
         out.fill_(float("nan"))
     return out

@@ -8,7 +8,6 @@ launches differ between the two paths; they come in as callables.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
@@ -16,14 +15,14 @@ from torch import Tensor
 
 from ..._backends import sm_count
 
-from ... import _scratch
+from ... import _env, _scratch
 from ..._gemm import addmm_f32_
 from .reference import softplus
 
 # Bytes of the backward's G chunk (C x M in the input dtype): about the size of the features
 # ((N + M) * D), so extra memory stays O((N + M) * D), within [64, 384] MiB for GEMM efficiency.
 # VLFAST_CLIP_CHUNK_BYTES overrides it.
-GRAD_CHUNK_BYTES = int(os.environ.get("VLFAST_CLIP_CHUNK_BYTES", 0)) or None
+GRAD_CHUNK_BYTES = _env.positive_int("VLFAST_CLIP_CHUNK_BYTES", None)
 
 
 def cdiv(x: int, y: int) -> int:

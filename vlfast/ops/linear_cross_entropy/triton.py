@@ -17,7 +17,6 @@ float16 in its own memory (weight_grad.py). Extra memory: d_hidden, d_weight and
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -25,14 +24,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ... import _scratch
+from ... import _env, _scratch
 from ..._gemm import addmm_f32_, mm_f32_into
 from ..._launch_configs import KernelConfigs
 from .reference import reduce, row_weights
 from .weight_grad import ScaledHalfAccumulator, lse_bound, scale_for
 
 # 32 MiB: with d_hidden and d_weight, 346 MiB extra at 8192 x 4096 x 32064 bf16 (the 0.35 GB goal).
-CHUNK_BYTES = int(os.environ.get("VLFAST_LCE_CHUNK_BYTES", 32 << 20))
+CHUNK_BYTES = _env.positive_int("VLFAST_LCE_CHUNK_BYTES", 32 << 20)
 MIN_CHUNK_ROWS = 256
 # The row kernel is memory-bound: 8 warps stream a 2048-wide block of one row (8 floats a thread),
 # on Triton's default 3 stages (what it has always launched with). One candidate: no measurement has
