@@ -127,7 +127,7 @@ def test_key_padding_with_fully_masked_rows(impl):
            mask_extra=M.key_padding(valid))
 
 
-@pytest.mark.parametrize("impl", ["reference", TRITON])
+@pytest.mark.parametrize("impl", ["reference", "torch", TRITON])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nan_inputs_reach_every_row_that_attends_them(impl, where):
     """A NaN in q row 3 (or key 3 of k / v) of head 1 must give NaN in the causal rows that use it, in the
@@ -145,7 +145,8 @@ def test_nan_inputs_reach_every_row_that_attends_them(impl, where):
         assert not got["out"][0, 1].isnan().any(-1)[~uses].any()
 
 
-@pytest.mark.parametrize("impl", ["reference", TRITON])
+@pytest.mark.parametrize("impl", ["reference", TRITON, pytest.param("torch", marks=pytest.mark.xfail(
+    strict=True, reason="impl='torch' (torch_impl.py) gives NaN dq on a fully masked row whose q is NaN"))])
 def test_fully_masked_rows_give_zero_even_with_nan_queries(impl):
     q, k, v, do = make_qkv(2, 2, 2, 6, 6, 16, torch.float32)
     valid = torch.ones(2, 6, dtype=torch.bool)
@@ -156,7 +157,7 @@ def test_fully_masked_rows_give_zero_even_with_nan_queries(impl):
     assert torch.isfinite(got["out"][0]).all()
 
 
-@pytest.mark.parametrize("impl", ["reference", TRITON])
+@pytest.mark.parametrize("impl", ["reference", "torch", TRITON])
 @pytest.mark.parametrize("kind", ["none", "causal"])
 def test_no_keys_at_all_gives_zeros(impl, kind):
     """Sk = 0: every row keeps nothing, so out = 0 and dq = 0 (as a zero-length packed sequence does)."""
