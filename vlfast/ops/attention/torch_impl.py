@@ -306,8 +306,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Ten
     """(dq, dk, dv) for upstream do, as reference.backward gives them."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    if not _usable(q) or sq == 0 or sk == 0 or not _finite(do, out):
-        # q, k, v with a NaN or inf took the reference forward, whose out then holds them too
+    if not _usable(q) or sq == 0 or sk == 0 or not _finite(q, k, v, do, out):
+        # the kernel's backward would give NaN dq on a fully masked row whose q is NaN (the spec: 0)
         return _reference.backward(do, q, k, v, out, lse2, mask, scale)
     plan = _plan(mask, sq, sk, q.dtype, q.device)
     group = h // hkv
