@@ -8,10 +8,13 @@ the backward runs the kernel's backward per tile with the merged out and lse (it
 whole row's), summing dq over a query's tiles and dk / dv over a key's.
 
   no mask; causal, Sq == Sk   one call, no mask / is_causal (what SDPA runs)
-  up to DENSE_MAX_PAIRS       one call with the whole additive mask (what SDPA with a dense mask runs)
+  up to DENSE_MAX_PAIRS, and  one call with the whole additive mask (what SDPA with a dense mask runs)
+  bf16 / fp16 but DALL-E
   DALL-E row / column         text queries: causal over text; image queries: all text keys, then each
                               image row against its own row, causal (grid views: rows as heads; column
                               layers permute the grid column-major first)
+  one span at the start       the prefix against itself; the text after it against the prefix, then
+                              itself causally (merged)
   every other mask            blocks of queries, each against the runs of key blocks the block map
                               keeps, with an additive mask where a run is not kept whole
 Plans other than the first are cached per mask and shape (a model reuses one mask across layers).
@@ -104,6 +107,27 @@ def _grid_plan(t: int, rows: int, cols: int, kind: int, s: int, device) -> Plan:
     return Plan(tiles, None, perm, disjoint=not t)
 
 
+def _prefix_len(mask: Mask, sq: int, sk: int) -> Optional[int]:
+    """P when the mask is exactly causal with one bidirectional span over the first P tokens
+    (LLaVA's image prefix; span ids (S,) shared by the batch), else None."""
+    ids = mask.span_ids
+    if (ids is None or ids.dim() != 1 or sq != sk or mask.dalle is not None or mask.key_valid is not None
+            or mask.window is not None):
+        return None
+    p = int((ids >= 0).sum())
+    if p == 0 or not bool((ids[:p] == ids[0]).all()) or bool((ids[p:] >= 0).any()):
+        return None
+    return p
+
+
+def _prefix_plan(p: int, s: int) -> Plan:
+    """The prefix sees itself whole; the text after it sees the prefix whole and itself causally."""
+    tiles = [Tile(View(0, p), View(0, p))]
+    if p < s:
+        tiles += [Tile(View(p, s), View(0, p)), Tile(View(p, s), View(p, s), causal=True)]
+    return Plan(tiles, None, disjoint=p == s)
+
+
 def _runs(kept: list) -> list:
     """[(first, last + 1)] of consecutive True entries."""
     runs, start = [], None
@@ -167,10 +191,17 @@ def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
         if all(r() is t for r, t in zip(refs, (mask.span_ids, mask.key_valid)) if t is not None):
             return value
     grid = _dalle_grid(mask, sq, sk)
-    if sq * sk <= DENSE_MAX_PAIRS:
+    # In bfloat16 / float16 the kernel's backward runs split tiles slower than one dense call (image
+    # prefix 8x1060x1060, P=576: three tiles 26 ms vs dense 21.6 ms; float32: 26 vs 34 ms); the
+    # DALL-E grid plan still wins there (8x1280: 22.4 vs 29.3 ms).
+    dense = sq * sk <= DENSE_MAX_PAIRS or (grid is None and dtype in (torch.bfloat16, torch.float16))
+    prefix = _prefix_len(mask, sq, sk) if not dense else None
+    if dense:
         value = _dense_plan(mask, sq, sk, dtype, device)
     elif grid is not None:
         value = _grid_plan(*grid, sk, device)
+    elif prefix is not None:
+        value = _prefix_plan(prefix, sk)
     else:
         value = _block_plan(mask, sq, sk, dtype, device)
     if len(_CACHE) >= _CACHE_LIMIT:
