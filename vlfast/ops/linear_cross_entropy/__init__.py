@@ -17,6 +17,7 @@ from ..._backends import availability, status, triton_why_not_for
 from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from . import reference as _reference
+from . import torch_impl as _torch_impl
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -32,8 +33,8 @@ def _triton_backward(*args):
     return triton.backward(*args)
 
 
-_FORWARD = {"reference": _reference.forward_chunked, "torch": _reference.forward_chunked, "triton": _triton_forward}
-_BACKWARD = {"reference": _reference.backward_chunked, "torch": _reference.backward_chunked, "triton": _triton_backward}
+_FORWARD = {"reference": _reference.forward_chunked, "torch": _torch_impl.forward, "triton": _triton_forward}
+_BACKWARD = {"reference": _reference.backward_chunked, "torch": _torch_impl.backward, "triton": _triton_backward}
 
 
 def _check_targets(targets: Tensor, v: int, ignore_index: int) -> None:

@@ -1,0 +1,186 @@
+"""Linear + cross-entropy from PyTorch's own kernels: the "torch" implementation (impl="auto" on a CPU).
+
+The math is reference.py's. Rows go in chunks whose logits (float32, float64 for float64 inputs) fit in
+CHUNK_BYTES, so memory stays bounded for any N; each chunk is one GEMM, torch's log_softmax written over
+the logits, then the gradient G = dloss/dlogits written over them too, and two GEMMs for d_hidden and
+d_weight. No step allocates more than one chunk's logits.
+
+Precision: bfloat16 inputs use bfloat16 GEMMs (AMX / AVX512-BF16 kernels through oneDNN are several
+times faster than float32 ones on CPUs that have them; they accumulate in float32). The logits come out
+rounded to bfloat16, as in F.linear(...).float(); everything after is float32. G is rounded to bfloat16
+for the gradient GEMMs only without its target column: those entries, -(1 - eps) * w_i + ..., are the
+largest and cancel against p_it, so they are applied exactly in float32 (a gather of W's target rows and
+an index_add into d_weight). float16 inputs are computed in float32 (a float16 G would underflow).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reference import compute_dtype, reduce, row_weights
+
+# Bytes of one chunk's logits; tests shrink it to force many chunks.
+CHUNK_BYTES = 64 << 20
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the GEMMs run in for inputs of `dtype`."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else compute_dtype(dtype)
+
+
+def chunk_rows(v: int, ct: torch.dtype) -> int:
+    return max(1, CHUNK_BYTES // (v * torch.finfo(ct).bits // 8))
+
+
+class _Chunk:
+    """The per-call constants and reusable buffers of the chunk loop (logits of at most `rows` rows)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
+                 label_smoothing: float, softcap: float, z_loss: float):
+        n, v = hidden.shape[0], weight.shape[0]
+        self.ct, self.gt = compute_dtype(hidden.dtype), gemm_dtype(hidden.dtype)
+        self.hidden, self.weight = hidden.to(self.gt), weight.to(self.gt)
+        self.bias = None if bias is None else bias.to(self.gt)
+        self.kept = targets != ignore_index
+        self.safe_targets = torch.where(self.kept, targets, 0)  # ignored rows read column 0, weighted 0
+        self.eps, self.softcap, self.z_loss = label_smoothing, softcap, z_loss
+        self.rows = max(1, min(n, chunk_rows(v, self.ct)))
+        self.logits = torch.empty(self.rows, v, dtype=self.ct, device=hidden.device)
+        # bf16: the GEMM's logits, later the bf16 copy of G
+        self.narrow = torch.empty(self.rows, v, dtype=self.gt, device=hidden.device) if self.gt != self.ct else None
+        self.tanh = torch.empty_like(self.logits) if softcap else None
+
+    def logits_of(self, r0: int, r1: int) -> Tensor:
+        """z (C, V) for rows r0:r1, softcapped, in the chunk's logits buffer (tanh(raw / c) kept for G)."""
+        c = r1 - r0
+        z = self.logits[:c]
+        h = self.hidden[r0:r1]
+        # the bias inside the GEMM, before a bf16 output's rounding (a logit near 0 stays exact)
+        out = z if self.narrow is None else self.narrow[:c]
+        if self.bias is None:
+            torch.mm(h, self.weight.T, out=out)
+        else:
+            torch.addmm(self.bias, h, self.weight.T, out=out)
+        if self.narrow is not None:
+            z.copy_(out)
+        if self.softcap:
+            t = self.tanh[:c]
+            torch.div(z, self.softcap, out=t).tanh_()
+            torch.mul(t, self.softcap, out=z)
+        return z
+
+    def losses(self, z: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """(lse (C,), loss (C,)) of capped logits z; turns z into log-probabilities in place."""
+        tc = self.safe_targets[r0:r1, None]
+        z_t = z.gather(1, tc)[:, 0]
+        torch._log_softmax(z, 1, False, out=z)
+        logp_t = z.gather(1, tc)[:, 0]
+        lse = z_t - logp_t
+        loss = -logp_t if not self.eps else (self.eps - 1) * logp_t - self.eps * z.mean(dim=1)
+        if self.z_loss:
+            loss = loss + self.z_loss * lse ** 2
+        return lse, torch.where(self.kept[r0:r1], loss, 0)
+
+    def gradient(self, logp: Tensor, lse: Tensor, w: Tensor, r0: int, r1: int) -> Tensor:
+        """w_i * dloss_i / draw_ij written over the log-probabilities logp (C, V), without the target
+        column (set to 0); returns that column's entries (C,), exact in the compute dtype."""
+        v = logp.shape[1]
+        tc = self.safe_targets[r0:r1, None]
+        logp_t = logp.gather(1, tc)[:, 0]
+        # off the target: w * (p + 2 z_loss lse p - eps / V), one pass over the chunk
+        scale = w * (1 + (2 * self.z_loss) * lse) if self.z_loss else w
+        g = logp.exp_().mul_(scale[:, None])
+        if self.eps:
+            g.sub_((w * (self.eps / v))[:, None])
+        # on the target, term by term as reference.py (p_t - 1 as expm1: no cancellation)
+        p_t = logp_t.exp()
+        g_t = (1 - self.eps) * torch.expm1(logp_t) + self.eps * (p_t - 1 / v)
+        if self.z_loss:
+            g_t = g_t + (2 * self.z_loss) * lse * p_t
+        g_t = g_t * w
+        if self.softcap:  # chain factor d(c tanh(raw / c)) / draw = 1 - tanh^2
+            t = self.tanh[:g.shape[0]]
+            g_t = g_t * (1 - t.gather(1, tc)[:, 0] ** 2)
+            g.mul_(t.square_().neg_().add_(1))
+        g.scatter_(1, tc, 0)
+        return g_t
+
+    def accumulate(self, g: Tensor, g_t: Tensor, r0: int, r1: int, dh: Tensor, dw: Optional[Tensor],
+                   db: Optional[Tensor], first: bool) -> None:
+        """dh[r0:r1] = G @ W, dw += G.T @ h, db += G.sum(0), with G's target column added exactly."""
+        t = self.safe_targets[r0:r1]
+        h = self.hidden[r0:r1]
+        gg = g if self.narrow is None else self.narrow[:g.shape[0]].copy_(g)
+        if dh.shape[0]:
+            dh[r0:r1] = torch.addcmul(torch.mm(gg, self.weight).to(self.ct), g_t[:, None],
+                                      self.weight.index_select(0, t).to(self.ct))
+        if dw is not None:
+            if self.narrow is not None:  # the bf16 GEMM's partial sums accumulate in float32
+                dw.copy_(torch.mm(gg.T, h)) if first else dw.add_(torch.mm(gg.T, h))
+            elif first:
+                torch.mm(gg.T, h, out=dw)
+            else:
+                dw.addmm_(gg.T, h)
+            dw.index_add_(0, t, g_t[:, None] * h.to(self.ct))
+        if db is not None:
+            db.add_(g.sum(dim=0)).index_add_(0, t, g_t)
+
+
+def _buffers(chunk: _Chunk, n: int, h: int, v: int, hidden: Tensor, need: tuple[bool, bool, bool]):
+    """dh (N, H) in the input dtype (or (0, H)); dw (V, H) and db (V,) accumulators in the compute
+    dtype, or None. The first chunk writes dw; with no rows there is none, so it starts at 0."""
+    dev = hidden.device
+    dh = torch.empty(n if need[0] else 0, h, dtype=hidden.dtype, device=dev)
+    dw = (torch.empty if n else torch.zeros)(v, h, dtype=chunk.ct, device=dev) if need[1] else None
+    db = torch.zeros(v, dtype=chunk.ct, device=dev) if need[2] else None
+    return dh, dw, db
+
+
+def _finish(dw: Optional[Tensor], db: Optional[Tensor], weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The accumulators in the weight's dtype; empty where not needed."""
+    return (weight.new_empty(0, weight.shape[1]) if dw is None else dw.to(weight.dtype),
+            weight.new_empty(0) if db is None else db.to(weight.dtype))
+
+
+def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], ignore_index: int,
+            label_smoothing: float, softcap: float, z_loss: float, reduction: str, need: tuple[bool, bool, bool]):
+    """(loss, lse (N,), d_hidden, d_weight, d_bias), as reference.forward_chunked: for mean / sum with
+    `need` flags set, the gradients of the reduced loss come out of the same pass (empty otherwise)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    chunk = _Chunk(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, z_loss)
+    eager = reduction != "none" and any(need)
+    w_rows = row_weights(targets, ignore_index, reduction, chunk.ct) if eager else None
+    lse = torch.empty(n, dtype=chunk.ct, device=hidden.device)
+    rows = torch.empty(n, dtype=chunk.ct, device=hidden.device)
+    dh, dw, db = _buffers(chunk, n, h, v, hidden, need if eager else (False, False, False))
+    for r0 in range(0, n, chunk.rows):
+        r1 = min(n, r0 + chunk.rows)
+        z = chunk.logits_of(r0, r1)
+        lse[r0:r1], rows[r0:r1] = chunk.losses(z, r0, r1)
+        if eager:
+            g_t = chunk.gradient(z, lse[r0:r1], w_rows[r0:r1], r0, r1)
+            chunk.accumulate(z, g_t, r0, r1, dh, dw, db, first=r0 == 0)
+    loss = reduce(rows, targets, ignore_index, reduction)
+    return (loss, lse, dh) + _finish(dw, db, weight)
+
+
+def backward(grad_rows: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+             lse: Tensor, ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
+             need: tuple[bool, bool, bool]):
+    """(d_hidden, d_weight, d_bias) of sum_i grad_rows_i * loss_i (reduction "none"), recomputing logits."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    chunk = _Chunk(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, z_loss)
+    w_rows = grad_rows.to(chunk.ct) * chunk.kept.to(chunk.ct)
+    lse = lse.to(chunk.ct)
+    dh, dw, db = _buffers(chunk, n, h, v, hidden, need)
+    for r0 in range(0, n, chunk.rows):
+        r1 = min(n, r0 + chunk.rows)
+        z = chunk.logits_of(r0, r1)
+        logp = z.sub_(lse[r0:r1, None])
+        g_t = chunk.gradient(logp, lse[r0:r1], w_rows[r0:r1], r0, r1)
+        chunk.accumulate(logp, g_t, r0, r1, dh, dw, db, first=r0 == 0)
+    return (dh,) + _finish(dw, db, weight)
