@@ -88,6 +88,27 @@ def test_triton_weight_gradient_beyond_float16_range(monkeypatch):
     assert_relative_rule(got, ref, pytorch_same_dtype(case, hidden, weight, bias, targets, grad), 2e-3, "x3000")
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # G made in the forward / in the backward
+def test_triton_half_gradient_ignores_leftover_logits(reduction, monkeypatch):
+    """A bfloat16 G lies over the first half of each float32 logits row; the second half keeps the
+    old logits. Logits 1 + 2^-8 - 2^-16 have low halves 0x7F80, bfloat16 +inf: CPU BLAS's bfloat16
+    GEMM read them past K (times zero) and gave NaN rows of d_hidden (before, 1 to 2 random rows in
+    2 of 4 random inputs at this shape)."""
+    monkeypatch.setenv("VLFAST_POISON", "1")
+    case = Case(33, 100, 97, torch.bfloat16, reduction)
+    hidden, weight, bias, targets, grad = make_inputs(case)
+    leftover = slice((case.v + 1) // 2, None)  # the logits that the row's G does not cover
+    hidden[:, -3:] = 1.0
+    weight[leftover] = 0.0
+    weight[leftover, -3:] = torch.tensor([1.0, 2.0 ** -8, -2.0 ** -16], dtype=weight.dtype)
+    z = (hidden.float() @ weight.float().T)[:, leftover]
+    assert (z.view(torch.int32) & 0xFFFF == 0x7F80).all()  # the inputs do what they are meant to
+    ref = reference64(case, hidden, weight, bias, targets, grad)
+    got = run_vlfast(case, "triton", hidden, weight, bias, targets, grad)
+    assert_relative_rule(got, ref, pytorch_same_dtype(case, hidden, weight, bias, targets, grad), 2e-3, reduction)
+
+
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
 def test_large_vocabulary_with_ignored_rows(impl):
     _check(Case(17, 64, 32000 if impl == "reference" else 3000, torch.float32, "mean", 0.1, None, 0.0, True,

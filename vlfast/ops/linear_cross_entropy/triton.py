@@ -132,7 +132,8 @@ def _chunk_rows(n: int, v: int) -> int:
 
 
 def _grad_view(logits: Tensor, dtype: torch.dtype) -> Tensor:
-    """G (C, V) in `dtype` over the logits buffer (C, V) float32: row i in the first bytes of row i."""
+    """G (C, V) in `dtype` over the logits buffer (C, V) float32: row i in the first bytes of row i
+    (the rest of the row is left as it was: see _launch_rows for CPU BLAS)."""
     if dtype == logits.dtype:
         return logits
     return logits.view(dtype)[:, :logits.shape[1]]  # row stride 2V: 2-byte G in a 4-byte row
@@ -150,6 +151,12 @@ def _launch_rows(logits, bias, targets, w, lse, loss, g, v, ignore_index, smooth
                              HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), COMPUTE_STATS=compute_stats,
                              WRITE_GRAD=g is not None, **config.kwargs, num_warps=config.num_warps,
                              num_stages=config.num_stages)
+    if g is not None and g.device.type == "cpu" and g.stride(0) > v:
+        # The rest of each row still holds float32 logits, whose low halves can read as bfloat16
+        # inf / NaN. CPU BLAS's bfloat16 GEMM reads a row of A on past K (97 columns: up to 128,
+        # within the row stride) and multiplies that by zero, so one such value made a whole row of
+        # d_hidden NaN. cuBLAS and the d_weight kernel read only the V columns: the GPU skips this.
+        logits.view(g.dtype)[:, v:].zero_()
 
 
 class _Grads:
