@@ -18,6 +18,7 @@ from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from . import cuda as _cuda
 from . import reference as _reference
+from . import torch_impl as _torch_impl
 
 KINDS = ("softmax", "sigmoid")
 REDUCTIONS = ("mean", "sum", "none")
@@ -42,8 +43,8 @@ def _triton_backward(*args):
     return triton.backward(*args)
 
 
-_FORWARD = {"reference": _reference_forward, "torch": _reference_forward, "triton": _triton_forward, "cuda": _cuda.forward}
-_BACKWARD = {"reference": _reference_backward, "torch": _reference_backward, "triton": _triton_backward, "cuda": _cuda.backward}
+_FORWARD = {"reference": _reference_forward, "torch": _torch_impl.forward, "triton": _triton_forward, "cuda": _cuda.forward}
+_BACKWARD = {"reference": _reference_backward, "torch": _torch_impl.backward, "triton": _triton_backward, "cuda": _cuda.backward}
 
 
 def _check_finite_scalars(scale: Tensor, bias: Optional[Tensor]) -> None:

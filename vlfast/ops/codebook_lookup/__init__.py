@@ -16,6 +16,7 @@ from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from . import cuda as _cuda
 from . import reference as _reference
+from . import torch_impl as _torch_impl
 from .reference import METRICS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -26,7 +27,7 @@ def _triton_lookup(*args):
     return triton.lookup(*args)
 
 
-_FORWARD = {"reference": _reference.lookup, "torch": _reference.lookup, "triton": _triton_lookup, "cuda": _cuda.lookup}
+_FORWARD = {"reference": _reference.lookup, "torch": _torch_impl.lookup, "triton": _triton_lookup, "cuda": _cuda.lookup}
 
 
 def _unit_feature_stride(x: Tensor) -> Tensor:

@@ -1,0 +1,91 @@
+"""impl="torch" (vlfast/ops/clip_loss/torch_impl.py, the CPU fast path) against the float64 spec:
+outputs and every gradient, all layouts, odd shapes, several row chunks, near-perfect pairs at scale 100."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlfast
+from vlfast.ops.clip_loss import torch_impl
+
+from .clip_loss_cases import Case, assert_close64, make_inputs, pytorch_same_dtype, reference64, run_vlfast
+from .test_clip_loss import LAYOUTS, _case, _check, _margin_form_softmax64
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-sym{l[1]}-off{l[2]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,d", [(1, 32), (7, 100), (97, 72), (1025, 64)])
+def test_torch_matches_float64(n, d, dtype, layout):
+    _check(_case(n, d, dtype, layout), "torch")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-sym{l[1]}-off{l[2]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_small_chunks_give_the_same_result(layout, dtype, monkeypatch):
+    """Rows split into chunks of 3 (uneven last chunk): same values as one chunk, and still the spec."""
+    case = _case(97, 40, dtype, layout)
+    a, b, s, bias, grad = make_inputs(case)
+    whole = run_vlfast(case, "torch", a, b, s, bias, grad)
+    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 3 * case.m)
+    chunked = run_vlfast(case, "torch", a, b, s, bias, grad)
+    ref = reference64(case, a, b, s, bias, grad)
+    for name, x in whole.items():
+        if x is not None:
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(chunked[name], x, rtol=tol, atol=tol * float(x.abs().max()),
+                                       msg=lambda m: f"{name}: {m}")
+    if dtype == torch.float64:
+        assert_close64(chunked, ref, 1e-10, "chunked", floor=1e-2)
+
+
+def test_near_perfect_pairs_keep_relative_accuracy():
+    """True loss ~1e-11 at scale 100: dense float32 PyTorch is off by O(1) relative, impl="torch" is not."""
+    n, d = 64, 48
+    shared = F.normalize(torch.randn(1, d, dtype=torch.float64), dim=-1) * 1.5
+    img = F.normalize(shared + F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1), dim=-1)
+    case = Case(n=n, m=n, d=d, dtype=torch.float32, scale=100.0)
+    a, b, s, bias, grad = make_inputs(case, img, img.clone())
+    ref = _margin_form_softmax64(a, b, s, grad)
+    assert 1e-13 < float(ref["loss"].min()) < 1e-9 and float(ref["loss"].max()) < 1e-5
+    got = run_vlfast(case, "torch", a, b, s, bias, grad)
+    assert_close64(got, ref, 1e-3, "torch near-perfect")
+    dense = pytorch_same_dtype(case, a, b, s, bias, grad)
+    trap = ((dense["loss"] - ref["loss"]).abs() / ref["loss"]).max()
+    mine = ((got["loss"] - ref["loss"]).abs() / ref["loss"]).max()
+    assert trap > 0.5 and mine < 1e-4, (float(trap), float(mine))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_scale_100_on_random_features(kind):
+    case = Case(n=97, m=97, d=64, dtype=torch.float32, kind=kind, scale=100.0,
+                bias=-10.0 if kind == "sigmoid" else None)
+    _check(case, "torch")
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reductions(kind, reduction):
+    case = _case(33, 24, torch.float64, LAYOUTS[0] if kind == "softmax" else LAYOUTS[2])
+    a, b, s, bias, grad = make_inputs(case)
+    got = run_vlfast(case, "torch", a, b, s, bias, grad, reduction=reduction)
+    ref = run_vlfast(case, "reference", a, b, s, bias, grad, reduction=reduction)
+    assert_close64(got, ref, 1e-12, f"{kind} {reduction}", floor=1e-2)
+
+
+def test_frozen_tower():
+    """Only the text tower trains: d_image is not computed, the rest matches the reference."""
+    a, b = torch.randn(40, 16), torch.randn(40, 16, requires_grad=True)
+    s = torch.tensor(10.0, requires_grad=True)
+    vlfast.clip_loss(a, b, s, impl="torch").backward()
+    b2, s2 = b.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    vlfast.clip_loss(a, b2, s2, impl="reference").backward()
+    torch.testing.assert_close(b.grad, b2.grad)
+    torch.testing.assert_close(s.grad, s2.grad)
+
+
+def test_auto_on_cpu_picks_torch(monkeypatch):
+    called = []
+    monkeypatch.setitem(vlfast.ops.clip_loss._FORWARD, "torch",
+                        lambda *args: called.append(1) or torch_impl.forward(*args))
+    monkeypatch.delenv("VLFAST_IMPL", raising=False)
+    vlfast.clip_loss(torch.randn(5, 8), torch.randn(5, 8), 3.0)
+    assert called

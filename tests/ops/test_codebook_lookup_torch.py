@@ -1,0 +1,102 @@
+"""impl="torch" (vlfast/ops/codebook_lookup/torch_impl.py, the CPU fast path): indices equal the
+float64 argmin exactly (lowest index on ties), against an independent torch.cdist oracle and the
+definition (reference.spec_lookup), including near-ties, duplicate codes and several row chunks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlfast
+from vlfast.ops.codebook_lookup import torch_impl
+
+from .codebook_lookup_cases import assert_exact, planted_near_ties, random_case
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _cdist_argmin(z: torch.Tensor, e: torch.Tensor, metric: str) -> torch.Tensor:
+    """Independent oracle: float64 cdist (l2) or normalised dot products (cosine); argmin's lowest index."""
+    z64, e64 = z.double(), e.double()
+    if metric == "l2":
+        return torch.cdist(z64, e64).argmin(dim=1)
+    return (-(F.normalize(z64, dim=1) @ F.normalize(e64, dim=1).T)).argmin(dim=1)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k,d", [(1, 1, 8), (97, 33, 72), (1025, 300, 64), (5, 1000, 3)])
+def test_torch_matches_float64(n, k, d, dtype, metric):
+    z, e = random_case(n, k, d, dtype)
+    index, dist = vlfast.codebook_lookup(z, e, metric=metric, impl="torch")
+    assert_exact(z, e, metric, index, dist, f"torch {dtype} {metric}")
+    assert torch.equal(index, _cdist_argmin(z, e, metric))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_planted_near_ties(dtype):
+    """Gaps 1e-2 .. 1e-7 between the two nearest codes: the float32 scan cannot decide the small ones;
+    the certified fallback must."""
+    z, e, _ = planted_near_ties(512, 64, dtype)
+    index, dist = vlfast.codebook_lookup(z, e, impl="torch")
+    assert_exact(z, e, "l2", index, dist, f"near ties {dtype}")
+    assert torch.equal(index, _cdist_argmin(z, e, "l2"))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_duplicate_codes_pick_the_lowest_index(dtype, metric):
+    z, e = random_case(200, 64, 16, dtype)
+    e[40] = e[7]
+    e[63] = e[7]
+    e[10] = 2 * e[3]  # same direction: a cosine tie
+    z[:50] = e[7]
+    assert torch.equal(vlfast.codebook_lookup(z[:50], e, metric=metric, impl="torch")[0], _cdist_argmin(z[:50], e, metric))
+    z[50:100] = (e[3].float() * 0.5).to(dtype)
+    index, dist = vlfast.codebook_lookup(z, e, metric=metric, impl="torch")
+    assert_exact(z, e, metric, index, dist, f"duplicates {dtype} {metric}")
+    assert (index[:50] == 7).all()
+    if metric == "cosine":
+        assert (index[50:100] == 3).all()
+
+
+def test_large_offset_cancellation():
+    """A common offset of 100: ||e||^2 - 2 z.e cancels badly in float32; the certificate must notice."""
+    z, e = random_case(300, 200, 32, torch.float32, offset=100.0)
+    index, dist = vlfast.codebook_lookup(z, e, impl="torch")
+    assert_exact(z, e, "l2", index, dist, "offset 100")
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_small_chunks_give_the_same_result(metric, monkeypatch):
+    z, e = random_case(1025, 130, 24, torch.float32)
+    whole = vlfast.codebook_lookup(z, e, metric=metric, impl="torch")
+    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 7 * 130)  # chunks of 7 rows, uneven last chunk
+    chunked = vlfast.codebook_lookup(z, e, metric=metric, impl="torch")
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert_exact(z, e, metric, *chunked, "chunked")
+
+
+def test_batched_leading_dims_and_float64():
+    z, e = random_case(2 * 3 * 5, 40, 8, torch.float64)
+    index, dist = vlfast.codebook_lookup(z.view(2, 3, 5, 8), e, impl="torch")
+    assert index.shape == (2, 3, 5)
+    assert_exact(z, e, "l2", index.reshape(-1), dist.reshape(-1), "float64")
+
+
+def test_non_finite_input_raises():
+    z, e = random_case(10, 5, 4, torch.float32)
+    z[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="z must be finite; row 3"):
+        vlfast.codebook_lookup(z, e, impl="torch")
+    z, e = random_case(10, 5, 4, torch.float32)
+    e[2, 0] = float("inf")
+    with pytest.raises(ValueError, match="codebook must be finite"):
+        vlfast.codebook_lookup(z, e, impl="torch")
+
+
+def test_auto_on_cpu_picks_torch(monkeypatch):
+    called = []
+    monkeypatch.setitem(vlfast.ops.codebook_lookup._FORWARD, "torch",
+                        lambda *args: called.append(1) or torch_impl.lookup(*args))
+    monkeypatch.delenv("VLFAST_IMPL", raising=False)
+    vlfast.codebook_lookup(torch.randn(5, 8), torch.randn(3, 8))
+    assert called
