@@ -89,3 +89,17 @@ def test_auto_on_cpu_picks_torch(monkeypatch):
     monkeypatch.delenv("VLFAST_IMPL", raising=False)
     vlfast.clip_loss(torch.randn(5, 8), torch.randn(5, 8), 3.0)
     assert called
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_bfloat16_logits_keep_float32_accuracy(kind):
+    """bf16 features: the logits' GEMM accumulates in float32 into float32 (never bf16 logits), so the
+    loss of the bf16 values is float32-accurate, far inside bf16 logits' error."""
+    case = Case(n=300, m=300, d=256, dtype=torch.bfloat16, kind=kind, scale=30.0,
+                bias=-5.0 if kind == "sigmoid" else None)
+    a, b, s, bias, grad = make_inputs(case)
+    ref = reference64(case, a, b, s, bias, grad)  # float64 of the same bf16 values
+    got = run_vlfast(case, "torch", a, b, s, bias, grad)
+    assert_close64({"loss": got["loss"]}, {"loss": ref["loss"]}, 2e-6, f"bf16 {kind}")
+    base = pytorch_same_dtype(case, a, b, s, bias, grad)
+    assert float((base["loss"] - ref["loss"]).abs().max()) > 20 * float((got["loss"] - ref["loss"]).abs().max())

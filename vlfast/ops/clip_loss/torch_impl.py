@@ -2,7 +2,8 @@
 
 Same math as reference.py (margin form: row_i = softplus(logsumexp over negatives of z_ij - z_ii)),
 organised for speed: per chunk of rows one GEMM in the compute dtype (float32, float64 for float64;
-bf16/fp16 features are upcast once, which measured faster than low-precision GEMMs on a CPU), then
+bf16/fp16 features are upcast once; bf16-valued float32 GEMMs run in oneDNN's bf16 mode, exact
+products accumulated in float32, see bf16_valued_fp32_gemms), then
 in-place elementwise passes on that one buffer. Extra memory: at most three chunk buffers of
 CHUNK_ELEMENTS each plus O((N + M) D); never N x M unless that fits one chunk.
 
@@ -10,6 +11,7 @@ Shapes: a (N, D), b (M, D), scale / bias 0-d, stats (3, N) as in reference.py.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -20,6 +22,27 @@ from .reference import compute_dtype, softplus
 
 # Elements of one chunk buffer (16 MiB at float32); tests shrink it to force several chunks.
 CHUNK_ELEMENTS = 1 << 22
+
+
+@contextlib.contextmanager
+def bf16_valued_fp32_gemms(active: bool):
+    """float32 GEMMs in oneDNN's bf16 mode while inside, for float32 operands that hold bfloat16 values.
+
+    Such operands convert to bf16 exactly, so each product is exact and the sum accumulates in
+    float32 into a float32 result: the float32 GEMM's answer (within its rounding), about 3x faster
+    on CPUs with bf16 instructions (measured here: 2048 x 2048 x 512, 21 ms -> 7 ms). The setting is
+    process-wide; it is restored on exit.
+    """
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if not active or matmul is None or not hasattr(matmul, "fp32_precision"):
+        yield
+        return
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
 
 
 def _chunk_rows(m: int) -> int:
@@ -37,6 +60,7 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     ct = compute_dtype(a.dtype)
     n, m = a.shape[0], b.shape[0]
     s = scale.to(ct)
+    bf16_values = a.dtype == torch.bfloat16
     a, b = a.to(ct), b.to(ct)
     stats = torch.zeros(3, n, dtype=ct, device=a.device)
     step = _chunk_rows(m)
@@ -48,7 +72,8 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
         stats[0] = pos
         for r0 in range(0, n, step):
             c = min(step, n - r0)
-            t = torch.mm(a[r0:r0 + c], b.T, out=buf[:c]).mul_(s)
+            with bf16_valued_fp32_gemms(bf16_values):
+                t = torch.mm(a[r0:r0 + c], b.T, out=buf[:c]).mul_(s)
             _positives(t, r0, offset).fill_(float("-inf"))
             # logsumexp_j (t_ij - pos_i) = logsumexp_j t_ij - pos_i: the row's max is a negative close
             # to pos_i in the near-perfect case, so the subtraction loses nothing there.
@@ -66,7 +91,8 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     bias_c = bias.to(ct) if bias is not None else None
     for r0 in range(0, n, step):
         c = min(step, n - r0)
-        t = torch.mm(a[r0:r0 + c], b.T, out=buf[:c]).mul_(s)
+        with bf16_valued_fp32_gemms(bf16_values):
+            t = torch.mm(a[r0:r0 + c], b.T, out=buf[:c]).mul_(s)
         if bias_c is not None:
             t.add_(bias_c)
         if offset >= 0:  # softplus(-z) at the positive, softplus(z) elsewhere
@@ -113,7 +139,8 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     for r0 in range(0, n, step):
         c = min(step, n - r0)
         ar = a_c[r0:r0 + c]
-        dot = torch.mm(ar, b_c.T, out=dot_buf[:c])
+        with bf16_valued_fp32_gemms(bf16_gemms):
+            dot = torch.mm(ar, b_c.T, out=dot_buf[:c])
         g = torch.mul(dot, s, out=g_buf[:c])
         if kind == "softmax":
             if symmetric:

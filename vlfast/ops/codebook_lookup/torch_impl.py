@@ -3,7 +3,8 @@
 A float32 GEMM scan (torch.addmm / mm on chunks of rows, then two row minima) gives each row's best
 score, its index and the second-best score; certify.py's bound on the scan's error keeps the rows
 whose gap proves the pick, and re-scores the others exactly (reference.exact_indices, float64).
-bf16 / fp16 inputs are upcast to float32 (their products are then exact). Extra memory: one
+bf16 / fp16 inputs are upcast to float32 (their products are then exact); bf16 ones take oneDNN's
+bf16 GEMM mode (exact products, float32 accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms). Extra memory: one
 (rows x K) float32 chunk of CHUNK_ELEMENTS plus O((N + K) D).
 
 Shapes: z (N, D), e (K, D) -> indices (N,) int64, distances (N,) float32.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..clip_loss.torch_impl import bf16_valued_fp32_gemms
 from . import certify, reference
 
 # Elements of one score chunk (16 MiB at float32); tests shrink it to force several chunks.
@@ -40,7 +42,12 @@ def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Te
     for r0 in range(0, n, step):
         c = min(step, n - r0)
         zc = z[r0:r0 + c].float()
-        if l2:
+        if z.dtype == torch.bfloat16:
+            with bf16_valued_fp32_gemms(True):  # exact products, float32 sums, float32 result
+                scores = torch.mm(zc, e32.T, out=buf[:c])
+            # beta added outside the bf16-mode GEMM, so it is never rounded to bf16
+            scores.add_(beta) if l2 else scores.mul_(alpha)
+        elif l2:
             scores = torch.addmm(beta, zc, e32.T, out=buf[:c])
         else:
             scores = torch.mm(zc, e32.T, out=buf[:c]).mul_(alpha)
