@@ -88,6 +88,11 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, stats: Tensor, symmetric: bool,
     w = grad.float() * (0.5 if symmetric else 1.0)
     em = torch.expm1(-stats[1:3]).contiguous()  # (2, N): softmax - 1 at each row's / column's positive
     g_buf = _scratch.empty(chunk, g_row_elems or m, dtype=a.dtype, device=a.device)
+    if g_buf.device.type == "cpu" and g_buf.shape[1] > m:
+        # No kernel writes the padding past column M, but CPU BLAS's bfloat16 GEMM reads a row of A
+        # on past K (up to a multiple of 32) and multiplies it by zero: a NaN there (poisoned or
+        # leftover scratch) made whole rows of d_a NaN. cuBLAS reads only K columns: the GPU skips this.
+        g_buf[:, m:].zero_()
     n_chunks = cdiv(n, chunk)
     ds_part = torch.zeros(n_chunks, parts_per_chunk, dtype=torch.float32, device=a.device)
     db_part = torch.zeros_like(ds_part)
