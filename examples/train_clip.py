@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from shapes_data import TEMPLATES, WordTokenizer, class_names, make_shapes
 from vlfast.models import CLIP, CLIPConfig, TextConfig, VisionConfig, ZeroShotClassifier
@@ -60,24 +61,6 @@ def model_config(name: str, image_size: int, tokenizer: WordTokenizer) -> CLIPCo
                       vision=VisionConfig(image_size=image_size, patch_size=m["patch_size"], **tower),
                       text=TextConfig(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
                                       **tower))
-
-
-class ProgressBar:
-    """One line on stderr: redrawn in place on a terminal, every tenth of the run in a log."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float) -> None:
-        if not self.enabled or not (self.tty or step == self.total or step % max(1, self.total // 10) == 0):
-            return
-        elapsed = time.perf_counter() - self.t0
-        filled = 30 * step // self.total
-        line = (f"[{'#' * filled}{'.' * (30 - filled)}] step {step}/{self.total} loss {loss:.4f} "
-                f"{elapsed:.0f}s, eta {elapsed / step * (self.total - step):.0f}s")
-        print("\r" + line if self.tty else line, end="\n" if step == self.total or not self.tty else "",
-              file=sys.stderr, flush=True)
 
 
 def setup_distributed(device: str) -> tuple:
@@ -171,7 +154,8 @@ def main(argv=None) -> dict:
         print(f"training a {params / 1e6:.2f}M-parameter CLIP on {args.train_size} synthetic pairs: {args.steps} "
               f"steps of {args.batch_size} over {world} rank(s) on {device}", file=sys.stderr)
 
-    bar = ProgressBar(args.steps, log and not args.quiet)
+    bar = tqdm(total=args.steps, desc="training", unit="step", file=sys.stderr, disable=not log or args.quiet,
+               mininterval=0.5, dynamic_ncols=True)
     losses = []
     for step, batch in enumerate(batches(args.train_size, args.batch_size, args.steps, args.seed), start=1):
         mine = batch[rank * local:(rank + 1) * local]
@@ -191,7 +175,9 @@ def main(argv=None) -> dict:
             dist.all_reduce(logged)
             logged /= world
         losses.append(logged.item())
-        bar.update(step, losses[-1])
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        bar.update()
+    bar.close()
 
     model.eval()
     accuracy = zero_shot_accuracy(model, tokenizer, held_out.images, held_out.labels, device, args.bf16)
