@@ -41,3 +41,23 @@ def test_lm_head_oracle_in_chunks_equals_one_float64_autograd_pass(monkeypatch):
     loss.backward()
     for name, want in (("loss", loss.detach()), ("d_hidden", h64.grad), ("d_weight", w64.grad)):
         assert torch.allclose(got[name], want, rtol=1e-12, atol=1e-14), name
+
+
+def test_contrastive_oracle_matches_textbook_losses_and_keeps_tiny_losses_accurate():
+    import torch.nn.functional as F
+
+    from vlfast.bench import bench_clip_loss as cl
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    s, bias = torch.tensor(2.5, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    z = s * a @ b.T
+    labels = torch.arange(9)
+    textbook = (F.cross_entropy(z, labels) + F.cross_entropy(z.T, labels)) / 2
+    assert torch.allclose(cl.oracle(a, b, s, None, "softmax"), textbook, rtol=1e-13)
+    signs = 2 * torch.eye(9, dtype=torch.float64) - 1
+    assert torch.allclose(cl.oracle(a, b, s, bias, "sigmoid"), -F.logsigmoid(signs * (z + bias)).sum() / 9, rtol=1e-13)
+    # Near-perfect pairs: each loss term is about exp(-margin); the margin form keeps its digits.
+    e = torch.eye(6, dtype=torch.float64)
+    scale = torch.tensor(40.0, dtype=torch.float64)
+    want = 5 * torch.exp(torch.tensor(-40.0, dtype=torch.float64))  # per row: log1p(5 e^-40)
+    assert torch.allclose(cl.oracle(e, e, scale, None, "softmax"), want, rtol=1e-12)
