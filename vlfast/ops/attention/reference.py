@@ -142,26 +142,30 @@ def _seq(x: Tensor, t0: int, t1: int) -> Tensor:
 
 
 def forward_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, mask: Optional[Mask],
-                   scale: float) -> tuple[Tensor, Tensor]:
-    """(out (Tq, H, D), lse2 (H, Tq)) for packed sequences."""
+                   scale: float, dense_forward=forward) -> tuple[Tensor, Tensor]:
+    """(out (Tq, H, D), lse2 (H, Tq)) for packed sequences: dense_forward (this module's, or another
+    implementation's with the same contract) on one sequence at a time."""
     out = torch.zeros_like(q)
     lse2 = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=compute_dtype(q.dtype), device=q.device)
     for q0, q1, k0, k1 in _bounds(cu_q, cu_k):
         if q1 == q0 or k1 == k0:  # no queries, or nothing to attend: output 0
             continue
-        o, l = forward(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), _sequence_mask(mask, k0, k1), scale)
+        o, l = dense_forward(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), _sequence_mask(mask, k0, k1),
+                             scale)
         out[q0:q1] = o[0].transpose(0, 1)
         lse2[:, q0:q1] = l[0]
     return out, lse2
 
 
 def backward_varlen(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, cu_q: Tensor,
-                    cu_k: Tensor, mask: Optional[Mask], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                    cu_k: Tensor, mask: Optional[Mask], scale: float,
+                    dense_backward=backward) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) for packed sequences, dense_backward on one sequence at a time."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for q0, q1, k0, k1 in _bounds(cu_q, cu_k):
         if q1 == q0 or k1 == k0:
             continue
-        g = backward(_seq(do, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), _seq(out, q0, q1),
-                     lse2[None, :, q0:q1], _sequence_mask(mask, k0, k1), scale)
+        g = dense_backward(_seq(do, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1),
+                           _seq(out, q0, q1), lse2[None, :, q0:q1], _sequence_mask(mask, k0, k1), scale)
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g)
     return dq, dk, dv

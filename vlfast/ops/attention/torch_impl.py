@@ -356,29 +356,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Ten
 
 def forward_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, mask: Optional[Mask],
                    scale: float) -> tuple[Tensor, Tensor]:
-    """(out (Tq, H, D), lse2 (H, Tq)) for packed sequences."""
-    out = torch.zeros_like(q)
-    lse2 = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=_reference.compute_dtype(q.dtype),
-                      device=q.device)
-    for q0, q1, k0, k1 in _reference._bounds(cu_q, cu_k):
-        if q1 == q0 or k1 == k0:  # no queries, or nothing to attend: output 0
-            continue
-        seq = _reference._seq
-        o, l = forward(seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1), _reference._sequence_mask(mask, k0, k1),
-                       scale)
-        out[q0:q1] = o[0].transpose(0, 1)
-        lse2[:, q0:q1] = l[0]
-    return out, lse2
+    """(out (Tq, H, D), lse2 (H, Tq)) for packed sequences, this module's forward per sequence."""
+    return _reference.forward_varlen(q, k, v, cu_q, cu_k, mask, scale, dense_forward=forward)
 
 
 def backward_varlen(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, cu_q: Tensor,
                     cu_k: Tensor, mask: Optional[Mask], scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    seq = _reference._seq
-    for q0, q1, k0, k1 in _reference._bounds(cu_q, cu_k):
-        if q1 == q0 or k1 == k0:
-            continue
-        g = backward(seq(do, q0, q1), seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1), seq(out, q0, q1),
-                     lse2[None, :, q0:q1], _reference._sequence_mask(mask, k0, k1), scale)
-        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g)
-    return dq, dk, dv
+    """(dq, dk, dv) for packed sequences, this module's backward per sequence."""
+    return _reference.backward_varlen(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale, dense_backward=backward)
