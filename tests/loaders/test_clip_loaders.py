@@ -11,10 +11,8 @@ from vlfast.models import CLIP, CLIPConfig, TextConfig, VisionConfig
 
 from ..models.common import hf_model, hf_outputs, openai_layout, pixels, text_batch, vlfast_outputs
 
-transformers = pytest.importorskip("transformers", reason="parity tests build transformers' CLIPModel "
-                                                          "(pip install transformers)")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-
+# Only the parity tests need transformers (the hf fixture skips them without it); the OpenAI-layout,
+# head-width and pickle-safety tests run without it.
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 
 
@@ -67,6 +65,8 @@ def test_legacy_position_ids_buffers_are_accepted(hf, inputs):
 
 
 def test_round_trip_to_transformers(hf, inputs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
     ours = clip_from_transformers(hf.state_dict(), hf.config, dtype=torch.float64)
     state, config = clip_to_transformers(ours)
     # What it exports saves as safetensors (no shared memory) and loads back as it was.
@@ -92,7 +92,7 @@ def test_openai_layout_matches_transformers(hf, inputs):
     config = config_from_transformers(hf.config)
     _assert_same_outputs(clip_from_openai(state, config, dtype=torch.float64).eval(), want, inputs)
     # The shapes give the config back, with heads from an assumed head width.
-    inferred = config_from_openai(state, act="quick_gelu", heads_width=8)
+    inferred = config_from_openai(state, act="quick_gelu", head_width=8)
     assert (inferred.vision, inferred.text, inferred.embed_dim) == (config.vision, config.text, config.embed_dim)
     # Back out to OpenAI's keys, bit for bit.
     out = clip_to_openai(clip_from_openai(state, config, dtype=torch.float64))
@@ -107,13 +107,13 @@ def test_open_clip_training_checkpoint_is_unwrapped(hf, inputs, tmp_path):
 
 
 def test_openai_state_dict_without_config():
-    """Shapes give the config (64-wide heads, as OpenAI's); the activation is the caller's."""
+    """Shapes give the config (with the head width given); the activation is the caller's."""
     config = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=16, patch_size=8, width=64, layers=1, heads=1,
                                                           mlp_dim=96, act="gelu"),
                         text=TextConfig(vocab_size=50, context_length=8, width=64, layers=1, heads=1, mlp_dim=96,
                                         act="gelu"))
     model = CLIP(config).double().eval()
-    loaded = clip_from_openai(clip_to_openai(model), act="gelu", dtype=torch.float64).eval()
+    loaded = clip_from_openai(clip_to_openai(model), act="gelu", head_width=64, dtype=torch.float64).eval()
     assert loaded.config == config
     images, ids = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.randint(0, 50, (2, 8))
     with torch.no_grad():
@@ -152,7 +152,7 @@ class _NotATensor:
     pass
 
 
-def test_files_that_are_not_plain_weights_are_refused(hf, tmp_path):
+def test_files_that_are_not_plain_weights_are_refused(tmp_path):
     pickled = tmp_path / "pickled.bin"
     torch.save({"w": torch.zeros(2), "hook": _NotATensor()}, pickled)
     with pytest.raises(CheckpointError, match=r"cannot be loaded with torch.load\(weights_only=True\): "
@@ -162,9 +162,6 @@ def test_files_that_are_not_plain_weights_are_refused(hf, tmp_path):
         pickle.dump({"w": [1.0]}, f, protocol=2)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         read_state_dict(tmp_path / "raw.pkl")
-    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
-        read_state_dict(tmp_path / "broken.safetensors")
     torch.save({"w": torch.zeros(2), "step": 3}, tmp_path / "mixed.pt")
     with pytest.raises(CheckpointError, match=r"not tensors: 'step' \(int\)"):
         read_state_dict(tmp_path / "mixed.pt")
@@ -172,6 +169,13 @@ def test_files_that_are_not_plain_weights_are_refused(hf, tmp_path):
         read_state_dict(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         read_state_dict(tmp_path / "missing.safetensors")
+
+
+def test_broken_safetensors_file_is_refused(tmp_path):
+    pytest.importorskip("safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+        read_state_dict(tmp_path / "broken.safetensors")
 
 
 def test_missing_config_and_activation_are_asked_for(hf):
@@ -184,3 +188,87 @@ def test_missing_config_and_activation_are_asked_for(hf):
         config_from_transformers({"text_config": {"hidden_act": "relu"}})
     with pytest.raises(CheckpointError, match="not an OpenAI-layout CLIP state dict"):
         config_from_openai(hf.state_dict(), act="gelu")
+
+
+# ---- head widths: not in the weights -------------------------------------------------------------
+
+def _wide_head_clip(seed=0):
+    """A CLIP whose vision tower has 80-wide heads (width 320, 4 heads), as open_clip's ViT-H/14: width // 64
+    would give 5 heads of 64, and the weights load into that shape without complaint."""
+    torch.manual_seed(seed)
+    config = CLIPConfig(embed_dim=24, vision=VisionConfig(image_size=24, patch_size=8, width=320, layers=2, heads=4,
+                                                          mlp_dim=52, act="gelu"),
+                        text=TextConfig(vocab_size=50, context_length=7, width=128, layers=2, heads=2, mlp_dim=36,
+                                        act="gelu"))
+    model = CLIP(config).double().eval()
+    with torch.no_grad():  # fresh random values everywhere, so a wrong head split changes the outputs
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_head_width_spec_gives_the_right_heads():
+    model = _wide_head_clip()
+    state = clip_to_openai(model)
+    images, ids = torch.randn(3, 3, 24, 24, dtype=torch.float64), torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        want = model(images, ids)
+    for spec in ({"vision_head_width": 80}, {"vision_head_width": 80, "text_head_width": 64}):
+        loaded = clip_from_openai(state, act="gelu", dtype=torch.float64, **spec).eval()
+        assert loaded.config == model.config, spec
+        assert (loaded.config.vision.heads, loaded.config.text.heads) == (4, 2)
+        with torch.no_grad():
+            for g, w in zip(loaded(images, ids), want):
+                torch.testing.assert_close(g, w, **TIGHT)
+    # A wrong head split gives other outputs: the check above can tell.
+    wrong = clip_from_openai(state, act="gelu", dtype=torch.float64, vision_head_width=64).eval()
+    assert wrong.config.vision.heads == 5
+    with torch.no_grad():
+        assert not torch.allclose(wrong(images, ids)[0], want[0])
+
+
+def test_width_without_head_spec_is_refused():
+    state = clip_to_openai(_wide_head_clip())
+    with pytest.raises(ValueError, match=r"vision width 320 is not one of OpenAI's .*vision_head_width"):
+        clip_from_openai(state, act="gelu")
+    with pytest.raises(ValueError, match="vision_head_width"):
+        config_from_openai(state, act="gelu")
+
+
+@pytest.mark.parametrize("spec, name", [({"vision_head_width": 96}, "vision_head_width"),
+                                        ({"vision_head_width": 80, "text_head_width": 48}, "text_head_width"),
+                                        ({"head_width": 80}, "head_width")])
+def test_head_width_that_does_not_divide_the_width_is_refused(spec, name):
+    state = clip_to_openai(_wide_head_clip())
+    with pytest.raises(ValueError, match=rf"{name} \(\d+\) does not divide the (vision|text) width"):
+        clip_from_openai(state, act="gelu", **spec)
+
+
+@pytest.mark.parametrize("name, vision_width, vision_heads", [("ViT-H-14", 1280, 16), ("ViT-g-14", 1408, 16),
+                                                              ("ViT-bigG-14", 1664, 16)])
+def test_open_clip_model_names_give_their_head_widths(name, vision_width, vision_heads):
+    # Shapes only (meta tensors): a vision tower as wide as open_clip's, the text tower 64-wide heads.
+    config = CLIPConfig(embed_dim=32, vision=VisionConfig(image_size=28, patch_size=14, width=vision_width, layers=1,
+                                                          heads=vision_heads, mlp_dim=64, act="gelu"),
+                        text=TextConfig(vocab_size=50, context_length=8, width=1024, layers=1, heads=16, mlp_dim=64,
+                                        act="gelu"))
+    with torch.device("meta"):
+        state = clip_to_openai(CLIP(config))
+    assert config_from_openai(state, act="gelu", model_name=name) == config
+    assert config_from_openai(state, act="gelu", model_name=name + "-quickgelu").vision.heads == vision_heads
+    with pytest.raises(ValueError, match=f"vision width {vision_width} is not one of OpenAI's"):
+        config_from_openai(state, act="gelu")
+
+
+def test_model_name_checks():
+    state = clip_to_openai(_wide_head_clip())
+    with pytest.raises(ValueError, match=r"model_name 'ViT-H-14' has vision width 1280; the checkpoint's is 320"):
+        config_from_openai(state, act="gelu", model_name="ViT-H-14")
+    with pytest.raises(ValueError, match=r"unknown model_name 'ViT-X-99'; known: .*ViT-bigG-14"):
+        config_from_openai(state, act="gelu", model_name="ViT-X-99")
+    with pytest.raises(ValueError, match="pass either model_name or head widths"):
+        config_from_openai(state, act="gelu", model_name="ViT-H-14", vision_head_width=80)
+    with pytest.raises(ValueError, match="pass either config or"):
+        clip_from_openai(state, _wide_head_clip().config, vision_head_width=80)
+    with pytest.raises(ValueError, match=r"vision_head_width must be a positive int, got 0"):
+        config_from_openai(state, act="gelu", vision_head_width=0)

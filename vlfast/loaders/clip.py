@@ -364,11 +364,81 @@ def _count_layers(state_dict: Mapping, prefix: str) -> int:
     return len({k[len(prefix) + 1:].split(".")[0] for k in state_dict if k.startswith(prefix + ".")})
 
 
-def config_from_openai(state_dict: Mapping, *, act: str, heads_width: int = 64) -> CLIPConfig:
+# The weights do not say how many attention heads a tower has, only its width; heads = width // head width.
+# OpenAI's ViT-B/32, B/16, L/14 (and L/14-336) use 64-wide heads in both towers, with these widths:
+OPENAI_WIDTHS = {"vision": (768, 1024), "text": (512, 768)}
+OPENAI_HEAD_WIDTH = 64
+# open_clip's models by name (the "-quickgelu" variants alike): (vision width, vision head width, text head
+# width). Its wider ViTs use wider heads; every text tower uses 64.
+OPEN_CLIP_HEAD_WIDTHS = {
+    "ViT-B-32": (768, 64, 64),
+    "ViT-B-16": (768, 64, 64),
+    "ViT-L-14": (1024, 64, 64),
+    "ViT-L-14-336": (1024, 64, 64),
+    "ViT-H-14": (1280, 80, 64),
+    "ViT-g-14": (1408, 88, 64),
+    "ViT-bigG-14": (1664, 104, 64),
+}
+
+
+def _check_head_width(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _head_widths(widths: dict, model_name: Optional[str], head_width: Optional[int],
+                 vision_head_width: Optional[int], text_head_width: Optional[int]) -> dict:
+    """{tower: (head width, the argument it came from)} for the towers' widths {"vision": w, "text": w}."""
+    per_tower = {"vision": vision_head_width, "text": text_head_width}
+    given = {n: v for n, v in (("head_width", head_width), ("vision_head_width", vision_head_width),
+                               ("text_head_width", text_head_width)) if v is not None}
+    for n, v in given.items():
+        _check_head_width(n, v)
+    if model_name is not None:
+        if given:
+            raise ValueError(f"pass either model_name or head widths ({', '.join(given)}), not both")
+        key = model_name.replace("/", "-")
+        key = key[:-len("-quickgelu")] if key.endswith("-quickgelu") else key
+        if key not in OPEN_CLIP_HEAD_WIDTHS:
+            raise ValueError(f"unknown model_name {model_name!r}; known: {', '.join(OPEN_CLIP_HEAD_WIDTHS)} "
+                             "(or pass vision_head_width / text_head_width)")
+        vision_width, vision_hw, text_hw = OPEN_CLIP_HEAD_WIDTHS[key]
+        if widths["vision"] != vision_width:
+            raise ValueError(f"model_name {model_name!r} has vision width {vision_width}; the checkpoint's is "
+                             f"{widths['vision']}")
+        return {"vision": (vision_hw, "model_name"), "text": (text_hw, "model_name")}
+    if not given:
+        # No spec: only OpenAI's own layouts are known to have 64-wide heads. Guessing for any other width
+        # loads, say, ViT-H/14 (80-wide heads) into a model with the wrong number of heads, without an error.
+        for tower, width in widths.items():
+            if width not in OPENAI_WIDTHS[tower]:
+                raise ValueError(
+                    f"{tower} width {width} is not one of OpenAI's {OPENAI_WIDTHS[tower]} (64-wide heads), and the "
+                    f"weights do not give the number of heads: pass model_name (one of "
+                    f"{', '.join(OPEN_CLIP_HEAD_WIDTHS)}) or vision_head_width / text_head_width (open_clip's "
+                    f"ViT-H-14: 80, ViT-g-14: 88, ViT-bigG-14: 104; text towers: 64)")
+        return {t: (OPENAI_HEAD_WIDTH, "the default head width") for t in widths}
+    out = {}
+    for tower in widths:
+        if per_tower[tower] is not None:
+            out[tower] = (per_tower[tower], f"{tower}_head_width")
+        elif head_width is not None:
+            out[tower] = (head_width, "head_width")
+        else:
+            out[tower] = (OPENAI_HEAD_WIDTH, f"{tower}_head_width (default {OPENAI_HEAD_WIDTH})")
+    return out
+
+
+def config_from_openai(state_dict: Mapping, *, act: str, model_name: Optional[str] = None,
+                       head_width: Optional[int] = None, vision_head_width: Optional[int] = None,
+                       text_head_width: Optional[int] = None) -> CLIPConfig:
     """CLIPConfig from an OpenAI-layout state dict's shapes, as OpenAI's build_model does.
 
     act: "quick_gelu" for OpenAI's weights and open_clip's *-quickgelu models, "gelu" for open_clip's
-    other models; the weights cannot tell. Heads are width // heads_width (OpenAI: 64-wide heads).
+    other models; the weights cannot tell. Nor can they tell the number of heads (width // head width):
+    model_name (an open_clip name, OPEN_CLIP_HEAD_WIDTHS) or the head widths give it: head_width for
+    both towers, vision_head_width / text_head_width for one (the other then 64, as every open_clip text
+    tower). Without any of these only OpenAI's own widths (64-wide heads) are accepted.
     """
     need = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight", "positional_embedding",
             "ln_final.weight", "text_projection")
@@ -376,7 +446,14 @@ def config_from_openai(state_dict: Mapping, *, act: str, heads_width: int = 64) 
     if missing:
         raise CheckpointError("not an OpenAI-layout CLIP state dict (cannot read its shapes)", missing=missing)
     conv = state_dict["visual.conv1.weight"]
-    vision_width, text_width = conv.shape[0], state_dict["ln_final.weight"].shape[0]
+    widths = {"vision": conv.shape[0], "text": state_dict["ln_final.weight"].shape[0]}
+    head_widths = _head_widths(widths, model_name, head_width, vision_head_width, text_head_width)
+    heads = {}
+    for tower, (hw, source) in head_widths.items():
+        if widths[tower] % hw:
+            raise ValueError(f"{source} ({hw}) does not divide the {tower} width ({widths[tower]}) of this "
+                             "checkpoint")
+        heads[tower] = widths[tower] // hw
     grid = math.isqrt(state_dict["visual.positional_embedding"].shape[0] - 1)
     vision_layers = _count_layers(state_dict, OPENAI_TOWERS["visual"])
     text_layers = _count_layers(state_dict, OPENAI_TOWERS["text"])
@@ -386,12 +463,12 @@ def config_from_openai(state_dict: Mapping, *, act: str, heads_width: int = 64) 
             f"{p}.0.mlp.c_fc.weight" for t, p in OPENAI_TOWERS.items() if mlp[t] is None])
     return CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
-        vision=VisionConfig(image_size=conv.shape[-1] * grid, patch_size=conv.shape[-1], width=vision_width,
-                            layers=vision_layers, heads=vision_width // heads_width,
+        vision=VisionConfig(image_size=conv.shape[-1] * grid, patch_size=conv.shape[-1], width=widths["vision"],
+                            layers=vision_layers, heads=heads["vision"],
                             mlp_dim=mlp["visual"].shape[0], channels=conv.shape[1], act=act),
         text=TextConfig(vocab_size=state_dict["token_embedding.weight"].shape[0],
-                        context_length=state_dict["positional_embedding"].shape[0], width=text_width,
-                        layers=text_layers, heads=text_width // heads_width, mlp_dim=mlp["text"].shape[0], act=act))
+                        context_length=state_dict["positional_embedding"].shape[0], width=widths["text"],
+                        layers=text_layers, heads=heads["text"], mlp_dim=mlp["text"].shape[0], act=act))
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -442,13 +519,17 @@ def _unwrap_open_clip(state):
 
 
 def clip_from_openai(source: Source, config: Optional[CLIPConfig] = None, *, act: Optional[str] = None,
+                     model_name: Optional[str] = None, head_width: Optional[int] = None,
+                     vision_head_width: Optional[int] = None, text_head_width: Optional[int] = None,
                      dtype: torch.dtype = torch.float32) -> CLIP:
     """A vlfast CLIP (parameters in `dtype`, on the CPU) from an OpenAI / open_clip state dict (a dict,
     .safetensors or weights-only file).
 
     open_clip training checkpoints ({"state_dict": ...}, keys prefixed "module.") are unwrapped.
     Without config the shapes give it (config_from_openai), and act must be given: "quick_gelu" for
-    OpenAI's weights and open_clip's *-quickgelu models, "gelu" for open_clip's other models.
+    OpenAI's weights and open_clip's *-quickgelu models, "gelu" for open_clip's other models, and any
+    width other than OpenAI's needs model_name or the head widths (see config_from_openai): the
+    weights do not give the number of heads.
     """
     if isinstance(source, Mapping):
         state = _unwrap_open_clip(dict(source))
@@ -460,9 +541,15 @@ def clip_from_openai(source: Source, config: Optional[CLIPConfig] = None, *, act
         if act is None:
             raise ValueError("act is required without a config: 'quick_gelu' for OpenAI's weights and open_clip's "
                              "*-quickgelu models, 'gelu' for open_clip's other models (the weights cannot tell)")
-        config = config_from_openai(state, act=act)
-    elif act is not None:
-        raise ValueError("pass either config or act, not both (the config carries the activation)")
+        config = config_from_openai(state, act=act, model_name=model_name, head_width=head_width,
+                                    vision_head_width=vision_head_width, text_head_width=text_head_width)
+    else:
+        given = [n for n, v in (("act", act), ("model_name", model_name), ("head_width", head_width),
+                                ("vision_head_width", vision_head_width), ("text_head_width", text_head_width))
+                 if v is not None]
+        if given:
+            raise ValueError(f"pass either config or {', '.join(given)}, not both (the config carries the "
+                             "activation and the number of heads)")
     return _model(config, convert_state_dict(state, config, "openai"), dtype)
 
 
