@@ -61,3 +61,26 @@ def test_contrastive_oracle_matches_textbook_losses_and_keeps_tiny_losses_accura
     scale = torch.tensor(40.0, dtype=torch.float64)
     want = 5 * torch.exp(torch.tensor(-40.0, dtype=torch.float64))  # per row: log1p(5 e^-40)
     assert torch.allclose(cl.oracle(e, e, scale, None, "softmax"), want, rtol=1e-12)
+
+
+def test_attention_plain_masks_agree_with_vlfast_masks_and_oracle_with_sdpa():
+    """The bench's mask rules (plain index arithmetic) against vlfast.masks for every kind the bench runs, on a
+    small odd grid; its explicit float64 softmax against SDPA's math path (GQA, dense mask, an empty row)."""
+    from vlfast.bench import bench_attention as A
+    from vlfast.bench.common import Case
+    cpu = torch.device("cpu")
+    kinds = [("causal", {}), ("prefix", {"prefix": 5}), ("text", {}), ("dalle-row", {"text": 3, "grid": 4}),
+             ("dalle-column", {"text": 3, "grid": 4}), ("dalle-conv", {"text": 3, "grid": 4})]
+    for kind, params in kinds:
+        case = A._case("t", 3, 4, 19, 8, kind, torch.float64, h_kv=2, accuracy=True, **params)
+        x = A.make_inputs(case, cpu)  # raises if the plain mask and vlfast's disagree
+        mask = x.mask.to_dense(19, 19, cpu)[:, None]
+        assert torch.equal(mask.expand_as(x.dense), x.dense), kind
+        dense = x.dense.clone()
+        dense[..., 7, :] = False  # a query with no key: 0 by vlfast's convention
+        out = A.oracle(x.q.detach(), x.k.detach(), x.v.detach(), dense, 0.3)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            x.q.detach(), x.k.detach(), x.v.detach(), attn_mask=dense, scale=0.3, enable_gqa=True)
+        keep = dense.any(-1, keepdim=True).expand_as(out)
+        torch.testing.assert_close(out[keep], want[keep], rtol=1e-12, atol=1e-12)
+        assert (out[~keep] == 0).all(), kind

@@ -3,15 +3,19 @@
     python -m vlfast bench attention [--quick] [--json PATH] [--plot PATH]
 
 Peers in the same run (each only where it runs; the summary lists the rest):
-  sdpa-flash / sdpa-cudnn / sdpa-efficient   is_causal for causal masks, else a dense boolean mask
+  sdpa-flash / sdpa-cudnn / sdpa-efficient   is_causal for causal masks, else a dense boolean mask; GQA by
+                                             enable_gqa=True
   sdpa-math (CPU)                            the same through PyTorch's math path
-  flex                                       torch.compile(flex_attention) with the equivalent block mask
+  flex                                       torch.compile(flex_attention) with a block mask from an analytic
+                                             mask_mod per mask kind (keep_rule; CPU: VLFAST_BENCH_CPU_FLEX=1)
+The oracle is a float64 explicit softmax with the bench's own dense mask (keep_rule), not vlfast's code.
 TFLOP/s count only the (query, key) pairs the mask keeps: 4 * D per kept pair forward, 3.5x that
 forward + backward. Error columns (vs float64) come from the "-accuracy" cases, sized so that a
 dense float64 reference is cheap; the speed cases report time and memory.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +26,6 @@ import torch.nn.functional as F
 import vlfast.masks as M
 from vlfast.bench.common import FWD, FWD_BWD, Case, Contender, vlfast_contenders
 from vlfast.ops.attention import attention, attention_varlen, implementation_status
-from vlfast.ops.attention.reference import attention_dense
 
 OP = "attention"
 GRADS = ("d_q", "d_k", "d_v")
@@ -91,6 +94,40 @@ def _mask(case: Case, device) -> tuple:
     return M.dalle(p["text"], p["grid"], p["grid"], kind.split("-")[1]), None
 
 
+def keep_rule(case: Case, lengths: Optional[torch.Tensor]):
+    """The case's mask as plain index arithmetic, mask_mod(b, h, q_idx, kv_idx) -> bool (Sq == Sk), or None
+    for no mask. Written here, independent of vlfast.masks: it builds the oracle's and SDPA's dense masks and
+    is FlexAttention's mask_mod."""
+    p = case.params
+    kind = p["mask"]
+    if kind == "none":
+        return None
+    if kind == "causal":
+        return lambda b, h, q, k: k <= q
+    if kind == "prefix":  # LLaVA: image tokens [0, P) see each other, the rest is causal
+        n = p["prefix"]
+        return lambda b, h, q, k: (k <= q) | ((q < n) & (k < n))
+    if kind == "text":  # causal + right padding: key k of caption b is real when k < lengths[b]
+        return lambda b, h, q, k: (k <= q) & (k < lengths[b])
+    t, c, half = p["text"], p["grid"], 11 // 2  # DALL-E: text prefix t, a grid of c columns, conv kernel 11
+    image = {"row": lambda q, k: (q - t) // c == (k - t) // c,
+             "column": lambda q, k: (q - t) % c == (k - t) % c,
+             "conv": lambda q, k: (((q - t) // c - (k - t) // c).abs() <= half)
+             & (((q - t) % c - (k - t) % c).abs() <= half)}[kind.split("-")[1]]
+    return lambda b, h, q, k: (k <= q) & ((k < t) | image(q, k))
+
+
+def plain_dense_mask(case: Case, lengths: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """(B or 1, 1, S, S) bool from keep_rule, by broadcasting index tensors."""
+    rule = keep_rule(case, lengths)
+    if rule is None:
+        return None
+    b, _, s, _ = case.shape
+    idx = torch.arange(s, device=device)
+    batch = torch.arange(b if lengths is not None else 1, device=device)[:, None, None]
+    return rule(batch, None, idx[None, :, None], idx[None, None, :]).expand(len(batch), s, s)[:, None]
+
+
 def make_inputs(case: Case, device: torch.device) -> Inputs:
     b, h, s, d = case.shape
     g = torch.Generator(device=device).manual_seed(0)
@@ -98,7 +135,9 @@ def make_inputs(case: Case, device: torch.device) -> Inputs:
     k, v = (torch.randn(b, case.params["h_kv"], s, d, device=device, generator=g).to(case.dtype).requires_grad_()
             for _ in range(2))
     mask, lengths = _mask(case, device)
-    dense = mask.to_dense(s, s, device)[:, None] if mask is not None else None
+    dense = plain_dense_mask(case, lengths, device)
+    if mask is not None and not torch.equal(mask.to_dense(s, s, device)[:, None].expand_as(dense), dense):
+        raise AssertionError(f"{case.name}: vlfast's mask and the bench's plain mask disagree")
     return Inputs(q, k, v, mask, dense, lengths)
 
 
@@ -122,9 +161,23 @@ def reference(case: Case, x: Inputs, device: torch.device) -> tuple:
     if not case.params["accuracy"]:
         return None, "speed case: errors come from the -accuracy cases"
     q, k, v = (t.detach().double().requires_grad_() for t in x.leaves())
-    out = attention_dense(q, k, v, x.mask, case.shape[3] ** -0.5)
+    out = oracle(q, k, v, x.dense, case.shape[3] ** -0.5)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
-    return {"out": out.detach(), **dict(zip(GRADS, grads))}, "fp64 dense"
+    return {"out": out.detach(), **dict(zip(GRADS, grads))}, "fp64 explicit softmax, the bench's plain dense mask"
+
+
+def oracle(q, k, v, dense: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """softmax(q k^T scale, masked) v in q's dtype, written out (not vlfast's); K/V heads repeated for GQA;
+    a query with no kept key gives 0 (vlfast's convention). q (B, H, S, D), k/v (B, Hkv, S, D)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if dense is None:
+        return torch.softmax(scores, -1) @ v
+    scores = scores.masked_fill(~dense, float("-inf"))
+    any_kept = dense.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~any_kept, 0.0), -1) * any_kept
+    return probs @ v
 
 
 def _runner(fn):
@@ -176,41 +229,42 @@ def _varlen(x: Inputs, impl: str) -> torch.Tensor:
 
 
 def _sdpa(backend_name: Optional[str]):
+    """SDPA as a user calls it: is_causal for a plain causal mask, else the dense boolean mask; GQA through
+    enable_gqa (no repeated K/V)."""
     def fn(x: Inputs):
-        group = x.q.shape[1] // x.k.shape[1]
-        k, v = (t.repeat_interleave(group, 1) if group > 1 else t for t in (x.k, x.v))
+        gqa = x.q.shape[1] != x.k.shape[1]
         causal = x.mask is not None and x.mask.causal and x.mask.span_ids is None and x.mask.dalle is None \
             and x.mask.key_valid is None and x.mask.window is None
         attn_mask = None if causal or x.dense is None else x.dense
         if backend_name is None:
-            return F.scaled_dot_product_attention(x.q, k, v, attn_mask=attn_mask, is_causal=causal)
+            return F.scaled_dot_product_attention(x.q, x.k, x.v, attn_mask=attn_mask, is_causal=causal,
+                                                  enable_gqa=gqa)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([getattr(SDPBackend, backend_name)]):
-            return F.scaled_dot_product_attention(x.q, k, v, attn_mask=attn_mask, is_causal=causal)
+            return F.scaled_dot_product_attention(x.q, x.k, x.v, attn_mask=attn_mask, is_causal=causal,
+                                                  enable_gqa=gqa)
     return fn
 
 
 _FLEX = {}
 
 
-def _flex_fn(x: Inputs):
-    """FlexAttention with a block mask built from the same dense mask (cached per mask)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    b, h, s, _ = x.q.shape
-    key = (id(x.dense), s)
-    if key not in _FLEX:
-        dense = x.dense[:, 0] if x.dense is not None else None
-
-        def mask_mod(bb, hh, qi, ki):
-            if dense is None:
-                return qi >= 0
-            return dense[bb if dense.shape[0] > 1 else 0, qi, ki]
-        _FLEX[key] = create_block_mask(mask_mod, dense.shape[0] if dense is not None else None, None, s, s,
-                                       device=x.q.device)
-    group = x.q.shape[1] // x.k.shape[1]
-    return _FLEX["fn"](x.q, x.k, x.v, block_mask=_FLEX[key], enable_gqa=group > 1)
+def _flex_fn(case: Case):
+    """torch.compile(flex_attention) with a block mask from the analytic mask_mod (keep_rule), built once per
+    case: fully masked blocks are skipped as FlexAttention does for a user's mask_mod."""
+    def fn(x: Inputs):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        if "fn" not in _FLEX:
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        b, _, s, _ = x.q.shape
+        if _FLEX.get("case") != case.name:
+            rule = keep_rule(case, x.lengths)
+            _FLEX["case"] = case.name
+            _FLEX["block_mask"] = None if rule is None else create_block_mask(
+                rule, b if x.lengths is not None else None, None, s, s, device=x.q.device)
+        q, k, v = (t.detach() if not t.is_cuda else t for t in x.leaves())  # CPU: forward only (no backward)
+        return _FLEX["fn"](q, k, v, block_mask=_FLEX["block_mask"], enable_gqa=x.q.shape[1] != x.k.shape[1])
+    return fn
 
 
 def contenders(case: Case, device: torch.device) -> list:
@@ -218,11 +272,21 @@ def contenders(case: Case, device: torch.device) -> list:
     if device.type == "cuda":
         for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             peers.append(Contender(f"sdpa-{backend.split('_')[0].lower()}", _runner(_sdpa(backend))))
-        peers.append(Contender("flex", _runner(_flex_fn)))
+        peers.append(Contender("flex[compiled, analytic mask_mod]", _runner(_flex_fn(case))))
     else:
-        peers.append(Contender("sdpa-math", _runner(_sdpa(None))))
-        peers.append(Contender("flex", skip="runs on CUDA devices only here"))
+        peers.append(Contender("sdpa-math[dense bool mask; is_causal for causal]", _runner(_sdpa(None))))
+        peers.append(_cpu_flex(case))
     return _vlfast(case, device) + peers
+
+
+def _cpu_flex(case: Case) -> Contender:
+    """Compiled FlexAttention on a CPU: forward only (torch 2.13 raises "FlexAttention does not support
+    backward on CPU"), and opt-in, its inductor compile being slow for the quick bench."""
+    name = "flex[compiled, analytic mask_mod]"
+    if os.environ.get("VLFAST_BENCH_CPU_FLEX", "0") != "1":
+        return Contender(name, skip="on a CPU FlexAttention has no backward (torch 2.13) and compiles 5-10 s per case; "
+                                    "VLFAST_BENCH_CPU_FLEX=1 times its forward")
+    return Contender(name, _runner(_flex_fn(case)), modes=(FWD,))
 
 
 if __name__ == "__main__":

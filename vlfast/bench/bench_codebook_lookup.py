@@ -2,12 +2,13 @@
 
     python -m vlfast bench codebook_lookup [--quick] [--json PATH] [--plot PATH]
 
-Errors (against the float64 argmin and distances of vlfast's reference): "index_mismatch", the fraction
+Errors (against the float64 argmin and distances of `oracle`, torch.cdist in float64, lowest index on ties): "index_mismatch", the fraction
 of rows whose index differs; "distances", max |d - d64| / max |d64|; for the VQ step also the loss and
 the gradient of z. Peers (each only where it imports; the summary lists the rest):
   torch-cdist   torch.cdist(z, e).argmin(1) in the input dtype (distance = min^2)
   torch-matmul  (||e||^2 - 2 z @ e.T).argmin(1), the GEMM in the input dtype, the rest fp32
                 (cosine: argmax of z @ normalize(e).T)
+  torch-fp32-matmul  the same with the GEMM in fp32, TF32 allowed on CUDA (the fastest plain lookup a user writes)
   faiss         faiss.IndexFlatL2 (fp32), on CPU runs
   torch-vq / vector-quantize-pytorch   a VQ step: lookup, gather, commitment loss, EMA, backward
 The vq-step cases time forward + backward of an EMA VectorQuantizer (loss + mean of the output).
@@ -170,6 +171,20 @@ def _matmul(x: Inputs, mode: str) -> dict:
     return {"indices": index, "distances": best + x.z.float().pow(2).sum(1)}
 
 
+def _tf32_matmul(x: Inputs, mode: str) -> dict:
+    """The fast user's lookup: ||e||^2 - 2 z.e from an fp32 GEMM, argmin. On CUDA with TF32 matmuls allowed
+    (torch.backends.cuda.matmul.allow_tf32, restored after); on a CPU the plain fp32 GEMM."""
+    z, e = x.z.float(), x.codebook.float()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = z.is_cuda
+    try:
+        scores = e.pow(2).sum(1)[None, :] - 2 * (z @ e.T)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    best, index = scores.min(dim=1)
+    return {"indices": index, "distances": best + z.pow(2).sum(1)}
+
+
 def _cosine_matmul(x: Inputs, mode: str) -> dict:
     """Cosine: argmax of z @ normalize(e).T in the input dtype; distance 1 - cos in fp32."""
     best, index = (x.z @ F.normalize(x.codebook, dim=-1).T).float().max(dim=1)
@@ -206,20 +221,14 @@ def _step_runner(module: torch.nn.Module, forward):
 
 
 def _vlfast_step(case: Case, device: torch.device) -> list:
-    out = []
-    for impl, why in implementation_status(device, case.dtype).items():
-        if impl == "triton" and device.type != "cuda":
-            why = "Triton on a CPU is its interpreter: tested, not benchmarked"
-        if why is not None:
-            out.append(Contender(f"vlfast-{impl}", skip=why))
-            continue
+    def make_run(impl):
         holder = {}
 
-        def forward(module, z, holder=holder):
+        def forward(module, z):
             out = module(z)
             return out.quantized, out.indices, out.loss
 
-        def run(x: Inputs, mode: str, impl=impl, holder=holder) -> dict:
+        def run(x: Inputs, mode: str) -> dict:
             if "module" not in holder:  # built on first use, from the case's codebook
                 vq = VectorQuantizer(x.codebook.shape[0], x.codebook.shape[1], ema_decay=DECAY,
                                      commitment_weight=COMMITMENT, impl=impl).to(x.z.device, x.codebook.dtype)
@@ -227,8 +236,8 @@ def _vlfast_step(case: Case, device: torch.device) -> list:
                 vq.embed_avg.copy_(x.codebook)
                 holder["module"] = vq.train()
             return _step_runner(holder["module"], forward)(x, mode)
-        out.append(Contender(f"vlfast-{impl}", run, describe=_DESCRIBE.get(impl)))
-    return out
+        return run
+    return vlfast_contenders(implementation_status(device, case.dtype), device, make_run, describe=_DESCRIBE)
 
 
 def _torch_step(x: Inputs, mode: str) -> dict:
@@ -276,6 +285,8 @@ def contenders(case: Case, device: torch.device) -> list:
     if case.params["metric"] == "cosine":
         return _vlfast_lookup(case, device) + [Contender("torch-matmul", _cosine_matmul)]
     return _vlfast_lookup(case, device) + [Contender("torch-cdist", _cdist), Contender("torch-matmul", _matmul),
+                                           Contender("torch-fp32-matmul[tf32 on CUDA]" if device.type == "cuda"
+                                                     else "torch-fp32-matmul", _tf32_matmul),
                                            _faiss(case, device)]
 
 

@@ -4,6 +4,8 @@ An op's bench_<op>.py builds Cases and Contenders; the runner measures them with
 """
 from __future__ import annotations
 
+import os
+
 import functools
 import gc
 import importlib
@@ -150,6 +152,9 @@ def vlfast_contenders(status: dict, device: torch.device, make_run: Callable[[st
             why = INTERPRETER
         elif why is None and impl == "reference":
             why = reference_skip
+            if why is None and device.type != "cuda" and status.get("torch", "absent") is None \
+                    and os.environ.get("VLFAST_BENCH_REFERENCE", "0") != "1":
+                why = "the readable spec; impl='torch' is the CPU path (VLFAST_BENCH_REFERENCE=1 times it)"
         name = f"vlfast-{impl}"
         out.append(Contender(name, skip=why) if why is not None
                    else Contender(name, make_run(impl), describe=(describe or {}).get(impl)))
