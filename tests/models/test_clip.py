@@ -175,3 +175,12 @@ def test_bad_configs_and_inputs_are_named():
         CLIP({"embed_dim": 16})
     assert LARGEST == PRESETS["test-tiny"].text.vocab_size - 1
     assert math.isclose(CLIP.from_preset("test-tiny").logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 99, 1000])
+def test_token_ids_outside_the_vocabulary_are_named(bad_id):
+    model = CLIP(CLIPConfig.preset("test-tiny"))  # vocab_size 99
+    ids = torch.randint(0, 99, (2, 6))
+    ids[1, 3] = bad_id
+    with pytest.raises(ValueError, match=rf"input_ids.*\[0, vocab_size=99\).*{bad_id}"):
+        model.encode_text(ids)

@@ -106,3 +106,17 @@ def test_module_arguments_are_checked():
         SelfAttention(50, 6)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         CrossAttention(50, 6)
+
+
+def test_inputs_with_the_wrong_feature_size_are_named():
+    attn = SelfAttention(12, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"SelfAttention: x must have last dimension 12, got shape \(2, 5, 10\)"):
+        attn(torch.randn(2, 5, 10, dtype=torch.float64))
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"SelfAttention: x must have last dimension 12, got shape \(5, 13\)"):
+        attn(torch.randn(5, 13, dtype=torch.float64), cu_seqlens=cu, max_seqlen=3)
+    cross = CrossAttention(12, 3, context_dim=7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"CrossAttention: context must have last dimension 7, got shape \(2, 4, 12\)"):
+        cross(torch.randn(2, 5, 12, dtype=torch.float64), torch.randn(2, 4, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"CrossAttention: x must have last dimension 12, got shape \(2, 5, 7\)"):
+        cross(torch.randn(2, 5, 7, dtype=torch.float64), torch.randn(2, 4, 7, dtype=torch.float64))

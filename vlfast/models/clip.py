@@ -289,6 +289,12 @@ class TextTower(nn.Module):
     def forward(self, ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """ids (B, S), attention_mask (B, S) or None (1 = token, 0 = padding) -> (B, embed_dim)."""
         padding = self._check(ids, attention_mask)
+        # An id outside the table would index out of bounds in the embedding; this check syncs with the device.
+        if not torch.compiler.is_compiling() and ids.numel():
+            low, high = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
+            if low < 0 or high >= self.cfg.vocab_size:
+                raise ValueError(f"text (input_ids) must hold token ids in [0, vocab_size={self.cfg.vocab_size}), "
+                                 f"got ids from {low} to {high}")
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
         for block in self.blocks:
             x = block(x, causal=True, key_padding_mask=padding)

@@ -17,6 +17,13 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.view(b, s, heads, -1).transpose(1, 2)
 
 
+def _check_features(cls: str, name: str, x: Tensor, size: int) -> None:
+    """A wrong last dim would otherwise crash inside the projection's matmul."""
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != size:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{cls}: {name} must have last dimension {size}, got shape {got}")
+
+
 def _head_layout(cls: str, dim: int, num_heads: int, num_kv_heads: Optional[int], head_dim: Optional[int]):
     """(num_kv_heads, head_dim) with their defaults, checked."""
     num_kv_heads = num_kv_heads or num_heads
@@ -47,6 +54,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Mask] = None, *, positions: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+        _check_features("SelfAttention", "x", x, self.qkv.in_features)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         if cu_seqlens is not None:  # packed (T, dim)
@@ -82,6 +90,8 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias, **kw)
 
     def forward(self, x: Tensor, context: Tensor, mask: Optional[Mask] = None) -> Tensor:
+        _check_features("CrossAttention", "x", x, self.q.in_features)
+        _check_features("CrossAttention", "context", context, self.kv.in_features)
         q = _heads(self.q(x), self.num_heads)
         k, v = (_heads(t, self.num_kv_heads) for t in self.kv(context).chunk(2, dim=-1))
         out = attention(q, k, v, mask=mask, impl=self.impl)

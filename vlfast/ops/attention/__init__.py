@@ -74,6 +74,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], c
                       key_valid: Optional[Tensor], scale: float, impl: str) -> tuple[Tensor, Tensor]:
     """(out like q, lse2: (B, H, Sq) or (H, Tq), base-2 log-sum-exp of the scaled scores; float32,
     float64 for float64 inputs)."""
+    if cu_q is not None:  # here, not in attention_varlen: op bodies are not traced, so the syncs keep graphs whole
+        _check_packed_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k, dalle)
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention.fwd"):
         if impl == "reference":
@@ -178,11 +180,10 @@ def _check_mask(fn: str, mask, batch: Optional[int], sk: int, total_k: Optional[
             _fail(fn, "key_padding does not apply to packed sequences: cu_seqlens already gives their lengths")
         if tuple(mask.key_valid.shape) != (batch, sk):
             _fail(fn, f"key_padding must be ({batch}, {sk}), got {tuple(mask.key_valid.shape)}")
-    if mask.dalle is not None:
+    if mask.dalle is not None and total_k is None:  # packed: checked per sequence in _check_packed_offsets
         text_len, rows, cols = mask.dalle[:3]
         if sk > text_len + rows * cols:  # keys past the grid would get made-up rows and columns
-            where = "a sequence has" if total_k is not None else "there are"
-            _fail(fn, f"the DALL-E mask covers {text_len} + {rows} x {cols} tokens but {where} {sk} keys")
+            _fail(fn, f"the DALL-E mask covers {text_len} + {rows} x {cols} tokens but there are {sk} keys")
     return mask
 
 
@@ -233,8 +234,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Mask] = None, s
     return out
 
 
-def _check_cu(fn: str, name: str, cu, total: int, batch: Optional[int], max_len: int, device) -> int:
-    """Checks the offsets; returns the longest sequence's length."""
+def _check_cu(fn: str, name: str, cu, batch: Optional[int], max_len: int, device) -> None:
+    """Checks what the offsets' metadata shows; their values are checked in _check_cu_values."""
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
         _fail(fn, f"{name} must be a 1-D int32 tensor of sequence starts, got "
                   f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
@@ -244,6 +245,10 @@ def _check_cu(fn: str, name: str, cu, total: int, batch: Optional[int], max_len:
         _fail(fn, f"{name} must have batch + 1 >= 2 entries, got {cu.shape[0]}")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
         _fail(fn, f"max_seqlen for {name} must be an int >= 0, got {max_len!r}")
+
+
+def _check_cu_values(fn: str, name: str, cu: Tensor, total: int, max_len: int) -> int:
+    """Checks the offsets' values; returns the longest sequence's length."""
     lengths = cu[1:] - cu[:-1]
     # one host sync: inconsistent offsets would read outside the packed tensors
     first, last, shortest, longest = (int(x) for x in torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]).tolist())
@@ -253,6 +258,17 @@ def _check_cu(fn: str, name: str, cu, total: int, batch: Optional[int], max_len:
     if longest > max_len:
         _fail(fn, f"a sequence of {longest} tokens is longer than max_seqlen {max_len} ({name})")
     return longest
+
+
+def _check_packed_offsets(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int, max_k: int,
+                          dalle: list) -> None:
+    """The data-dependent checks of attention_varlen (run inside the op body, eagerly, never traced)."""
+    fn = "attention_varlen"
+    _check_cu_values(fn, "cu_seqlens_q", cu_q, total_q, max_q)
+    longest_k = _check_cu_values(fn, "cu_seqlens_k", cu_k, total_k, max_k)
+    text_len, rows, cols, is_dalle = dalle[:4]
+    if is_dalle and longest_k > text_len + rows * cols:  # keys past the grid would get made-up rows and columns
+        _fail(fn, f"the DALL-E mask covers {text_len} + {rows} x {cols} tokens but a sequence has {longest_k} keys")
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
@@ -266,10 +282,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """
     fn = "attention_varlen"
     _check_qkv(fn, q, k, v, 3, 1)
-    _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q.shape[0], None, max_seqlen_q, q.device)
-    longest_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.shape[0] - 1, max_seqlen_k,
-                          q.device)
-    mask = _check_mask(fn, mask, cu_seqlens_q.shape[0] - 1, longest_k, k.shape[0], q.device)
+    _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, None, max_seqlen_q, q.device)
+    _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_seqlen_k, q.device)
+    mask = _check_mask(fn, mask, cu_seqlens_q.shape[0] - 1, max_seqlen_k, k.shape[0], q.device)
     scale = _check_scale(fn, scale, q.shape[-1])
     impl = resolve_impl("attention", impl, q.device, _why_not(q.device, q.dtype, q.shape[-1]))
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
