@@ -84,3 +84,18 @@ def test_attention_plain_masks_agree_with_vlfast_masks_and_oracle_with_sdpa():
         keep = dense.any(-1, keepdim=True).expand_as(out)
         torch.testing.assert_close(out[keep], want[keep], rtol=1e-12, atol=1e-12)
         assert (out[~keep] == 0).all(), kind
+
+
+def test_gpu_tests_codebook_oracle_is_brute_force_with_lowest_index_ties():
+    """tests/ops/codebook_lookup_cases.float64_argmin (the GPU tests' oracle) on duplicate codes
+    and a constant codebook, against brute force."""
+    from tests.ops import codebook_lookup_cases as cases
+    g = torch.Generator().manual_seed(3)
+    z, e = torch.randn(301, 7, generator=g), torch.randn(53, 7, generator=g)
+    e[[4, 20, 52]] = e[30].clone()
+    z[:9] = e[30].clone()
+    for metric in ("l2", "cosine"):
+        got = cases.float64_argmin(z, e, metric, rows=64)
+        torch.testing.assert_close(got, _brute_force(z, e, metric), rtol=0, atol=0)
+    assert (cases.float64_argmin(z, e, "l2")[:9] == 4).all()
+    assert (cases.float64_argmin(z, e[:1].expand(9, 7), "l2") == 0).all()

@@ -318,7 +318,7 @@ def test_bench_tiny_reports_index_mismatch(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = {(r["case"], r["impl"]): r for r in json.loads((tmp_path / "rows.json").read_text())}
-    lookup, step = rows["256x64x16-fp32", "vlfast-reference"], rows["vq-step-256x64x16-fp32", "vlfast-reference"]
+    lookup, step = rows["256x64x16-fp32", "vlfast-torch"], rows["vq-step-256x64x16-fp32", "vlfast-torch"]  # CPU path
     assert lookup["status"] == step["status"] == "ok"
     assert lookup["errors"]["index_mismatch"] == 0 and lookup["errors"]["distances"] < 1e-6
     assert step["errors"]["index_mismatch"] == 0 and step["errors"]["d_z"] < 1e-6
