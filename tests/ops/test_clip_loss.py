@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import vlfast
 from vlfast import ImplUnavailableError
 
-from .clip_loss_cases import (Case, assert_close64, assert_relative_rule, make_inputs, pytorch_same_dtype,
+from .clip_loss_cases import (NAMES, Case, assert_close64, assert_relative_rule, make_inputs, pytorch_same_dtype,
                               reference64, run_vlfast)
 
 LOW = (torch.float16, torch.bfloat16)
@@ -206,14 +206,23 @@ def test_python_scalars_keep_float64_precision():
     assert torch.allclose(as_float, as_tensor, rtol=1e-14)
 
 
-def test_non_contiguous_inputs():
-    base = torch.randn(20, 32, dtype=torch.float64)
-    a, b = base[::2], base[1::2, :]  # strided rows
-    at = torch.randn(16, 10, dtype=torch.float64).T  # column-major (10, 16)
-    for x, y in ((a, b), (at, at.flip(0))):
-        got = vlfast.clip_loss(x, y, 3.0)
-        want = vlfast.clip_loss(x.contiguous(), y.contiguous(), 3.0)
-        assert torch.allclose(got, want, rtol=1e-12)
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_non_contiguous_inputs(impl):
+    """Strided rows and column-major features go through impl as views (not copied by the test), against the
+    float64 dense reference, losses and every gradient."""
+    base = torch.randn(20, 32, requires_grad=True)
+    at = torch.randn(16, 10, requires_grad=True)
+    for x, y in ((base[::2], base[1::2, :]), (at.T, at.T.flip(0)[:, 3:])):  # strided rows; column-major (10, 13)
+        x, y = (x, y) if y.shape == x.shape else (x[:, 3:], y)
+        assert not (x.is_contiguous() or y.is_contiguous())
+        case = Case(n=x.shape[0], m=y.shape[0], d=x.shape[1], dtype=torch.float32)
+        scale = torch.tensor(3.0, requires_grad=True)
+        grad = torch.randn(x.shape[0], dtype=torch.float64)
+        loss = vlfast.clip_loss(x, y, scale, impl=impl, reduction="none")  # the views themselves
+        d_x, d_y, d_s = torch.autograd.grad((loss.double() * grad).sum(), (x, y, scale))
+        got = {"loss": loss.detach().double(), NAMES[1]: d_x.double(), NAMES[2]: d_y.double(), NAMES[3]: d_s.double()}
+        ref = reference64(case, x.detach(), y.detach(), scale.detach(), None, grad)
+        assert_close64(got, ref, 1e-5, f"{impl} strided")
 
 
 # --- dispatch ---------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, targets: Tensor
     for "mean" / "sum" when their need_* flag is set, else empty."""
     _check_targets(targets, weight.shape[0], ignore_index)
     if hidden.shape[0] == 0:
-        impl = "reference"  # nothing to compute; the reference returns PyTorch's empty-batch values
+        impl = "reference"  # every impl: no rows, no kernel; the reference writes PyTorch's empty-batch values
     need = (need_hidden, need_weight, need_bias and bias is not None)
     with nvtx_range("vlfast.linear_cross_entropy.fwd"):
         return _FORWARD[impl](hidden.contiguous(), weight.contiguous(), targets.contiguous(), bias, ignore_index,
