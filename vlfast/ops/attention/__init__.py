@@ -39,28 +39,17 @@ def _mask_parts(mask: Optional[Mask]) -> tuple:
             mask.key_valid)
 
 
-def _reference_forward(q, k, v, cu_q, cu_k, mask, scale):
+def _forward_with(module, q, k, v, cu_q, cu_k, mask, scale):
+    """module.forward on a dense batch, module.forward_varlen on packed sequences."""
     if cu_q is None:
-        return _reference.forward(q, k, v, mask, scale)
-    return _reference.forward_varlen(q, k, v, cu_q, cu_k, mask, scale)
+        return module.forward(q, k, v, mask, scale)
+    return module.forward_varlen(q, k, v, cu_q, cu_k, mask, scale)
 
 
-def _reference_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale):
+def _backward_with(module, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale):
     if cu_q is None:
-        return _reference.backward(do, q, k, v, out, lse2, mask, scale)
-    return _reference.backward_varlen(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
-
-
-def _torch_forward(q, k, v, cu_q, cu_k, mask, scale):
-    if cu_q is None:
-        return _torch.forward(q, k, v, mask, scale)
-    return _torch.forward_varlen(q, k, v, cu_q, cu_k, mask, scale)
-
-
-def _torch_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale):
-    if cu_q is None:
-        return _torch.backward(do, q, k, v, out, lse2, mask, scale)
-    return _torch.backward_varlen(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
+        return module.backward(do, q, k, v, out, lse2, mask, scale)
+    return module.backward_varlen(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
 
 
 def _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale):
@@ -79,9 +68,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], c
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention.fwd"):
         if impl == "reference":
-            return _reference_forward(q, k, v, cu_q, cu_k, mask, scale)
+            return _forward_with(_reference, q, k, v, cu_q, cu_k, mask, scale)
         if impl == "torch":
-            return _torch_forward(q, k, v, cu_q, cu_k, mask, scale)
+            return _forward_with(_torch, q, k, v, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
         return module.forward(problem)
 
@@ -102,9 +91,9 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     do = do.contiguous()
     with nvtx_range("vlfast.attention.bwd"):
         if impl == "reference":
-            return _reference_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
+            return _backward_with(_reference, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
         if impl == "torch":
-            return _torch_backward(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
+            return _backward_with(_torch, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
         return module.backward(problem, do, out, lse2)
 
