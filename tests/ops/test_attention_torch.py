@@ -6,8 +6,8 @@ import vlfast.masks as M
 from vlfast.ops.attention import attention, attention_backward, attention_forward, attention_varlen
 from vlfast.ops.attention import torch_impl
 
-from .attention_cases import loop_mask, make_qkv, reference64, run_vlfast, span_ids
-from .test_attention import MASK_CASES, NAMES, _check
+from .attention_cases import make_qkv, run_vlfast, span_ids
+from .test_attention import MASK_CASES, NAMES, _check, check_varlen_per_sequence
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
@@ -106,29 +106,7 @@ def test_nan_inputs_propagate(where, dtype):
 
 def test_varlen_matches_per_sequence_attention(plan):
     """Zero-length and length-1 sequences, query and key lengths that differ, GQA, spans packed by token."""
-    lq, lk = [5, 0, 1, 40, 33, 7, 3], [5, 0, 1, 40, 33, 12, 0]
-    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
-    ids = torch.cat([torch.tensor(span_ids(n, [(1, 3), (n - 4, 3)] if n >= 8 else []), dtype=torch.int32) for n in lk])
-    for mask in (None, M.causal(), M.spans(ids)):
-        q, k, v, do = (x[0].transpose(0, 1).contiguous() for x in make_qkv(1, 4, 2, int(cu_q[-1]), int(cu_k[-1]),
-                                                                             24, torch.float32))
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = attention_varlen(*leaves, cu_q, cu_k, max(lq), max(lk), mask=mask, impl="torch")
-        out.backward(do)
-        for b in range(len(lq)):
-            q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-            if q1 == q0:
-                continue
-            seq = [x[a:c].transpose(0, 1)[None] for x, a, c in ((q, q0, q1), (k, k0, k1), (v, k0, k1), (do, q0, q1))]
-            kind = "none" if mask is None else "causal" if mask.span_ids is None else "spans"
-            keep = loop_mask(kind, q1 - q0, k1 - k0, ids=ids[k0:k1].tolist())[None, None]
-            ref = reference64(*seq, keep)
-            got = {"out": out[q0:q1], "dq": leaves[0].grad[q0:q1], "dk": leaves[1].grad[k0:k1],
-                   "dv": leaves[2].grad[k0:k1]}
-            for name in NAMES:
-                g = got[name].double().transpose(0, 1)[None]
-                torch.testing.assert_close(g, ref[name], rtol=1e-5, atol=1e-5, msg=f"seq {b} {name}")
+    check_varlen_per_sequence("torch", [5, 0, 1, 40, 33, 7, 3], [5, 0, 1, 40, 33, 12, 0])
 
 
 def test_block_sparse_masks_skip_tiles():
