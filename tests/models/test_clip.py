@@ -184,3 +184,42 @@ def test_token_ids_outside_the_vocabulary_are_named(bad_id):
     ids[1, 3] = bad_id
     with pytest.raises(ValueError, match=rf"input_ids.*\[0, vocab_size=99\).*{bad_id}"):
         model.encode_text(ids)
+
+
+def test_padded_text_is_packed_once_for_the_whole_tower():
+    """With a padding mask every block runs on the real tokens only, (T, W), and the output is the
+    one the padded layout gives (transformers parity above)."""
+    _, ours = _pair()
+    ids, mask = text_batch()
+    seen = []
+    hooks = [block.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
+             for block in ours.text.blocks]
+    try:
+        with torch.no_grad():
+            ours.encode_text(ids, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == [(int(mask.sum()), ours.config.text.width)] * len(ours.text.blocks)
+
+
+def test_pooling_at_a_padded_position_is_named():
+    _, ours = _pair()
+    ids, mask = text_batch()
+    mask[1, 4] = 0  # row 1's end-of-text token (its largest id) is at position 4
+    with pytest.raises(ValueError, match=r"attention_mask: rows \[1\] are pooled at a padded position"):
+        ours.encode_text(ids, attention_mask=mask)
+
+
+def test_text_tower_with_padding_compiles():
+    """The text tower with a padding mask under torch.compile gives eager's features and gradients."""
+    torch._dynamo.reset()
+    _, ours = _pair()
+    ids, mask = text_batch()
+    want = ours.encode_text(ids, attention_mask=mask)
+    got = torch.compile(ours.encode_text, backend="aot_eager")(ids, attention_mask=mask)
+    torch.testing.assert_close(got, want, **TIGHT)
+    params = [p for p in ours.text.parameters()]
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b, **TIGHT)

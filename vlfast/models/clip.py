@@ -5,8 +5,9 @@
     forward -> (normalised image features, normalised text features, exp(logit_scale))
 
 forward returns what open_clip's CLIP returns, so `vlfast.nn.ClipLoss()(*model(images, ids))` is
-the training loss. Attention goes through models/_attention.attend (bidirectional for images,
-causal + key padding for text). Parameter names follow OpenAI's layout (in_proj as one qkv
+the training loss. Attention is vlfast.nn.SelfAttention: bidirectional for images, causal for text;
+a padded text batch is packed once by its real tokens (vlfast.attention_varlen), so padding costs
+no work in any layer. Parameter names follow OpenAI's layout (in_proj as one qkv
 Linear); vlfast.loaders maps transformers' and OpenAI's checkpoints onto them.
 
 Tokenisation and image preprocessing are the caller's: the text tower takes token ids (and
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._attention import attend
+from .. import masks
+from ..nn.attention import SelfAttention
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
@@ -164,23 +166,6 @@ def activation(name: str) -> nn.Module:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (OpenAI's in_proj)."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, x: Tensor, *, causal: bool, key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """x (B, S, W) -> (B, S, W)."""
-        b, s, w = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        o = attend(q, k, v, causal=causal, key_padding_mask=key_padding_mask)  # (B, H, S, Dh)
-        return self.out(o.transpose(1, 2).reshape(b, s, w))
-
-
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: str):
         super().__init__()
@@ -202,8 +187,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width, mlp_dim, act)
 
-    def forward(self, x: Tensor, *, causal: bool, key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal, key_padding_mask=key_padding_mask)
+    def forward(self, x: Tensor, mask: Optional[masks.Mask] = None, **packed) -> Tensor:
+        """x (B, S, W), or packed (T, W) with packed = dict(cu_seqlens=..., max_seqlen=...)."""
+        x = x + self.attn(self.ln_1(x), mask, **packed)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -240,7 +226,7 @@ class VisionTower(nn.Module):
         x = torch.cat([cls, x.to(cls.dtype)], dim=1) + self.pos_embed
         x = self.ln_pre(x)
         for block in self.blocks:
-            x = block(x, causal=False)
+            x = block(x)
         return self.proj(self.ln_post(x[:, 0]))
 
 
@@ -296,10 +282,35 @@ class TextTower(nn.Module):
                 raise ValueError(f"text (input_ids) must hold token ids in [0, vocab_size={self.cfg.vocab_size}), "
                                  f"got ids from {low} to {high}")
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
-        for block in self.blocks:
-            x = block(x, causal=True, key_padding_mask=padding)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eos_positions(ids, self.cfg.eos_token_id)]
+        eos = eos_positions(ids, self.cfg.eos_token_id)
+        rows = torch.arange(x.shape[0], device=x.device)
+        if padding is None:
+            for block in self.blocks:
+                x = block(x, masks.causal())
+            pooled = x[rows, eos]
+        else:
+            pooled = self._packed_blocks(x, padding, eos)
         return self.proj(self.ln_final(pooled))  # LN is per token: normalising only the pooled one is the same
+
+    def _packed_blocks(self, x: Tensor, padding: Tensor, eos: Tensor) -> Tensor:
+        """The blocks over the real tokens only, packed once for the whole tower -> pooled (B, W).
+
+        x (B, S, W), padding (B, S) bool (True = a real token), eos (B,) the pooled positions.
+        Causal over the packed tokens of one sequence is causal + key padding over the padded row.
+        """
+        rows = torch.arange(x.shape[0], device=x.device)
+        # The pooled token must be real: padding never runs through the blocks. Syncs with the device.
+        if not torch.compiler.is_compiling() and not bool(padding[rows, eos].all()):
+            bad = (~padding[rows, eos]).nonzero().flatten().tolist()
+            raise ValueError(f"attention_mask: rows {bad[:10]} are pooled at a padded position (the "
+                             "token the text tower pools at must have attention_mask 1)")
+        lengths = padding.sum(dim=1)
+        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        packed_index = padding.flatten().cumsum(0).view_as(padding) - 1  # (B, S) a real token's row in x[padding]
+        x = x[padding]  # (T, W), real tokens in order
+        for block in self.blocks:
+            x = block(x, masks.causal(), cu_seqlens=cu_seqlens, max_seqlen=padding.shape[1])
+        return x[packed_index[rows, eos]]
 
 
 def _init_blocks(blocks: nn.ModuleList, width: int) -> None:
