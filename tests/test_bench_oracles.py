@@ -99,3 +99,18 @@ def test_gpu_tests_codebook_oracle_is_brute_force_with_lowest_index_ties():
         torch.testing.assert_close(got, _brute_force(z, e, metric), rtol=0, atol=0)
     assert (cases.float64_argmin(z, e, "l2")[:9] == 4).all()
     assert (cases.float64_argmin(z, e[:1].expand(9, 7), "l2") == 0).all()
+
+
+def test_compiled_peer_compiles_every_shape_rather_than_falling_back_to_eager():
+    """Past dynamo's default recompile limit (8) a compiled peer would quietly run eagerly under its
+    compiled name: the bench's wrapper keeps compiling (and would raise, not fall back)."""
+    from torch._dynamo.utils import counters
+
+    from vlfast.bench.common import compiled
+    torch._dynamo.reset()
+    counters.clear()
+    square = compiled(lambda x: x * x + 1, backend="eager")
+    for n in range(1, 13):
+        x = torch.randn(n)
+        torch.testing.assert_close(square(x), x * x + 1)
+    assert counters["stats"]["unique_graphs"] == 12

@@ -91,6 +91,9 @@ def test_bench_tiny_writes_rows_table_and_plot(tmp_path):
         assert math.isfinite(r["error"]) and r["error"] < 1e-4  # fp32 math against fp64
         assert r["error"] == max(r["errors"].values())
     assert any(r["impl"] == "torch-dense" and r["status"] == "ok" for r in rows)
+    # Peers record the settings they ran with; the compiled peer is timed, not skipped.
+    assert all(r["config"] for r in rows if r["impl"].startswith("torch-dense") and r["status"] == "ok")
+    assert {r["config"]["compiled"] is not False for r in rows if r["impl"] == "torch-dense[compiled]"} == {True}
     # Triton on a CPU is its interpreter: listed as skipped, never timed.
     assert all(r["status"] == "skipped" for r in rows if r["impl"] == "vlfast-triton")
     assert "vlfast-reference" in out.stdout and "skipped:" in out.stdout

@@ -7,10 +7,12 @@ Peers (each only where it imports; the summary lists the rest):
   torch-dense  logits = scale * img @ txt.T in the input dtype (bf16 logits, as users write it);
                softmax: F.cross_entropy on the logits and their transpose, / 2;
                sigmoid: open_clip's SigLipLoss, -logsigmoid(labels * logits).sum() / N
+  torch-dense[compiled]  the same under torch.compile (dynamic=False, inductor defaults)
   inf-cl       inf_cl.cal_flash_loss both directions, / 2 (computes in fp32; D % 256 == 0)
   liger        Liger's fused linear cross-entropy, called twice as a CLIP loss
   cce          cut-cross-entropy's linear_cross_entropy, likewise
 logit_scale is the multiplier itself (already exponentiated), as vlfast.clip_loss takes it.
+Each peer's row records the settings it ran with ("config").
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import vlfast
-from vlfast.bench.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads
+from vlfast.bench.common import (COMPILED, FWD, FWD_BWD, Case, Contender, compiled, import_peer, loss_and_grads,
+                                 settings, vlfast_contenders)
 from vlfast.ops.clip_loss import implementation_status
 
 OP = "clip_loss"
@@ -202,7 +205,8 @@ def _fused_peer(name: str, case: Case, device: torch.device) -> Contender:
     if fn is None:
         return Contender(name, skip=why)
     # Liger and cce compute the gradient inside the forward: a forward-only time would not compare.
-    return Contender(name, _runner(make(fn)), modes=(FWD_BWD,))
+    return Contender(name, _runner(make(fn)), modes=(FWD_BWD,),
+                     describe=settings(call=f"{module}.{attr}", defaults="the peer's own"))
 
 
 def _triton_configs() -> dict:
@@ -220,12 +224,20 @@ def _vlfast(case: Case, device: torch.device) -> list:
                              describe={"triton": _triton_configs})
 
 
+def _torch_dense(case: Case) -> list:
+    """The loss as users write it, eager and compiled."""
+    loss = _torch_sigmoid if case.params["kind"] == "sigmoid" else _torch_softmax
+    ran_with = {"logits": "input dtype", "loss": "fp32 cross-entropy" if loss is _torch_softmax
+                else "logsigmoid in the logits' dtype"}
+    return [Contender("torch-dense", _runner(loss), describe=settings(**ran_with, compiled=False)),
+            Contender("torch-dense[compiled]", _runner(compiled(loss)), describe=settings(**ran_with, compiled=COMPILED))]
+
+
 def contenders(case: Case, device: torch.device) -> list:
     """vlfast's implementations first, then the peers that compute this case's loss."""
     if case.params["kind"] == "sigmoid":  # the fused peers have no sigmoid loss
-        return _vlfast(case, device) + [Contender("torch-dense", _runner(_torch_sigmoid))]
-    return (_vlfast(case, device) + [Contender("torch-dense", _runner(_torch_softmax))]
-            + [_fused_peer(name, case, device) for name in FUSED_PEERS])
+        return _vlfast(case, device) + _torch_dense(case)
+    return _vlfast(case, device) + _torch_dense(case) + [_fused_peer(name, case, device) for name in FUSED_PEERS]
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from vlfast.bench.common import FWD_BWD, Case, Contender, import_peer
+from vlfast.bench.common import FWD_BWD, Case, Contender, import_peer, settings
 from vlfast.loaders import clip_from_transformers, transformers_config
 from vlfast.models import CLIP, CLIPConfig
 from vlfast.nn import ClipLoss
@@ -161,12 +161,16 @@ def flops(case: Case, mode: str) -> float:
 
 
 def contenders(case: Case, device: torch.device) -> list:
-    out = [Contender("vlfast-CLIP", _step(lambda x: x.ours, _vlfast_loss, case.dtype))]
-    _, why = import_peer("transformers", "CLIPModel")
+    autocast = "bfloat16" if case.dtype == torch.bfloat16 else None
+    out = [Contender("vlfast-CLIP", _step(lambda x: x.ours, _vlfast_loss, case.dtype),
+                     describe=settings(impl="auto", autocast=autocast, weights="float32"))]
+    transformers, why = import_peer("transformers", "__version__")
     if why is not None:
         out.append(Contender("transformers-sdpa", skip=why))
     else:
-        out.append(Contender("transformers-sdpa", _step(lambda x: x.theirs, _transformers_loss, case.dtype)))
+        out.append(Contender("transformers-sdpa", _step(lambda x: x.theirs, _transformers_loss, case.dtype),
+                             describe=settings(attn_implementation="sdpa", transformers=transformers,
+                                               autocast=autocast, weights="float32", compiled=False)))
     return out
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import vlfast
 from vlfast.bench import common
-from vlfast.bench.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer
+from vlfast.bench.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, settings
 from vlfast.nn import VectorQuantizer
 from vlfast.ops.codebook_lookup import implementation_status
 
@@ -205,7 +205,9 @@ def _faiss(case: Case, device: torch.device) -> Contender:
         search.add(x.codebook.float().numpy())
         dist, index = search.search(x.z.float().numpy(), 1)
         return {"indices": torch.from_numpy(index[:, 0]).long(), "distances": torch.from_numpy(dist[:, 0])}
-    return Contender("faiss", run)
+    faiss, _ = import_peer("faiss", "omp_get_max_threads")
+    return Contender("faiss", run, describe=settings(index="IndexFlatL2, rebuilt per call", dtype="float32",
+                                                     threads=faiss() if faiss else None))
 
 
 # --- VQ training step contenders ------------------------------------------------------------------
@@ -275,19 +277,27 @@ def _vector_quantize_pytorch(case: Case) -> Contender:
             vq._codebook.embed_avg.data.copy_(x.codebook.float()[None])
             holder["module"] = vq.train()
         return _step_runner(holder["module"], forward)(x, mode)
-    return Contender("vector-quantize-pytorch", run)
+    return Contender("vector-quantize-pytorch", run,
+                     describe=settings(module=f"VectorQuantize(decay={DECAY}, commitment_weight={COMMITMENT}, "
+                                              "rotation_trick=False)", dtype="float32 codebook"))
 
 
 def contenders(case: Case, device: torch.device) -> list:
     """vlfast's implementations first, then the peers."""
     if case.params["step"]:
-        return _vlfast_step(case, device) + [Contender("torch-step", _torch_step), _vector_quantize_pytorch(case)]
+        step = settings(lookup="matmul + argmin, GEMM in the input dtype", ema="index_add_ + bincount")
+        return _vlfast_step(case, device) + [Contender("torch-step", _torch_step, describe=step),
+                                             _vector_quantize_pytorch(case)]
     if case.params["metric"] == "cosine":
-        return _vlfast_lookup(case, device) + [Contender("torch-matmul", _cosine_matmul)]
-    return _vlfast_lookup(case, device) + [Contender("torch-cdist", _cdist), Contender("torch-matmul", _matmul),
-                                           Contender("torch-fp32-matmul[tf32 on CUDA]" if device.type == "cuda"
-                                                     else "torch-fp32-matmul", _tf32_matmul),
-                                           _faiss(case, device)]
+        return _vlfast_lookup(case, device) + [Contender("torch-matmul", _cosine_matmul, describe=settings(
+            GEMM="input dtype", argmax="float32"))]
+    tf32 = device.type == "cuda"
+    return _vlfast_lookup(case, device) + [
+        Contender("torch-cdist", _cdist, describe=settings(distances="torch.cdist in the input dtype")),
+        Contender("torch-matmul", _matmul, describe=settings(GEMM="input dtype", norms_and_argmin="float32")),
+        Contender("torch-fp32-matmul[tf32 on CUDA]" if tf32 else "torch-fp32-matmul", _tf32_matmul,
+                  describe=settings(GEMM="float32", allow_tf32=tf32)),
+        _faiss(case, device)]
 
 
 if __name__ == "__main__":

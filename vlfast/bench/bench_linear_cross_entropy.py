@@ -4,9 +4,11 @@
 
 Peers (each only where it imports; the summary lists the rest):
   torch-naive  F.cross_entropy(F.linear(hidden, weight).float(), targets): bf16 logits, as users write it
+  torch-naive[compiled]  the same under torch.compile (dynamic=False, inductor defaults)
   liger        Liger-Kernel's fused linear cross-entropy
   cce          cut-cross-entropy's linear_cross_entropy
-Every case has 1 target in 7 ignored (-100), like padded batches.
+Every case has 1 target in 7 ignored (-100), like padded batches. Each peer's row records the settings
+it ran with ("config").
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import vlfast
-from vlfast.bench.common import vlfast_contenders, FWD, FWD_BWD, Case, Contender, import_peer, loss_and_grads
+from vlfast.bench.common import (COMPILED, FWD, FWD_BWD, Case, Contender, compiled, import_peer, loss_and_grads,
+                                 settings, vlfast_contenders)
 from vlfast.ops.linear_cross_entropy import implementation_status
 
 OP = "linear_cross_entropy"
@@ -132,7 +135,7 @@ def _fused_peer(name: str, device: torch.device) -> Contender:
         return Contender(name, skip=why)
     # Both compute the gradient inside the forward: a forward-only time would not compare.
     return Contender(name, _runner(lambda x: fn(x.hidden, x.weight, x.targets, ignore_index=IGNORE)),
-                     modes=(FWD_BWD,))
+                     modes=(FWD_BWD,), describe=settings(call=".".join(FUSED_PEERS[name]), defaults="the peer's own"))
 
 
 GOAL_SHAPE = (8192, 4096, 32064)
@@ -169,7 +172,11 @@ def _vlfast(case: Case, device: torch.device) -> list:
 
 
 def contenders(case: Case, device: torch.device) -> list:
-    return (_vlfast(case, device) + [Contender("torch-naive", _runner(_torch_naive))]
+    naive = {"logits": "input dtype, then .float()", "loss": "F.cross_entropy, mean over kept targets"}
+    return (_vlfast(case, device)
+            + [Contender("torch-naive", _runner(_torch_naive), describe=settings(**naive, compiled=False)),
+               Contender("torch-naive[compiled]", _runner(compiled(_torch_naive)),
+                         describe=settings(**naive, compiled=COMPILED))]
             + [_fused_peer(name, device) for name in FUSED_PEERS])
 
 

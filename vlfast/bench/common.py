@@ -138,6 +138,30 @@ def import_peer(module: str, attr: str):
         return None, f"not importable: {type(e).__name__}: {e}"
 
 
+def settings(**ran_with) -> Callable[[], dict]:
+    """A peer's Contender.describe: the settings it ran with, recorded in each of its rows."""
+    return lambda: dict(ran_with)
+
+
+COMPILED = "torch.compile(dynamic=False), inductor defaults"
+
+
+def compiled(fn: Callable, backend: str = "inductor") -> Callable:
+    """torch.compile(fn) as a user would run it: one graph per shape, dtype and grad mode.
+
+    A bench compiles one function for many cases: past dynamo's recompile limit it would quietly run
+    eagerly under the compiled name, so the limit is raised and hitting it raises instead.
+    """
+    graph = torch.compile(fn, dynamic=False, backend=backend)
+    limits = {k: v for k, v in (("recompile_limit", 64), ("fail_on_recompile_limit_hit", True))
+              if hasattr(torch._dynamo.config, k)}
+
+    def run(*args):
+        with torch._dynamo.config.patch(**limits):
+            return graph(*args)
+    return run
+
+
 INTERPRETER = "Triton on a CPU is its interpreter: tested, not benchmarked"
 
 
