@@ -128,21 +128,23 @@ def test_every_row_ignored_follows_pytorch(impl, reduction):
     assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["reference", "torch", pytest.param("triton", marks=pytest.mark.triton)])
-def test_empty_batch_takes_the_shared_empty_rule_for_every_impl(impl):
-    """N == 0: no kernel runs for any impl; the op returns the empty-batch values (the reference's, the one
-    place they are written: linear_cross_entropy/__init__.py). Checked against F.cross_entropy, gradients too."""
-    for reduction in ("mean", "sum", "none"):
-        h, w = torch.randn(0, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
-        b = torch.randn(5, requires_grad=True)
+def test_empty_batch_is_handled_by_each_impl(impl, dtype):
+    """N == 0 runs the requested impl's own code (no chunk, no kernel launch) and gives PyTorch's
+    empty-batch values: F.cross_entropy's, computed in float32; gradients too (z_loss too: its bound
+    on the logits must not reduce over no rows)."""
+    for reduction, z_loss in (("mean", 0.0), ("sum", 0.0), ("none", 0.0), ("sum", 1e-3)):
+        h, w = torch.randn(0, 8, dtype=dtype, requires_grad=True), torch.randn(5, 8, dtype=dtype, requires_grad=True)
+        b = torch.randn(5, dtype=dtype, requires_grad=True)
         t = torch.zeros(0, dtype=torch.long)
-        got = vlfast.linear_cross_entropy(h, w, t, bias=b, reduction=reduction, impl=impl)
-        want = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction)
+        got = vlfast.linear_cross_entropy(h, w, t, bias=b, reduction=reduction, z_loss=z_loss, impl=impl)
+        want = F.cross_entropy(F.linear(h, w, b).float(), t, reduction=reduction)
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, equal_nan=True)
         if reduction != "mean":  # mean of nothing is NaN: its gradient is not defined
             got.sum().backward()
-            assert h.grad.shape == (0, 8)
+            assert h.grad.shape == (0, 8) and w.grad.dtype == dtype
             assert torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(b.grad) == 0
 
 

@@ -58,8 +58,6 @@ def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, targets: Tensor
     """(loss, lse (N,), d_hidden, d_weight, d_bias); the gradients are of the reduced loss, present
     for "mean" / "sum" when their need_* flag is set, else empty."""
     _check_targets(targets, weight.shape[0], ignore_index)
-    if hidden.shape[0] == 0:
-        impl = "reference"  # every impl: no rows, no kernel; the reference writes PyTorch's empty-batch values
     need = (need_hidden, need_weight, need_bias and bias is not None)
     with nvtx_range("vlfast.linear_cross_entropy.fwd"):
         return _FORWARD[impl](hidden.contiguous(), weight.contiguous(), targets.contiguous(), bias, ignore_index,
@@ -85,8 +83,6 @@ def linear_cross_entropy_backward(grad_rows: Tensor, hidden: Tensor, weight: Ten
                                   softcap: float, z_loss: float, impl: str, need_hidden: bool, need_weight: bool,
                                   need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d_hidden, d_weight, d_bias) of sum_i grad_rows_i * loss_i (reduction "none"); empty where not needed."""
-    if hidden.shape[0] == 0:
-        impl = "reference"
     need = (need_hidden, need_weight, need_bias and bias is not None)
     with nvtx_range("vlfast.linear_cross_entropy.bwd"):
         return _BACKWARD[impl](grad_rows.contiguous(), hidden.contiguous(), weight.contiguous(),

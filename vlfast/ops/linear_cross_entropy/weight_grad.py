@@ -96,6 +96,13 @@ def _finish_kernel(acc_ptr, scale_ptr, numel, TO_BF16: tl.constexpr, BLOCK: tl.c
     tl.store(acc_ptr + offs, bits, mask=ok)
 
 
+def _max_abs(x: Tensor) -> Tensor:
+    """max |x| as a float32 device scalar; 0 for an empty tensor (no rows: nothing to bound)."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x, ord=math.inf).float()
+
+
 def scale_for(hidden: Tensor, row_weights: Tensor, z_loss: float, lse_bound) -> Tensor:
     """The accumulator's power-of-two scale, a float32 device scalar (no host sync).
 
@@ -103,7 +110,7 @@ def scale_for(hidden: Tensor, row_weights: Tensor, z_loss: float, lse_bound) -> 
     |dloss_i/dz| <= 1 + 2 * z_loss * |lse_i| (softmax terms are at most 1, the softcap's factor too).
     lse_bound: a float32 device scalar >= max |lse_i| (only read when z_loss > 0).
     """
-    bound = torch.linalg.vector_norm(hidden, ord=math.inf).float() * row_weights.abs().sum()
+    bound = _max_abs(hidden) * row_weights.abs().sum()
     if z_loss:
         bound = bound * (1.0 + 2.0 * z_loss * lse_bound)
     k = torch.floor(torch.log2(TARGET / bound))  # bound 0 -> +inf, inf / NaN inputs -> -inf / NaN
@@ -116,11 +123,11 @@ def lse_bound(hidden: Tensor, weight: Tensor, bias, softcap: float) -> Tensor:
     if softcap:
         z_max = torch.tensor(softcap, dtype=torch.float32, device=hidden.device)
     else:  # norms in the input dtype (no float32 copy of the weight); 1% covers their rounding
-        h_norm = torch.linalg.vector_norm(hidden, dim=1).max().float()
-        w_norm = torch.linalg.vector_norm(weight, dim=1).max().float()
+        h_norm = _max_abs(torch.linalg.vector_norm(hidden, dim=1))
+        w_norm = _max_abs(torch.linalg.vector_norm(weight, dim=1))
         z_max = 1.01 * h_norm * w_norm
         if bias is not None:
-            z_max = z_max + torch.linalg.vector_norm(bias, ord=math.inf).float()
+            z_max = z_max + _max_abs(bias)
     return z_max + math.log(v)
 
 
