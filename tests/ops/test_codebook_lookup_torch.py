@@ -100,3 +100,34 @@ def test_auto_on_cpu_picks_torch(monkeypatch):
     monkeypatch.delenv("VLFAST_IMPL", raising=False)
     vlfast.codebook_lookup(torch.randn(5, 8), torch.randn(3, 8))
     assert called
+
+
+@pytest.mark.parametrize("d", [1, 3, 64, 257])
+def test_ordered_row_sums_are_the_definitions_ordered_sum_bit_for_bit(d):
+    """The vectorised CPU sum (a running sum along each row) adds in the definition's order: the same
+    bits as the per-feature loop, on terms of mixed signs and magnitudes where order changes the result."""
+    from vlfast.ops.codebook_lookup import reference
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(300, d, dtype=torch.float64, generator=g) * torch.logspace(-8, 8, d, dtype=torch.float64)
+    loop = reference._ordered_sum(x[:, k] for k in range(d))
+    assert torch.equal(reference.ordered_row_sums(x), loop)
+    if d > 3:  # the order matters on these terms: a different order gives other bits
+        assert not torch.equal(x.flip(1).cumsum(1)[:, -1], loop)
+
+
+@pytest.mark.parametrize("k", [1, 2, 31, 32, 33, 70, 1024, 1057])
+def test_best_two_is_the_minimum_its_index_and_the_runner_up(k):
+    """The two-level (lane) minimum against a sort: best, second and, on rows without a tie at the
+    minimum, the index; rows with a tie report second == best (so the certifier re-scores them)."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randn(257, k, generator=g)
+    scores[:40] = torch.randint(0, 4, (40, k), generator=g).float()  # many exact ties
+    best, second, index = torch_impl._best_two(scores.clone())
+    ordered = scores.sort(dim=1).values
+    assert torch.equal(best, ordered[:, 0])
+    assert torch.equal(second, ordered[:, 1] if k > 1 else torch.full((257,), float("inf")))
+    unique = second > best
+    assert torch.equal(index[unique], scores.argmin(dim=1)[unique])
+    assert torch.equal(scores.gather(1, index[:, None])[:, 0], best)  # a tied row still names a minimal code
+    if k > 1:
+        assert (~unique[:40]).any() and unique[40:].all()

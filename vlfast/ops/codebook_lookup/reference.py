@@ -39,6 +39,26 @@ def _ordered_sum(terms) -> Tensor:
     return total
 
 
+def ordered_row_sums(x: Tensor) -> Tensor:
+    """x (P, D) float64 -> (P,): each row summed in order k = 0 .. D-1, the same bits as _ordered_sum.
+
+    On a CPU a running sum (cumsum) along a row is sequential, so its last element is that sum, in a
+    few vectorised operations; elsewhere cumsum is a parallel scan (another order): the loop.
+    """
+    if x.device.type == "cpu":
+        return x.cumsum(dim=1)[:, -1]
+    return _ordered_sum(x[:, k] for k in range(x.shape[1]))
+
+
+def pair_values(z: Tensor, e: Tensor, metric: str) -> Tensor:
+    """spec_values for (row, code) pairs z (P, D), e (P, D) -> (P,) float64, the same bits."""
+    z, e = z.double(), e.double()
+    if metric == "l2":
+        return ordered_row_sums((z - e) ** 2)
+    dot, norm_e = ordered_row_sums(z * e), ordered_row_sums(e ** 2).sqrt()
+    return torch.where(norm_e > 0, -dot / torch.where(norm_e > 0, norm_e, 1.0), 0.0)
+
+
 def spec_values(z: Tensor, e: Tensor, metric: str) -> Tensor:
     """The value to minimise, float64, for broadcastable z (..., D) and e (..., D) -> broadcast shape.
 
@@ -55,10 +75,10 @@ def spec_values(z: Tensor, e: Tensor, metric: str) -> Tensor:
 
 def spec_distances(z: Tensor, chosen: Tensor, metric: str) -> Tensor:
     """distance_i of row z_i (R, D) to its code chosen_i (R, D), float64 (R,)."""
-    value = spec_values(z, chosen, metric)
+    value = pair_values(z, chosen, metric)
     if metric == "l2":
         return value
-    norm_z = _ordered_sum(z[..., k].double() ** 2 for k in range(z.shape[-1])).sqrt()
+    norm_z = ordered_row_sums(z.double() ** 2).sqrt()
     return torch.where(norm_z > 0, 1.0 + value / torch.where(norm_z > 0, norm_z, 1.0), 1.0)
 
 
@@ -157,7 +177,7 @@ def _best_candidate(z64: Tensor, e64: Tensor, candidates: Tensor, metric: str) -
     step = max(1, CHUNK_ELEMENTS // max(1, d))  # all-equal codebooks make every code a candidate
     for p0 in range(0, pair_row.shape[0], step):
         sl = slice(p0, p0 + step)
-        values[sl] = spec_values(z64[pair_row[sl]], e64[pair_code[sl]], metric)
+        values[sl] = pair_values(z64[pair_row[sl]], e64[pair_code[sl]], metric)
     best = torch.full((r,), float("inf"), dtype=torch.float64, device=z64.device)
     best = best.scatter_reduce(0, pair_row, values, "amin")
     hit = values == best[pair_row]

@@ -27,6 +27,38 @@ def dot_error(d: int) -> float:
     return (d + 32) * 2.0 ** -22
 
 
+# Lanes of the two-level minimum: lane l holds codes l, l + LANES, l + 2 LANES, ...; the value-only
+# minimum across lanes is an elementwise minimum of contiguous rows, which a CPU runs at memory
+# speed, where a minimum that tracks its index over K codes costs several times more.
+LANES = 32
+
+
+def _best_two(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(best (R,), second (R,), index (R,)) of scores (R, K): the minimum, its index and the minimum of
+    the other codes; second is inf when K = 1.
+
+    Two levels: each lane's minimum (value only), the winning lane, then the winner among its codes.
+    The last K mod LANES codes are lanes of one code each. Where equal minima tie, the index may not
+    be the lowest, but then second == best: such rows are never certified and the exact re-score
+    decides them.
+    """
+    r, k = scores.shape
+    lanes = min(LANES, k)
+    groups = k // lanes  # codes g * lanes + l for g < groups; the tail k - groups * lanes follows
+    lane_min = scores[:, :groups * lanes].view(r, groups, lanes).amin(dim=1)  # (R, lanes)
+    if groups * lanes < k:
+        lane_min = torch.cat([lane_min, scores[:, groups * lanes:]], dim=1)  # (R, lanes + tail)
+    lane = lane_min.argmin(dim=1)  # (R,)
+    g = torch.arange(groups, device=scores.device)
+    cols = g * lanes + lane[:, None]  # (R, groups): the lane's codes; a tail code sits at g = groups - 1
+    inside = scores.gather(1, cols)
+    inside.masked_fill_((lane[:, None] >= lanes) & (g < groups - 1), float("inf"))
+    best, at = inside.min(dim=1)
+    second = torch.minimum(lane_min.scatter(1, lane[:, None], float("inf")).amin(dim=1),
+                           inside.scatter_(1, at[:, None], float("inf")).amin(dim=1))
+    return best, second, at * lanes + lane
+
+
 def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """best (N,) fp32, second (N,) fp32 (inf when K = 1), index (N,) of s = alpha_j <z_i, e_j> + beta_j."""
     n, k = z.shape[0], e.shape[0]
@@ -35,7 +67,7 @@ def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Te
     l2 = bool((alpha == -2).all())
     e32 = e.float() * -2 if l2 else e.float()
     best = torch.empty(n, dtype=torch.float32, device=z.device)
-    second = torch.full((n,), float("inf"), dtype=torch.float32, device=z.device)
+    second = torch.empty(n, dtype=torch.float32, device=z.device)
     index = torch.empty(n, dtype=torch.int64, device=z.device)
     step = max(1, CHUNK_ELEMENTS // max(1, k))
     buf = torch.empty(min(step, n), k, dtype=torch.float32, device=z.device)
@@ -52,24 +84,8 @@ def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Te
         else:
             scores = torch.mm(zc, e32.T, out=buf[:c]).mul_(alpha)
         rows = slice(r0, r0 + c)
-        best[rows], index[rows] = scores.min(dim=1)
-        if k > 1:
-            # Second best: the minimum once the best is masked. Equal scores leave a zero gap, so
-            # such rows are never certified and the exact re-score picks the lowest index.
-            scores.scatter_(1, index[rows, None], float("inf"))
-            second[rows] = scores.amin(dim=1)
+        best[rows], second[rows], index[rows] = _best_two(scores)
     return best, second, index
-
-
-def _column_major(x: Tensor) -> Tensor:
-    """x (R, D) float64 laid out feature-major, so the definition's per-feature slices are contiguous."""
-    return x.double().T.contiguous().T
-
-
-def chosen_distances(z: Tensor, e: Tensor, index: Tensor, metric: str) -> Tensor:
-    """float32 distances (N,) by the definition: reference.spec_distances on feature-major copies
-    (the same elementwise operations in the same order, so the same bits, with contiguous slices)."""
-    return reference.spec_distances(_column_major(z), _column_major(e[index]), metric).float()
 
 
 def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -77,5 +93,5 @@ def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     if z.dtype == torch.float64 or torch.get_float32_matmul_precision() != "highest":
         # float64 inputs, or float32 GEMMs allowed to drop precision (bf16 / tf32): no float32 bound holds.
         return reference.lookup(z, e, metric)
-    index, dist, _ = certify.lookup(z, e, metric, _scan, chosen_distances, dot_error(z.shape[1]))
+    index, dist, _ = certify.lookup(z, e, metric, _scan, reference.chosen_distances, dot_error(z.shape[1]))
     return index, dist
