@@ -114,3 +114,18 @@ def test_compiled_peer_compiles_every_shape_rather_than_falling_back_to_eager():
         x = torch.randn(n)
         torch.testing.assert_close(square(x), x * x + 1)
     assert counters["stats"]["unique_graphs"] == 12
+
+
+def test_cpu_peak_bytes_sees_a_temporary_that_is_freed_before_the_call_returns():
+    from vlfast.bench.common import cpu_peak_bytes
+    a = torch.randn(300, 200)
+    logits_bytes = 300 * 300 * 4
+
+    def dense():
+        return (a @ a.T).sum()  # the (300, 300) product is freed before returning
+
+    def chunked():
+        return sum((a[i:i + 30] @ a.T).sum() for i in range(0, 300, 30))
+
+    assert logits_bytes <= cpu_peak_bytes(dense) < logits_bytes + 4096
+    assert cpu_peak_bytes(chunked) < logits_bytes / 4

@@ -64,6 +64,24 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def cpu_peak_bytes(fn: Callable[[], Any]) -> Optional[int]:
+    """Extra bytes at peak above what was allocated before a call of `fn` on a CPU, from the profiler's
+    record of every allocation and free (torch keeps no CPU peak counter); None if none was recorded.
+    A separate, untimed call: the profiler slows what it watches."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    if not events:
+        return None
+    now = peak = 0
+    for _, nbytes in events:  # + an allocation, - a free
+        now += nbytes
+        peak = max(peak, now)
+    return peak
+
+
 def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Optional[int]]:
     """(ms, extra bytes at peak above what was allocated before the call; None on a CPU)."""
     synchronize(device)
@@ -82,7 +100,7 @@ def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, Optiona
     """Median milliseconds of a warmed-up `fn`, and its peak extra memory in bytes (None on a CPU).
 
     CUDA: triton.testing.do_bench's median for short calls, else the median of a few synchronised
-    runs. CPU: the median of a few perf_counter runs.
+    runs. CPU: the median of a few perf_counter runs; the peak from one more, profiled call.
     """
     first, peak = _timed_call(fn, device)
     if device.type == "cuda" and first < DO_BENCH_BELOW_MS:
@@ -90,6 +108,8 @@ def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, Optiona
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median")), peak
     reps = max(0, min(MAX_REPS - 1, int(TIMING_BUDGET_MS // max(first, 1e-3))))
     times = [first] + [_timed_call(fn, device)[0] for _ in range(reps)]
+    if device.type == "cpu":
+        peak = cpu_peak_bytes(fn)
     return statistics.median(times), peak
 
 
