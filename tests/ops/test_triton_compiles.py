@@ -31,6 +31,9 @@ def test_every_variant_compiles(compiled):
 
 def test_tensor_cores_and_pipelined_loads(compiled):
     for r in compiled:
+        if r["variant"].startswith("decode split"):  # memory-bound, but its tiles are tensor-core dots too
+            assert r["async_copies"] > 0 and r["mma_sync"] + r["wgmma"] > 0, f"decode: {r}"
+            continue
         if not r["variant"].startswith(("stats", "grad", "attn", "dw_acc")):
             continue  # only the GEMM-tile kernels use tensor cores
         if r["variant"].startswith(("attn fwd-tma", "attn dq-tma", "attn dkdv-tma")):  # TMA on Hopper only

@@ -245,9 +245,49 @@ def attention_variants(all_configs: bool = False):
                                       f"d{d} {dtype}-{precision} {config}")
 
 
+def attention_decode_variants(all_configs: bool = False):
+    """The split kernel at head dims 64 / 128 / 256 in bf16 (fp16 at 80: a masked head dim), contiguous
+    and paged caches, GQA groups of 1 to 128 query rows, with and without masks; and the merge."""
+    import triton
+    from vlfast.ops.attention_decode import triton as K
+    no_mask = dict(CAUSAL=False, SPANS=False, WINDOW=False, DALLE=0, KEY_VALID=False)
+    cases = (("bf16", 128, 4, 1, False, "none"), ("bf16", 128, 4, 1, True, "none"), ("bf16", 64, 8, 16, False, "causal"),
+             ("bf16", 256, 1, 1, True, "causal"), ("fp16", 80, 2, 3, False, "dalle-row"),
+             ("bf16", 128, 1, 1, False, "spans+padding"))
+    masks = {"none": no_mask, "causal": {**no_mask, "CAUSAL": True}, "dalle-row": {**no_mask, "CAUSAL": True, "DALLE": 1},
+             "spans+padding": {**no_mask, "CAUSAL": True, "SPANS": True, "KEY_VALID": True}}
+    for dtype, d, group, sq, paged, mask in cases:
+        block_d = max(16, triton.next_power_of_2(d))
+        bm = max(16, triton.next_power_of_2(group * sq))
+        sig = signature(K._decode_split, {})
+        for arg in sig:
+            if arg in ("Q", "K", "V"):
+                sig[arg] = f"*{dtype}:16"
+            elif arg in ("O_part", "LSE_part"):
+                sig[arg] = "*fp32:16"
+            elif arg in ("lengths", "block_table", "span_ptr"):
+                sig[arg] = "*i32:16"
+            elif arg == "valid_ptr":
+                sig[arg] = "*i8:16"
+            elif arg.startswith("stride_") and arg != "stride_bt" and d % 16 == 0:
+                sig[arg] = "i32:16"
+        consts = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BM=bm, BN=K.block_keys(block_d), PAGED=paged,
+                      UPCAST=False, PRECISION="tf32", **masks[mask])
+        label = f"decode split d{d} {dtype} g{group}xq{sq} {'paged' if paged else 'contiguous'} {mask}"
+        yield label, K._decode_split, sig, consts, triton.Config({}, num_warps=K.warps_for(bm), num_stages=2)
+    for d in (64, 128):
+        sig = signature(K._decode_merge, {})
+        for arg in ("O_part", "LSE_part", "LSE"):
+            sig[arg] = "*fp32:16"
+        sig["O"] = "*bf16:16"
+        yield (f"decode merge d{d}", K._decode_merge, sig, dict(HEAD_DIM=d, BLOCK_D=d, SPLITS=16),
+               triton.Config({}, num_warps=4, num_stages=1))
+
+
 # op -> its variants; every op with Triton kernels adds itself here
 VARIANTS = {"clip_loss": clip_loss_variants, "linear_cross_entropy": linear_cross_entropy_variants,
-            "codebook_lookup": codebook_lookup_variants, "attention": attention_variants}
+            "codebook_lookup": codebook_lookup_variants, "attention": attention_variants,
+            "attention_decode": attention_decode_variants}
 
 
 def main(argv=None) -> None:

@@ -71,7 +71,7 @@ def _fmt(x, spec: str) -> str:
     return format(x, spec)
 
 
-HEADER = ("case", "impl", "dtype", "mode", "ms", "TFLOP/s", "peak MiB", "max rel err", "note")
+HEADER = ("case", "impl", "dtype", "mode", "ms", "TFLOP/s", "GB/s", "peak MiB", "max rel err", "note")
 LEFT = 4  # the first four columns are text, aligned left; numbers align right
 
 
@@ -84,7 +84,7 @@ def table(rows: list) -> str:
         peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else None
         note = r["message"] if r["status"] == "error" else (r["error_note"] or "")
         body.append([r["case"], r["impl"], r["dtype"], r["mode"], _fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".3g"),
-                     _fmt(peak, ".1f"), _fmt(r["error"], ".2e"), note[:100]])
+                     _fmt(r.get("gbps"), ".4g"), _fmt(peak, ".1f"), _fmt(r["error"], ".2e"), note[:100]])
     widths = [max(len(line[i]) for line in [HEADER] + body) for i in range(len(HEADER) - 1)]
     return "\n".join("  ".join([c.ljust(w) if i < LEFT else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
                                + [line[-1]]).rstrip() for line in [HEADER] + body)

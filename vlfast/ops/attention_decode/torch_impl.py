@@ -1,0 +1,105 @@
+"""Decode attention from PyTorch's own kernels: impl="torch", the CPU path (reference.py is the math).
+
+The whole batch in one call of PyTorch's fused CPU flash-attention kernel: the cache rows up to the
+longest L_b (a view of a contiguous cache, one gather of a paged one), the GQA group's queries stacked
+as rows of their KV head (so each key and value is read once per KV head), the mask and the lengths as
+one additive (B, 1, G Sq, L) bias. Accumulation is float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ...masks import Mask
+from .reference import compute_dtype
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+# Gather the kept keys when fewer than this fraction of them are kept (the copy costs a fraction of a pass).
+SKIP_BELOW = 0.75
+
+
+def _dense_rows(cache: Tensor, block_table: Optional[Tensor], longest: int) -> Tensor:
+    """(B, Hkv, longest, D): every row's first `longest` cache positions (past L_b: whatever is there)."""
+    if block_table is None:
+        return cache[:, :, :longest]
+    page = cache.shape[2]
+    pages = block_table[:, : -(-longest // page)].long()  # (B, n)
+    rows = cache[pages]  # (B, n, Hkv, page, D)
+    b, n, hkv, _, d = rows.shape
+    return rows.permute(0, 2, 1, 3, 4).reshape(b, hkv, n * page, d)[:, :, :longest]
+
+
+def _matmul_softmax(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float):
+    """(out, natural lse) as _FLASH gives them, from two batched GEMMs (devices without that kernel)."""
+    ct = compute_dtype(q.dtype)
+    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)).mul_(scale)
+    if attn_mask is not None:
+        scores.add_(attn_mask)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    p = scores.sub_(lse).exp_().masked_fill_(lse == float("-inf"), 0.0)  # NaN inputs stay NaN
+    return torch.matmul(p, v.to(ct)).to(q.dtype), lse[..., 0]
+
+
+def _keep(mask: Optional[Mask], lengths: Tensor, sq: int, group: int, longest: int, uniform: bool) -> Tensor:
+    """(B or 1, G Sq or 1, L) bool: the pairs kept. With one length for every row and no per-row mask
+    part, one (1, ., L) matrix serves the batch (all True for no mask, or causal with Sq = 1)."""
+    device = lengths.device
+    p_k = torch.arange(longest, device=device)[None, None, :]
+    if uniform and (mask is None or (mask.causal and mask.window is None and mask.span_ids is None
+                                     and mask.dalle is None and mask.key_valid is None)):
+        if mask is None or sq == 1:
+            return torch.ones(1, 1, longest, dtype=torch.bool, device=device)
+        p_q = (torch.arange(group * sq, device=device) % sq)[None, :, None] + (longest - sq)
+        return p_k <= p_q
+    if uniform and mask is not None and mask.batch_size() is None:  # every row keeps the same pairs
+        lengths = lengths[:1]
+    lengths = lengths.long()[:, None, None]
+    p_q = (torch.arange(group * sq, device=device) % sq)[None, :, None] + (lengths - sq)  # (B, G Sq, 1)
+    keep = p_k < lengths
+    if mask is not None:
+        batch = torch.arange(lengths.shape[0], device=device)[:, None, None] if mask.batch_size() else None
+        keep = keep & mask.allowed(p_q, p_k, batch)
+    return keep
+
+
+def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Optional[Tensor],
+            mask: Optional[Mask], scale: float, bounds: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+    """(out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) in the compute dtype); lengths (B,) = L_b;
+    bounds: (shortest, longest) L_b when the caller has read them already."""
+    b, hq, sq, d = q.shape
+    ct = compute_dtype(q.dtype)
+    if bounds is None:
+        bounds = tuple(int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist()) if b else (0, 0)
+    shortest, longest = bounds
+    if longest == 0:  # no keys anywhere
+        return torch.zeros_like(q), torch.full((b, hq, sq), float("-inf"), dtype=ct, device=q.device)
+    k = _dense_rows(k_cache, block_table, longest)
+    v = _dense_rows(v_cache, block_table, longest)
+    hkv = k.shape[1]
+    group = hq // hkv
+    keep = _keep(mask, lengths, sq, group, longest, shortest == longest)
+    if shortest < longest:
+        # Slots past a row's length hold whatever the cache held (NaN in a fresh torch.empty); a
+        # masked score still multiplies its value by 0, so they are zeroed (in the gathered copy of
+        # a paged cache; a copy of a contiguous one).
+        past = (torch.arange(longest, device=q.device) >= lengths[:, None])[:, None, :, None]  # (B, 1, L, 1)
+        k, v = (x.masked_fill_(past, 0) if block_table is not None else x.masked_fill(past, 0) for x in (k, v))
+    kept_all = bool(keep.all())
+    if not kept_all and keep.shape[0] == 1:
+        # One pattern for the batch (DALL-E's sparse layers, windows): read only the keys some query keeps.
+        cols = keep[0].any(dim=0).nonzero()[:, 0]
+        if cols.numel() < SKIP_BELOW * longest:
+            k, v, keep = k.index_select(2, cols), v.index_select(2, cols), keep[:, :, cols]
+            kept_all = bool(keep.all())
+    bias = None if kept_all else \
+        torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))[:, None]
+    qg = q.reshape(b, hkv, group * sq, d)  # a KV head's group of query heads, stacked
+    out, lse = (_FLASH if q.device.type == "cpu" else _matmul_softmax)(qg, k, v, attn_mask=bias, scale=scale)
+    lse = lse.to(ct)
+    if not kept_all:
+        empty = ~keep.any(dim=-1)[:, None]  # (B or 1, 1, G Sq or 1): rows that keep no key give 0, lse -inf
+        out = out.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return out.reshape(b, hq, sq, d), lse.reshape(b, hq, sq)
