@@ -216,8 +216,8 @@ def test_append_writes_in_place_and_touches_nothing_else(impl, layout):
 def test_opcheck():
     q, k, v, lengths, g = _case(2, 4, 2, 2, 16, 24, [24, 5])
     k_new, v_new = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
-    torch.library.opcheck(kv_cache_append, (k.nan_to_num(), v.nan_to_num(), k_new, v_new, lengths - 1, None))
-    args = (q, k, v, lengths, 0, None, True, 0, None, [0, 0, 0, 0, 0], None, 0.25, 0, "torch")
+    torch.library.opcheck(kv_cache_append, (k.nan_to_num(), v.nan_to_num(), k_new, v_new, lengths - 1, None, True))
+    args = (q, k, v, lengths, 0, None, True, 0, None, [0, 0, 0, 0, 0], None, 0.25, 0, "torch", True)
     torch.library.opcheck(attention_decode_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -327,3 +327,13 @@ def test_nan_inside_the_lengths_propagates_and_nothing_else(impl):
         out = vlfast.attention_decode(q, k, v, lengths, mask=masks.causal(), impl=impl)
     assert out[1].isnan().all()
     assert not out[0].isnan().any() and not out[2].isnan().any()
+
+
+def test_unchecked_lengths_give_the_checked_result():
+    """check_lengths=False (the generation loop's) skips only the host-side checks."""
+    q, k, v, lengths, g = _case(3, 4, 2, 2, 16, 30, [30, 7, 0], seed=12)
+    for impl in ("reference", "torch"):
+        with torch.no_grad():
+            a = vlfast.attention_decode(q, k, v, lengths, mask=masks.causal(), impl=impl)
+            b = vlfast.attention_decode(q, k, v, lengths, mask=masks.causal(), check_lengths=False, impl=impl)
+        assert torch.equal(a, b)

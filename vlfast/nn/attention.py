@@ -1,7 +1,7 @@
 """SelfAttention and CrossAttention: projections around vlfast.attention, for the models."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
@@ -9,6 +9,9 @@ from torch import Tensor, nn
 from ..masks import Mask
 from ..ops.attention import attention, attention_varlen
 from .rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from ..generation.kv_cache import LayerCache
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -53,10 +56,21 @@ class SelfAttention(nn.Module):
         self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
 
     def forward(self, x: Tensor, mask: Optional[Mask] = None, *, positions: Optional[Tensor] = None,
-                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                cache: Optional["LayerCache"] = None) -> Tensor:
+        """cache: this layer's view of a vlfast.generation.KVCache (cache.layer(i)): x (B, S_new, dim) are
+        new tokens, their keys and values go into the cache and they attend to everything before them
+        (mask in cache positions; positions default to the cache's)."""
         _check_features("SelfAttention", "x", x, self.qkv.in_features)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        if cache is not None:
+            q, k, v = _heads(q, self.num_heads), _heads(k, self.num_kv_heads), _heads(v, self.num_kv_heads)
+            if self.rotary is not None:
+                positions = cache.positions(x.shape[1]) if positions is None else positions
+                q, k = self.rotary(q, positions), self.rotary(k, positions)
+            out = cache.attend(q, k, v, mask, impl=self.impl)
+            return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
         if cu_seqlens is not None:  # packed (T, dim)
             q, k, v = (t.view(t.shape[0], -1, self.head_dim) for t in (q, k, v))
             if self.rotary is not None:

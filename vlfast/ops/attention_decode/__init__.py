@@ -43,9 +43,10 @@ def _slots(cache: Tensor, block_table: Optional[Tensor], start: Tensor, count: i
 
 
 def _append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor,
-            block_table: Optional[Tensor]) -> None:
+            block_table: Optional[Tensor], check: bool) -> None:
     """Writes k_new / v_new (B, Hkv, S_new, D) at positions cache_seqlens[b] .. + S_new - 1, in place."""
-    _check_lengths(cache_seqlens, k_new.shape[2], k_cache, block_table)
+    if check:
+        _check_lengths(cache_seqlens, k_new.shape[2], k_cache, block_table)
     rows, pos = _slots(k_cache, block_table, cache_seqlens, k_new.shape[2])
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
         cache.transpose(1, 2)[rows, pos] = new.transpose(1, 2)  # (B, S_new, Hkv, D) slots
@@ -55,7 +56,7 @@ kv_cache_append = torch.library.custom_op("vlfast::kv_cache_append", _append, mu
 
 
 @kv_cache_append.register_fake
-def _(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+def _(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, check):
     return None
 
 
@@ -69,10 +70,12 @@ def _triton_forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_
 def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, new_tokens: int,
                         block_table: Optional[Tensor], causal: bool, window: int, span_ids: Optional[Tensor],
                         dalle: list[int], key_valid: Optional[Tensor], scale: float, num_splits: int,
-                        impl: str) -> tuple[Tensor, Tensor]:
+                        impl: str, check: bool) -> tuple[Tensor, Tensor]:
     """(out like q, lse (B, Hq, Sq) natural log, float32 / float64) over L_b = cache_seqlens + new_tokens."""
-    bounds = _check_lengths(cache_seqlens, new_tokens, k_cache, block_table, dalle,
-                            (("span_ids", span_ids), ("key_padding", key_valid)))
+    bounds = None
+    if check:
+        bounds = _check_lengths(cache_seqlens, new_tokens, k_cache, block_table, dalle,
+                                (("span_ids", span_ids), ("key_padding", key_valid)))
     lengths = cache_seqlens + new_tokens
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention_decode"):
@@ -90,7 +93,7 @@ attention_decode_op = torch.library.custom_op("vlfast::attention_decode", _decod
 
 @attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, new_tokens, block_table, causal, window, span_ids, dalle, key_valid,
-      scale, num_splits, impl):
+      scale, num_splits, impl, check):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_reference.compute_dtype(q.dtype))
 
 
@@ -243,7 +246,7 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
                      k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
                      block_table: Optional[Tensor] = None, mask: Optional[Mask] = None,
                      scale: Optional[float] = None, num_splits: int = 0, return_lse: bool = False,
-                     impl: str = "auto") -> Union[Tensor, tuple[Tensor, Tensor]]:
+                     check_lengths: bool = True, impl: str = "auto") -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of Sq new queries per row against a KV cache: q (B, Hq, Sq, D) -> (B, Hq, Sq, D).
 
     k_cache / v_cache: (B, Hkv, S_max, D), any strides with unit head_dim stride (a (B, S_max, Hkv, D)
@@ -254,6 +257,8 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     those positions; mask (vlfast.masks, cache positions) as for vlfast.attention. Hq a multiple of Hkv.
     num_splits: splits of each row's keys on the Triton path (0 picks). return_lse: also the natural-log
     log-sum-exp (B, Hq, Sq), float32 (-inf for a query that keeps no key, whose output is 0).
+    check_lengths: check cache_seqlens against the capacity and the pages they use (one host sync); a
+    caller that guarantees them (vlfast.generation.KVCache) passes False, so a step never waits on the host.
     """
     _check_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
     mask = _check_mask(mask, q.shape[0], q.device)
@@ -266,9 +271,11 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     new_tokens = 0
     compiling = torch.compiler.is_compiling()
     if k_new is not None:
-        (kv_cache_append if compiling else _append)(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        (kv_cache_append if compiling else _append)(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                                                    bool(check_lengths))
         new_tokens = k_new.shape[2]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    out, lse = (attention_decode_op if compiling else _decode)(q, k_cache, v_cache, cache_seqlens, new_tokens, block_table, *_mask_parts(mask),
-                                   scale, num_splits, impl)
+    out, lse = (attention_decode_op if compiling else _decode)(q, k_cache, v_cache, cache_seqlens, new_tokens,
+                                                               block_table, *_mask_parts(mask), scale, num_splits,
+                                                               impl, bool(check_lengths))
     return (out, lse) if return_lse else out

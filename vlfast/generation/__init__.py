@@ -1,0 +1,6 @@
+"""Generation with a KV cache: the cache, the sampling rules and the loop (vlfast.attention_decode underneath)."""
+from .kv_cache import KVCache
+from .loop import generate
+from .sampling import filter_logits, sample
+
+__all__ = ["KVCache", "generate", "sample", "filter_logits"]
