@@ -145,3 +145,26 @@ def test_unsupported_requests_get_clear_errors():
         hf_attention.attention_forward(module, q, q, q, None, dropout=0.1)
     with pytest.raises(ValueError, match="softcap"):
         hf_attention.attention_forward(module, q, q, q, None, softcap=30.0)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_generate_uses_the_decode_kernel_and_matches_sdpa(impl, monkeypatch):
+    """generate() of a LLaMA with left-padded prompts of different lengths: greedy tokens equal sdpa's,
+    and the steps after the prompt go through vlfast.attention_decode."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    register(impl=impl)
+    ids = torch.randint(3, VOCAB, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = 0  # left padding, as generate() wants it
+    mask[2, :6] = 0
+    calls = []
+    real = hf_attention.attention_decode
+    monkeypatch.setattr(hf_attention, "attention_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = {}
+    for name in ("sdpa", "vlfast"):
+        _set_impl(model, name)
+        out[name] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0)
+    assert torch.equal(out["vlfast"], out["sdpa"])
+    assert len(calls) == 5 * 2  # 5 steps after the prompt's, 2 layers each

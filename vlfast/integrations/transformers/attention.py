@@ -5,6 +5,10 @@ function built, and the layer's flags. vlfast registers FlashAttention's mask fu
 which passes either no mask or the (B, Sk) padding mask; together with the layer's causal flag,
 its sliding window and packed-sequence offsets, that maps onto vlfast.masks exactly. Arbitrary 4-D
 masks are refused with a clear error (use attn_implementation="sdpa" for those).
+
+During generate(), transformers calls it with a few new queries against the whole cache (its cache
+already holds the new keys): without gradients, that goes to vlfast.attention_decode, the split-K
+decode kernel, with the cache as a full (B, Hkv, Sk, D) cache of Sk tokens per row.
 """
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ from torch import Tensor
 
 from ... import masks
 from ...ops.attention import attention, attention_varlen
+from ...ops.attention_decode import attention_decode
 
 NAME = "vlfast"
 _IMPL = {"impl": "auto"}
+DECODE_MAX_QUERIES = 16  # a query block this short against a longer cache is a generation step
 
 
 def _mask(causal: bool, padding: Optional[Tensor], sk: int, window: Optional[int]) -> Optional[masks.Mask]:
@@ -50,6 +56,12 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
                                mask=_mask(causal, None, k.shape[0], window), scale=scaling, impl=impl)
         return out[None], None
     mask = _mask(causal, attention_mask, key.shape[2], window)
+    sq, sk = query.shape[2], key.shape[2]
+    if sq <= DECODE_MAX_QUERIES and sk > sq and not (torch.is_grad_enabled() and query.requires_grad):
+        key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
+        lengths = torch.full((key.shape[0],), sk, dtype=torch.int32, device=key.device)
+        out = attention_decode(query, key, value, lengths, mask=mask, scale=scaling, impl=impl)
+        return out.transpose(1, 2).contiguous(), None
     out = attention(query, key, value, mask=mask, scale=scaling, impl=impl)
     return out.transpose(1, 2).contiguous(), None
 
