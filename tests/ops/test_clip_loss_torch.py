@@ -121,3 +121,70 @@ def test_scale_gradient_accurate_over_many_logits(kind):
     (loss * grad).sum().backward()
     assert torch.allclose(got["loss"], ref, rtol=1e-5)
     assert abs(float(got["scale"]) - float(s64.grad)) <= 3e-6 * abs(float(s64.grad))
+
+
+def _gemms_in_backward(loss) -> int:
+    """aten::mm / addmm calls (as the profiler records them) while loss.backward() runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_one_chunk_backward_reuses_the_forward_products(kind, monkeypatch):
+    """One chunk: the backward takes a @ b^T from the forward (two GEMMs: d_a, d_b), not a third one.
+    Several chunks recompute each chunk's products (three GEMMs a chunk)."""
+    a, b = torch.randn(50, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    assert _gemms_in_backward(vlfast.clip_loss(a, b, 5.0, -1.0 if kind == "sigmoid" else None, kind=kind,
+                                               impl="torch")) == 2
+    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 20 * 50)  # 3 chunks of 20, 20, 10 rows
+    assert _gemms_in_backward(vlfast.clip_loss(a, b, 5.0, -1.0 if kind == "sigmoid" else None, kind=kind,
+                                               impl="torch")) == 9
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_kept_products_survive_a_second_backward(kind):
+    """retain_graph: the second backward reads the same kept products (nothing wrote into them)."""
+    case = _case(33, 24, torch.float32, LAYOUTS[0] if kind == "softmax" else LAYOUTS[3])
+    a, b, s, bias, grad = make_inputs(case)
+    leaves = [x.clone().requires_grad_() if x is not None else None for x in (a, b, s, bias)]
+    loss = vlfast.clip_loss(*leaves, kind=kind, reduction="none", positive_offset=case.offset, impl="torch")
+    first = torch.autograd.grad((loss * grad.float()).sum(), [x for x in leaves if x is not None], retain_graph=True)
+    second = torch.autograd.grad((loss * grad.float()).sum(), [x for x in leaves if x is not None])
+    for x, y in zip(first, second):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-sym{l[1]}-off{l[2]}")
+def test_backward_without_kept_products_recomputes_them(layout):
+    """stats copied (as a graph that moves it might): no products behind it, the same gradients."""
+    case = _case(40, 24, torch.float64, layout)
+    a, b, s, bias, grad = make_inputs(case)
+    kind, sym, off = case.kind, case.symmetric, -1 if case.offset is None else case.offset
+    _, stats = torch_impl.forward(a, b, s, bias, kind, sym, off)
+    assert torch_impl.saved_dots(stats, case.m) is not None
+    assert torch_impl.saved_dots(stats.clone(), case.m) is None
+    kept = torch_impl.backward(grad, a, b, s, bias, stats, kind, sym, off)
+    again = torch_impl.backward(grad, a, b, s, bias, stats.clone(), kind, sym, off)
+    for x, y in zip(kept, again):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("gap", [None, float("-inf")], ids=["default-gap", "always-two-exponentials"])
+def test_far_column_gradient(dtype, gap, monkeypatch):
+    """A text far from every image at scale 100: its column's log-sum-exp sits ~200 nats below the top
+    row's, past MAX_COLUMN_GAP, so the backward exponentiates the column softmax itself. With the gap
+    at -inf every case takes that path; either way, the float64 spec."""
+    if gap is not None:
+        monkeypatch.setattr(torch_impl, "MAX_COLUMN_GAP", gap)
+    n, d = 45, 32
+    u = F.normalize(torch.randn(1, d, dtype=torch.float64), dim=-1)
+    img = F.normalize(u + 0.3 * F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1), dim=-1)
+    txt = F.normalize(u + 0.3 * F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1), dim=-1)
+    txt[7] = -img[7]  # column 7: every logit near -100, the others near +100
+    case = Case(n=n, m=n, d=d, dtype=dtype, scale=100.0)
+    a, b, s, bias, grad = make_inputs(case, img, txt)
+    ref = reference64(case, a, b, s, bias, grad)
+    got = run_vlfast(case, "torch", a, b, s, bias, grad)
+    assert_close64(got, ref, 1e-10 if dtype == torch.float64 else 2e-5, f"far column {dtype}")
