@@ -1,8 +1,9 @@
 """What every checkpoint loader shares: reading files safely, key maps applied with every error listed.
 
 Checkpoints are read with safetensors or torch.load(weights_only=True) only; nothing in a file is ever
-executed. A key map is {vlfast key: checkpoint key, a tuple of keys (concatenated along dim 0, e.g.
-q, k, v -> qkv) or Transposed(key)}; convert() checks a checkpoint against it before copying anything.
+executed. A key map is {vlfast key: checkpoint key, a tuple of keys (equal parts concatenated along
+dim 0, e.g. q, k, v -> qkv), Concatenated(keys, rows) or Transposed(key)}; convert() checks a
+checkpoint against it before copying anything.
 """
 from __future__ import annotations
 
@@ -42,19 +43,24 @@ class Transposed:
     key: str
 
 
-def _source_keys(entry) -> tuple:
-    if isinstance(entry, Transposed):
-        return (entry.key,)
-    return entry if isinstance(entry, tuple) else (entry,)
+@dataclass(frozen=True)
+class Concatenated:
+    """Checkpoint tensors concatenated along dim 0 into one vlfast tensor, with their row counts
+    (transformers' q, k, v projections -> qkv, where grouped-query k and v are smaller than q)."""
+    keys: tuple
+    rows: tuple
 
 
-def _source_shape(entry, shape: tuple) -> tuple:
-    """The shape each checkpoint tensor of `entry` must have for a vlfast tensor of `shape`."""
+def _parts(entry, shape: tuple) -> list:
+    """[(checkpoint key, the shape it must have)] for a vlfast tensor of `shape` (a plain tuple of keys:
+    equal parts)."""
     if isinstance(entry, Transposed):
-        return shape[::-1]
+        return [(entry.key, shape[::-1])]
     if isinstance(entry, tuple):
-        return (shape[0] // len(entry),) + shape[1:]
-    return shape
+        entry = Concatenated(entry, (shape[0] // len(entry),) * len(entry))
+    if isinstance(entry, Concatenated):
+        return [(k, (rows,) + tuple(shape[1:])) for k, rows in zip(entry.keys, entry.rows)]
+    return [(entry, shape)]
 
 
 def convert(state_dict: Mapping, mapping: dict, shapes: dict, what: str, ignored=()) -> dict:
@@ -64,26 +70,23 @@ def convert(state_dict: Mapping, mapping: dict, shapes: dict, what: str, ignored
     Raises CheckpointError listing every missing key, unexpected key and shape mismatch.
     """
     _check_tensors(state_dict)
-    used = {k for entry in mapping.values() for k in _source_keys(entry)}
+    parts = {ours: _parts(entry, shapes[ours]) for ours, entry in mapping.items()}
+    used = {key for entry in parts.values() for key, _ in entry}
     missing = sorted(k for k in used if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in used and k not in ignored)
-    mismatched = []
-    for ours, entry in mapping.items():
-        for key in _source_keys(entry):
-            want = _source_shape(entry, shapes[ours])
-            if key in state_dict and tuple(state_dict[key].shape) != want:
-                mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model expects {want} "
-                                  f"(for vlfast {ours})")
+    mismatched = [f"{key}: checkpoint {tuple(state_dict[key].shape)}, model expects {want} (for vlfast {ours})"
+                  for ours, entry in parts.items() for key, want in entry
+                  if key in state_dict and tuple(state_dict[key].shape) != want]
     if missing or unexpected or mismatched:
         raise CheckpointError(what, missing, unexpected, mismatched)
     out = {}
     for ours, entry in mapping.items():
         if isinstance(entry, Transposed):
             out[ours] = state_dict[entry.key].t()
-        elif isinstance(entry, tuple):
-            out[ours] = torch.cat([state_dict[k] for k in entry], dim=0)
+        elif len(parts[ours]) > 1:
+            out[ours] = torch.cat([state_dict[key] for key, _ in parts[ours]], dim=0)
         else:
-            out[ours] = state_dict[entry]
+            out[ours] = state_dict[parts[ours][0][0]]
     return out
 
 
@@ -95,10 +98,10 @@ def export(state: Mapping, mapping: dict) -> dict:
         tensor = state[ours].detach()
         if isinstance(entry, Transposed):
             out[entry.key] = tensor.t().contiguous()
-        elif isinstance(entry, tuple):
-            out.update({k: part.clone() for k, part in zip(entry, tensor.chunk(len(entry), dim=0))})
-        else:
-            out[entry] = tensor.clone()
+            continue
+        parts = _parts(entry, tuple(tensor.shape))
+        pieces = tensor.split([shape[0] for _, shape in parts], dim=0) if len(parts) > 1 else [tensor]
+        out.update({key: piece.clone() for (key, _), piece in zip(parts, pieces)})
     return out
 
 
@@ -173,3 +176,13 @@ def read_state_dict(source: Source) -> dict:
     state = _load_file(path)
     _check_tensors(state)
     return state
+
+
+def config_json_beside(source: Source):
+    """The config.json of a save_pretrained folder (or beside a file) as a dict; None for a state dict
+    or where there is none."""
+    if isinstance(source, Mapping):
+        return None
+    path = Path(source)
+    config_json = (path if path.is_dir() else path.parent) / "config.json"
+    return json.loads(config_json.read_text()) if config_json.is_file() else None

@@ -10,7 +10,6 @@ unexpected key and shape mismatch at once.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Optional, Union
 import torch
 
 from ..models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-from .checkpoint import (CheckpointError, Source, Transposed, _check_tensors, _load_file, convert, export,
-                         read_state_dict)
+from .checkpoint import (CheckpointError, Source, Transposed, _check_tensors, _load_file, config_json_beside, convert,
+                         export, read_state_dict)
 
 
 # vlfast key -> transformers key. A tuple is concatenated along dim 0 (q, k, v -> qkv).
@@ -335,14 +334,6 @@ def _model(config: CLIPConfig, state: dict, dtype: torch.dtype) -> CLIP:
     return model
 
 
-def _transformers_config_beside(source: Source) -> Optional[dict]:
-    if isinstance(source, Mapping):
-        return None
-    path = Path(source)
-    config_json = (path if path.is_dir() else path.parent) / "config.json"
-    return json.loads(config_json.read_text()) if config_json.is_file() else None
-
-
 def clip_from_transformers(source: Source, config=None, *, dtype: torch.dtype = torch.float32) -> CLIP:
     """A vlfast CLIP (parameters in `dtype`, on the CPU) from transformers' CLIPModel weights.
 
@@ -352,7 +343,7 @@ def clip_from_transformers(source: Source, config=None, *, dtype: torch.dtype = 
     is not in the weights.
     """
     if config is None:
-        config = _transformers_config_beside(source)
+        config = config_json_beside(source)
         if config is None:
             raise ValueError("config is required: pass the transformers CLIPConfig (or config.json's contents) "
                              "that the weights belong to; the number of heads is not in the weights")

@@ -3,6 +3,7 @@ from .attention import CrossAttention, SelfAttention
 from .contrastive import ClipLoss, SigLipLoss
 from .linear_cross_entropy import LinearCrossEntropy
 from .quantizers import GumbelQuantizer, QuantizerOutput, VectorQuantizer
-from .rotary import RotaryEmbedding
+from .rmsnorm import RMSNorm
+from .rotary import LlamaRotaryEmbedding, RotaryEmbedding
 
-__all__ = ["SelfAttention", "CrossAttention", "RotaryEmbedding", "ClipLoss", "SigLipLoss", "LinearCrossEntropy", "VectorQuantizer", "GumbelQuantizer", "QuantizerOutput"]
+__all__ = ["SelfAttention", "CrossAttention", "RotaryEmbedding", "LlamaRotaryEmbedding", "RMSNorm", "ClipLoss", "SigLipLoss", "LinearCrossEntropy", "VectorQuantizer", "GumbelQuantizer", "QuantizerOutput"]

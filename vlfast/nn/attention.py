@@ -1,7 +1,7 @@
 """SelfAttention and CrossAttention: projections around vlfast.attention, for the models."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -41,19 +41,25 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention: x (B, S, dim) -> (B, S, dim), or packed x (T, dim) with cu_seqlens.
 
     num_kv_heads < num_heads gives grouped-query attention; rotary=True applies RoPE to queries and
-    keys (positions 0..S-1 per sequence, or `positions`). mask: a vlfast.masks.Mask.
+    keys (positions 0..S-1 per sequence, or `positions`), or pass a RotaryEmbedding (e.g. LLaMA's with its
+    scaling). mask: a vlfast.masks.Mask.
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-                 bias: bool = True, rotary: bool = False, rotary_base: float = 10000.0, impl: str = "auto",
-                 device=None, dtype=None):
+                 bias: bool = True, rotary: Union[bool, RotaryEmbedding] = False, rotary_base: float = 10000.0,
+                 impl: str = "auto", device=None, dtype=None):
         super().__init__()
         num_kv_heads, head_dim = _head_layout("SelfAttention", dim, num_heads, num_kv_heads, head_dim)
         self.num_heads, self.num_kv_heads, self.head_dim, self.impl = num_heads, num_kv_heads, head_dim, impl
         kw = dict(device=device, dtype=dtype)
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, **kw)
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias, **kw)
-        self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
+        if isinstance(rotary, RotaryEmbedding):
+            if rotary.head_dim != head_dim:
+                raise ValueError(f"SelfAttention: the rotary embedding's head_dim {rotary.head_dim} is not {head_dim}")
+            self.rotary = rotary
+        else:
+            self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
 
     def forward(self, x: Tensor, mask: Optional[Mask] = None, *, positions: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,

@@ -11,7 +11,6 @@ cost little and long rows spread over the GPU.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -24,7 +23,6 @@ from ...masks import Mask
 from ..attention.triton import _dot, _keep_tile, _precision
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_SPLITS = 64
 
 
@@ -119,7 +117,8 @@ def _decode_merge(O_part, LSE_part, O, LSE, num_splits, stride_ob, stride_oh, st
     out = tl.sum(part * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_os + dims,
              out.to(O.dtype.element_ty), mask=dims < HEAD_DIM)
-    lse = tl.where(total == 0.0, float("-inf"), (m_use + tl.log2(tl.where(total == 0.0, 1.0, total))) * 0.6931471805599453)
+    lse2_total = m_use + tl.log2(tl.where(total == 0.0, 1.0, total))
+    lse = tl.where(total == 0.0, float("-inf"), lse2_total * 0.6931471805599453)  # natural log: x ln 2
     tl.store(LSE + pid, lse)
 
 
