@@ -165,6 +165,32 @@ def _act(name, where: str) -> str:
     return _ACT_FROM_TRANSFORMERS[name]
 
 
+def vision_key_map(cfg: VisionConfig, prefix: str) -> dict:
+    """The image tower alone (no projection), keys relative to it (patch_embed.weight, ...), from a
+    transformers CLIP vision transformer whose keys start with `prefix` where CLIPModel's start with
+    "vision_model." (LLaVA's vision tower: e.g. "model.vision_tower.")."""
+    def theirs(key: str) -> str:
+        return prefix + key[len("vision_model."):]
+
+    out = {ours[len("visual."):]: theirs(key) for ours, key in TRANSFORMERS_KEYS.items()
+           if ours.startswith("visual.") and ours != "visual.proj.weight"}
+    tower = TRANSFORMERS_TOWERS["visual"]
+    for i in range(cfg.layers):
+        for ours, key in TRANSFORMERS_BLOCK_KEYS.items():
+            out[f"blocks.{i}.{ours}"] = tuple(theirs(f"{tower}.{i}.{k}") for k in key) if isinstance(key, tuple) \
+                else theirs(f"{tower}.{i}.{key}")
+    return out
+
+
+def vision_config_from_transformers(vision: Mapping) -> VisionConfig:
+    """VisionConfig from a transformers CLIPVisionConfig's dict (missing fields: transformers' defaults)."""
+    vision = {**_TRANSFORMERS_VISION_DEFAULTS, **vision}
+    return VisionConfig(image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
+                        layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
+                        mlp_dim=vision["intermediate_size"], channels=vision["num_channels"],
+                        act=_act(vision["hidden_act"], "vision_config"), ln_eps=float(vision["layer_norm_eps"]))
+
+
 def config_from_transformers(hf_config) -> CLIPConfig:
     """CLIPConfig from a transformers CLIPConfig (object) or its config.json contents (dict)."""
     d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config
@@ -178,11 +204,7 @@ def config_from_transformers(hf_config) -> CLIPConfig:
     return CLIPConfig(
         embed_dim=d.get("projection_dim", 512),
         logit_scale_init=float(d.get("logit_scale_init_value", 2.6592)),
-        vision=VisionConfig(image_size=vision["image_size"], patch_size=vision["patch_size"],
-                            width=vision["hidden_size"], layers=vision["num_hidden_layers"],
-                            heads=vision["num_attention_heads"], mlp_dim=vision["intermediate_size"],
-                            channels=vision["num_channels"], act=_act(vision["hidden_act"], "vision_config"),
-                            ln_eps=float(vision["layer_norm_eps"])),
+        vision=vision_config_from_transformers(vision),
         text=TextConfig(vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
                         width=text["hidden_size"], layers=text["num_hidden_layers"],
                         heads=text["num_attention_heads"], mlp_dim=text["intermediate_size"],
@@ -206,11 +228,15 @@ def transformers_config(config: CLIPConfig) -> dict:
                         "eos_token_id": _LEGACY_EOS if t.eos_token_id is None else t.eos_token_id,
                         # transformers' default bos / pad ids (49406, 1) are invalid in a small vocabulary
                         **{k: None for k, default in _TRANSFORMERS_SPECIAL_IDS.items() if default >= t.vocab_size}},
-        "vision_config": {"hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.layers,
-                          "num_attention_heads": v.heads, "num_channels": v.channels, "image_size": v.image_size,
-                          "patch_size": v.patch_size, "hidden_act": _ACT_TO_TRANSFORMERS[v.act],
-                          "layer_norm_eps": v.ln_eps, "projection_dim": config.embed_dim},
+        "vision_config": {**vision_transformers_config(v), "projection_dim": config.embed_dim},
     }
+
+
+def vision_transformers_config(v: VisionConfig) -> dict:
+    """transformers CLIPVisionConfig fields for the image tower `v`."""
+    return {"hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads, "num_channels": v.channels, "image_size": v.image_size,
+            "patch_size": v.patch_size, "hidden_act": _ACT_TO_TRANSFORMERS[v.act], "layer_norm_eps": v.ln_eps}
 
 
 def _count_layers(state_dict: Mapping, prefix: str) -> int:

@@ -198,7 +198,9 @@ def _blocks(cfg) -> nn.ModuleList:
 
 
 class VisionTower(nn.Module):
-    def __init__(self, cfg: VisionConfig, embed_dim: int):
+    """The ViT image tower; embed_dim None builds it without the projection (LLaVA reads its layers)."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: Optional[int]):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
@@ -207,7 +209,7 @@ class VisionTower(nn.Module):
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.blocks = _blocks(cfg)
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False) if embed_dim is not None else None
 
     def _check(self, pixels: Tensor) -> None:
         c, size = self.cfg.channels, self.cfg.image_size
@@ -217,17 +219,38 @@ class VisionTower(nn.Module):
         if pixels.dim() != 4 or pixels.shape[1:] != (c, size, size):
             raise ValueError(f"image must be (B, {c}, {size}, {size}), got {tuple(pixels.shape)}")
 
-    def forward(self, pixels: Tensor) -> Tensor:
-        """pixels (B, C, H, W), normalised as the checkpoint expects -> (B, embed_dim)."""
+    def _tokens(self, pixels: Tensor) -> Tensor:
+        """(B, 1 + grid², W): [class] + patches + positions, after ln_pre."""
         self._check(pixels)
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, grid², W)
         # The residual stream stays in the parameters' dtype (float32 under autocast), as in transformers.
         cls = self.class_token.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x.to(cls.dtype)], dim=1) + self.pos_embed
-        x = self.ln_pre(x)
+        return self.ln_pre(torch.cat([cls, x.to(cls.dtype)], dim=1) + self.pos_embed)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """pixels (B, C, H, W), normalised as the checkpoint expects -> (B, embed_dim)."""
+        if self.proj is None:
+            raise ValueError("this vision tower has no projection (embed_dim=None); read its layers with layer_states")
+        x = self._tokens(pixels)
         for block in self.blocks:
             x = block(x)
         return self.proj(self.ln_post(x[:, 0]))
+
+    def layer_states(self, pixels: Tensor, layers: tuple) -> list:
+        """[(B, 1 + grid², W)] for each index of `layers` into the states [after ln_pre, after block 1, ...,
+        after block L] (Python indexing: -1 is the last block's output, -2 the one before)."""
+        count = len(self.blocks) + 1
+        wanted = [i % count for i in layers if -count <= i < count]
+        if len(wanted) != len(layers):
+            raise ValueError(f"vision feature layers must index the {count} states (-{count} .. {count - 1}), "
+                             f"got {list(layers)}")
+        x = self._tokens(pixels)
+        states = {0: x} if 0 in wanted else {}
+        for i, block in enumerate(self.blocks[:max(wanted)], start=1):
+            x = block(x)
+            if i in wanted:
+                states[i] = x
+        return [states[i] for i in wanted]
 
 
 def eos_positions(ids: Tensor, eos_token_id: Optional[int]) -> Tensor:

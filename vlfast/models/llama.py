@@ -127,13 +127,14 @@ class Llama(nn.Module):
     def hidden_states(self, input_ids: Optional[Tensor] = None, *, inputs_embeds: Optional[Tensor] = None,
                       attention_mask: Optional[Tensor] = None, positions: Optional[Tensor] = None,
                       cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                      cache: Optional[KVCache] = None) -> Tensor:
+                      cache: Optional[KVCache] = None, span_ids: Optional[Tensor] = None) -> Tensor:
         """The final-norm hidden states (B, S, H), or (T, H) for packed input (cu_seqlens).
 
         input_ids (B, S) or inputs_embeds (B, S, H) (LLaVA's merged text and image features; packed:
         (T,) / (T, H)). attention_mask (B, S): 1 for tokens, 0 for padding (keys never attended).
         positions: (B, S) or (S,) (default 0..S-1; packed: restarting per sequence). cache: step with a
-        KVCache (new tokens at cache positions; attention_mask must be None).
+        KVCache (new tokens at cache positions; attention_mask must be None). span_ids (B, S) (with a cache:
+        (B, cache.max_len)): tokens of one span (id >= 0) see each other (vlfast.masks.spans), else causal.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -144,7 +145,7 @@ class Llama(nn.Module):
             x = inputs_embeds
         if x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"inputs_embeds must have last dimension {self.config.hidden_size}, got {tuple(x.shape)}")
-        mask = masks.causal()
+        mask = masks.causal() if span_ids is None else masks.spans(span_ids)
         if cache is not None:
             if attention_mask is not None or cu_seqlens is not None:
                 raise ValueError("with a cache, pass neither attention_mask nor cu_seqlens (the cache holds the lengths)")
