@@ -171,3 +171,20 @@ def test_bad_input_is_named():
         model(ids, torch.randn(3, 3, 32, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="vision feature layers must index the 3 states"):
         model.vision_tower.layer_states(pixels, (-4,))
+
+
+@pytest.mark.parametrize("mode", ["causal", "bidirectional"])
+def test_packed_conversations_equal_running_them_one_by_one(mode):
+    hf = _hf()
+    model = llava_from_transformers(hf.state_dict(), hf.config, dtype=torch.float64, image_attention=mode).eval()
+    ids, pixels = _inputs()
+    first, second = ids[0, :9], ids[1]  # one image, then two
+    packed = torch.cat([first, second])
+    cu = torch.tensor([0, 9, 9 + len(second)], dtype=torch.int32)
+    with torch.no_grad():
+        got = model(packed, pixels, cu_seqlens=cu, max_seqlen=len(second))
+        torch.testing.assert_close(got[:9], model(first[None], pixels[:1])[0], **TIGHT)
+        torch.testing.assert_close(got[9:], model(second[None], pixels[1:])[0], **TIGHT)
+    labels = torch.where(packed == IMAGE, -100, packed)
+    loss = model.loss(packed, labels, pixels, cu_seqlens=cu, max_seqlen=len(second))
+    assert torch.isfinite(loss)

@@ -117,19 +117,32 @@ class LLaVA(nn.Module):
         ids = torch.where(is_image, index, -1).to(torch.int32)
         return ids if length is None else F.pad(ids, (0, length - ids.shape[1]), value=-1)
 
+    def _decoder_inputs(self, input_ids: Tensor, pixel_values: Optional[Tensor], packed: dict) -> dict:
+        """The Llama's keyword arguments: merged embeddings (B, S, H) (packed: (T, H)) and span ids."""
+        self.language_model._check_ids(input_ids if input_ids.dim() == 2 else input_ids[None])
+        if packed.get("cu_seqlens") is not None:  # (T,) tokens of several sequences, their images in order
+            if input_ids.dim() != 1:
+                raise ValueError(f"packed input_ids must be (T,), got {tuple(input_ids.shape)}")
+            spans = self.span_ids(input_ids[None])
+            return dict(inputs_embeds=self.embed(input_ids[None], pixel_values)[0],
+                        span_ids=None if spans is None else spans[0], **packed)
+        return dict(inputs_embeds=self.embed(input_ids, pixel_values), span_ids=self.span_ids(input_ids), **packed)
+
     def forward(self, input_ids: Tensor, pixel_values: Optional[Tensor] = None, *,
-                attention_mask: Optional[Tensor] = None) -> Tensor:
-        """Logits (B, S, V) for input_ids (B, S) with image placeholders and pixel_values (N, C, H, W)."""
-        self.language_model._check_ids(input_ids)
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                                   span_ids=self.span_ids(input_ids))
+                attention_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> Tensor:
+        """Logits (B, S, V) for input_ids (B, S) with image placeholders and pixel_values (N, C, H, W); or
+        packed: input_ids (T,) holding several sequences (cu_seqlens, max_seqlen) -> (T, V)."""
+        packed = dict(attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.language_model(**self._decoder_inputs(input_ids, pixel_values, packed))
 
     def loss(self, input_ids: Tensor, labels: Tensor, pixel_values: Optional[Tensor] = None, *,
-             attention_mask: Optional[Tensor] = None) -> Tensor:
-        """Mean next-token cross-entropy on labels (B, S) (-100: no loss, e.g. prompts and image tokens)."""
-        self.language_model._check_ids(input_ids)
-        return self.language_model.loss(inputs_embeds=self.embed(input_ids, pixel_values), labels=labels,
-                                        attention_mask=attention_mask, span_ids=self.span_ids(input_ids))
+             attention_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+             max_seqlen: Optional[int] = None) -> Tensor:
+        """Mean next-token cross-entropy on labels (B, S) or packed (T,) (-100: no loss, e.g. prompts and
+        image tokens); packed sequences never predict across their boundaries."""
+        packed = dict(attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.language_model.loss(labels=labels, **self._decoder_inputs(input_ids, pixel_values, packed))
 
     @torch.no_grad()
     def generate(self, pixel_values: Optional[Tensor], input_ids: Tensor, max_new_tokens: int, *,
