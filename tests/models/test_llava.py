@@ -188,3 +188,17 @@ def test_packed_conversations_equal_running_them_one_by_one(mode):
     labels = torch.where(packed == IMAGE, -100, packed)
     loss = model.loss(packed, labels, pixels, cu_seqlens=cu, max_seqlen=len(second))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_training_stages_freeze_what_the_recipe_freezes(stage):
+    hf = _hf()
+    model = llava_from_transformers(hf.state_dict(), hf.config, dtype=torch.float64)
+    model.set_training_stage(stage)
+    ids, pixels = _inputs()
+    model.loss(ids, torch.where(ids == IMAGE, -100, ids), pixels).backward()
+    for name, p in model.named_parameters():
+        trained = name.startswith("projector.") or (stage == 2 and name.startswith("language_model."))
+        assert (p.grad is not None) == trained, name
+    with pytest.raises(ValueError, match="stage must be 1"):
+        model.set_training_stage(3)

@@ -82,6 +82,15 @@ class LLaVA(nn.Module):
                                    config.projector_bias)
         self.language_model = Llama(config.text)
 
+    def set_training_stage(self, stage: int) -> None:
+        """LLaVA's two-stage recipe in one call: stage 1 trains the projector only (captions); stage 2 the
+        projector and the language model (instructions). The vision tower stays frozen in both."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (projector only) or 2 (projector + language model), got {stage!r}")
+        self.vision_tower.requires_grad_(False)
+        self.projector.requires_grad_(True)
+        self.language_model.requires_grad_(stage == 2)
+
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """pixel_values (N, C, H, W) -> (N, tokens_per_image, text hidden)."""
         states = self.vision_tower.layer_states(pixel_values, self.config.feature_layers)
