@@ -123,23 +123,25 @@ def test_scale_gradient_accurate_over_many_logits(kind):
     assert abs(float(got["scale"]) - float(s64.grad)) <= 3e-6 * abs(float(s64.grad))
 
 
-def _gemms_in_backward(loss) -> int:
-    """aten::mm / addmm calls (as the profiler records them) while loss.backward() runs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def _gemms_in_backward(loss, d: int) -> int:
+    """aten::mm / addmm calls (as the profiler records them) with a (., d) or (d, .) operand while
+    loss.backward() runs: the logits GEMM and the gradient ones, not small helper products."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         loss.backward()
-    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+    return sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")
+               and any(d in shape for shape in e.input_shapes if len(shape) == 2))
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_one_chunk_backward_reuses_the_forward_products(kind, monkeypatch):
     """One chunk: the backward takes a @ b^T from the forward (two GEMMs: d_a, d_b), not a third one.
     Several chunks recompute each chunk's products (three GEMMs a chunk)."""
-    a, b = torch.randn(50, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    a, b = (F.normalize(torch.randn(50, 16), dim=-1).requires_grad_() for _ in range(2))
     assert _gemms_in_backward(vlfast.clip_loss(a, b, 5.0, -1.0 if kind == "sigmoid" else None, kind=kind,
-                                               impl="torch")) == 2
+                                               impl="torch"), 16) == 2
     monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 20 * 50)  # 3 chunks of 20, 20, 10 rows
     assert _gemms_in_backward(vlfast.clip_loss(a, b, 5.0, -1.0 if kind == "sigmoid" else None, kind=kind,
-                                               impl="torch")) == 9
+                                               impl="torch"), 16) == 9
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
@@ -162,8 +164,8 @@ def test_backward_without_kept_products_recomputes_them(layout):
     a, b, s, bias, grad = make_inputs(case)
     kind, sym, off = case.kind, case.symmetric, -1 if case.offset is None else case.offset
     _, stats = torch_impl.forward(a, b, s, bias, kind, sym, off)
-    assert torch_impl.saved_dots(stats, case.m) is not None
-    assert torch_impl.saved_dots(stats.clone(), case.m) is None
+    assert torch_impl.kept_chunk(stats, case.m) is not None
+    assert torch_impl.kept_chunk(stats.clone(), case.m) is None
     kept = torch_impl.backward(grad, a, b, s, bias, stats, kind, sym, off)
     again = torch_impl.backward(grad, a, b, s, bias, stats.clone(), kind, sym, off)
     for x, y in zip(kept, again):
@@ -188,3 +190,11 @@ def test_far_column_gradient(dtype, gap, monkeypatch):
     ref = reference64(case, a, b, s, bias, grad)
     got = run_vlfast(case, "torch", a, b, s, bias, grad)
     assert_close64(got, ref, 1e-10 if dtype == torch.float64 else 2e-5, f"far column {dtype}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-sym{l[1]}-off{l[2]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_zero_scale(layout, dtype):
+    """logit_scale 0 (allowed: every logit equals the bias): the row maxima, the folded scale of the
+    bf16 gradient and d_scale (which then cannot come from s * dot) all stay finite and right."""
+    _check(_case(37, 24, dtype, layout, scale=0.0), "torch")

@@ -4,8 +4,12 @@ Same math as reference.py (margin form: row_i = softplus(logsumexp over negative
 organised for speed: per chunk of rows one GEMM in the compute dtype (float32, float64 for float64;
 bf16/fp16 features are upcast once; bf16-valued float32 GEMMs run in oneDNN's bf16 mode, exact
 products accumulated in float32, see bf16_valued_fp32_gemms), then in-place elementwise passes on
-that one buffer. When one chunk holds every row, the forward keeps the raw products a @ b^T in the
-storage of its stats (which autograd saves for the backward), so the backward skips that GEMM.
+that one buffer: E = exp(t - h_i) with h_i the row's largest negative logit gives the row sums, and
+(symmetric) the column sums as one matrix-vector product, sum_i E_ij exp(h_i - top).
+
+When one chunk holds every row the forward keeps that chunk behind its stats, in the same storage
+(autograd saves stats for the backward): E and h for float32 / float64 softmax, whose gradient is
+E * (alpha_i + v_i k_j), else the products a @ b^T. The backward then skips the logits GEMM.
 Extra memory: at most three chunk buffers of CHUNK_ELEMENTS each plus O((N + M) D); never N x M
 unless that fits one chunk.
 
@@ -14,7 +18,8 @@ Shapes: a (N, D), b (M, D), scale / bias 0-d, stats (3, N) as in reference.py.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +30,10 @@ from .reference import compute_dtype, softplus
 # Elements of one chunk buffer (16 MiB at float32); tests shrink it to force several chunks.
 CHUNK_ELEMENTS = 1 << 22
 
-# The backward builds the column softmax from the row one, exp(t - col_j) = exp(t - row_i) *
-# exp(row_i - top) * exp(top - col_j) (top = the largest row log-sum-exp), when every column's
-# log-sum-exp is within this many nats of top: a factor that underflows then stands for a term below
-# e^-47, nothing next to the ones kept. Past it (a text far from every image) it exponentiates twice.
+# Column sums come from row-shifted exponentials: exp(t_ij - top) = exp(t_ij - h_i) * exp(h_i - top).
+# When every column's log-sum-exp is within this many nats of top, a factor that underflows stands
+# for a term below e^-47 of the column's, nothing next to the ones kept. Past it (a text far from
+# every image) the column is exponentiated on its own.
 MAX_COLUMN_GAP = 40.0
 
 
@@ -62,26 +67,45 @@ def _positives(t: Tensor, r0: int, offset: int) -> Tensor:
     return t.diagonal(offset=r0 + offset)[: t.shape[0]]
 
 
-def _stats_and_dots(n: int, m: int, ct: torch.dtype, device, keep_dots: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """stats (3, N) zeros and, if keep_dots, a (N, M) buffer for a @ b^T right after them in one storage.
+def _keeps_exponentials(kind: str, dtype: torch.dtype) -> bool:
+    """What a kept chunk holds: E = exp(t - h) (True), or the products a @ b^T (bf16 features, whose
+    d_scale sums G * dot; the sigmoid loss)."""
+    return kind == "softmax" and dtype != torch.bfloat16
+
+
+def _stats_and_kept(n: int, m: int, ct: torch.dtype, device, keep: bool):
+    """stats (3, N) zeros and, if keep, (N,) and (N, M) buffers right after them in one storage.
 
     stats is a plain (non-view) tensor on that storage: autograd saves it for the backward, which
-    finds the products there (saved_dots), so they live exactly as long as the graph does.
+    finds the kept chunk there (kept_chunk), so it lives exactly as long as the graph does.
     """
-    if not keep_dots:
-        return torch.zeros(3, n, dtype=ct, device=device), None
-    storage = torch.empty(3 * n + n * m, dtype=ct, device=device).untyped_storage()
+    if not keep:
+        return torch.zeros(3, n, dtype=ct, device=device), None, None
+    storage = torch.empty(4 * n + n * m, dtype=ct, device=device).untyped_storage()
     stats = torch.empty(0, dtype=ct, device=device).set_(storage, 0, (3, n), (n, 1)).zero_()
-    return stats, stats.as_strided((n, m), (m, 1), 3 * n)
+    return stats, stats.as_strided((n,), (1,), 3 * n), stats.as_strided((n, m), (m, 1), 4 * n)
 
 
-def saved_dots(stats: Tensor, m: int) -> Optional[Tensor]:
-    """The forward's a @ b^T (N, M) kept behind stats, or None (several chunks, or stats was copied)."""
+def kept_chunk(stats: Tensor, m: int) -> Optional[tuple[Tensor, Tensor]]:
+    """The forward's row shifts h (N,) and kept chunk (N, M), or None (several chunks, or stats copied)."""
     n = stats.shape[1]
-    whole = (3 * n + n * m) * stats.element_size()
+    whole = (4 * n + n * m) * stats.element_size()
     if stats.storage_offset() != 0 or not stats.is_contiguous() or stats.untyped_storage().nbytes() != whole:
         return None
-    return stats.as_strided((n, m), (m, 1), 3 * n)
+    return stats.as_strided((n,), (1,), 3 * n), stats.as_strided((n, m), (m, 1), 4 * n)
+
+
+def _column_logsumexp(e: Tensor, h: Tensor, logits_again: Callable[[], Tensor]) -> Tensor:
+    """log sum_i exp(t_ij) (M,) over a chunk's rows from e = exp(t - h_i) (C, M) and h (C,).
+
+    One matrix-vector product; if a column falls more than MAX_COLUMN_GAP below the top row shift
+    it could have lost terms to underflow, and the chunk's logits (logits_again()) are reduced as they are.
+    """
+    top = h.max()
+    sums = torch.mv(e.T, torch.exp(h - top))
+    if bool(sums.min() >= math.exp(-MAX_COLUMN_GAP)):
+        return sums.log_().add_(top)
+    return torch.logsumexp(logits_again(), dim=0)
 
 
 def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: str, symmetric: bool,
@@ -91,32 +115,47 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     n, m = a.shape[0], b.shape[0]
     s = scale.to(ct)
     bf16_values = a.dtype == torch.bfloat16
+    keep_exp = _keeps_exponentials(kind, a.dtype)
     a, b = a.to(ct), b.to(ct)
     step = _chunk_rows(m)
-    stats, dots = _stats_and_dots(n, m, ct, a.device, keep_dots=step >= n)
-    buf = torch.empty(min(step, n), m, dtype=ct, device=a.device)
+    stats, kept_h, kept = _stats_and_kept(n, m, ct, a.device, keep=step >= n)
+    buf = kept if kept is not None and keep_exp else torch.empty(min(step, n), m, dtype=ct, device=a.device)
 
-    def logits(r0: int, c: int) -> Tensor:
-        """s * a[r0:r0 + c] @ b^T in buf (the products themselves kept in dots when there is one chunk)."""
+    def products(r0: int, c: int, out: Optional[Tensor] = None) -> Tensor:
+        """a[r0:r0 + c] @ b^T (C, M) into out, else the kept chunk (one chunk), else buf."""
         with bf16_valued_fp32_gemms(bf16_values):
-            if dots is None:
-                return torch.mm(a[r0:r0 + c], b.T, out=buf[:c]).mul_(s)
-            return torch.mul(torch.mm(a, b.T, out=dots), s, out=buf)
+            into = out if out is not None else (kept if kept is not None else buf)[:c]
+            return torch.mm(a[r0:r0 + c], b.T, out=into)
 
     if kind == "softmax":
         # The bias shifts every logit of a row and its positive alike: the margins do not see it.
         col_nlse = torch.full((m,), float("-inf"), dtype=ct, device=a.device) if symmetric else None
         pos = s * (a * b[offset:offset + n]).sum(dim=1)  # every row's positive, before any chunk needs it
         stats[0] = pos
+        s_num = float(s)
         for r0 in range(0, n, step):
             c = min(step, n - r0)
-            t = logits(r0, c)
-            _positives(t, r0, offset).fill_(float("-inf"))
-            # logsumexp_j (t_ij - pos_i) = logsumexp_j t_ij - pos_i: the row's max is a negative close
-            # to pos_i in the near-perfect case, so the subtraction loses nothing there.
-            stats[1, r0:r0 + c] = softplus(torch.logsumexp(t, dim=1) - pos[r0:r0 + c])
+            dot = products(r0, c)
+            diag = _positives(dot, r0, offset)
+            positives = diag.clone() if kept is not None and not keep_exp else None  # kept products: put back
+            diag.fill_(float("-inf"))
+            h = dot.amax(dim=1).mul_(s)  # the largest negative logit (s >= 0)
+            h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # a row without negatives (N = M = 1)
+            if positives is not None:
+                diag.copy_(positives)
+            e = torch.add(-h[:, None], dot, alpha=s_num, out=buf[:c]).exp_()
+            _positives(e, r0, offset).fill_(0.0)
+            # logsumexp_j (t_ij - pos_i) = h_i + log sum_j e_ij - pos_i: h_i is a negative close to
+            # pos_i in the near-perfect case, so the subtraction loses nothing there.
+            stats[1, r0:r0 + c] = softplus(h + e.sum(dim=1).log() - pos[r0:r0 + c])
+            if kept_h is not None:
+                kept_h.copy_(h)
             if symmetric:
-                col_nlse = torch.logaddexp(col_nlse, torch.logsumexp(t, dim=0))
+                def again(r0=r0, c=c):
+                    t = products(r0, c, out=torch.empty(c, m, dtype=ct, device=a.device)).mul_(s)
+                    _positives(t, r0, offset).fill_(float("-inf"))
+                    return t
+                col_nlse = torch.logaddexp(col_nlse, _column_logsumexp(e, h, again))
         if symmetric:
             col_nlse -= pos
         if bias is not None:
@@ -128,7 +167,7 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     bias_c = bias.to(ct) if bias is not None else None
     for r0 in range(0, n, step):
         c = min(step, n - r0)
-        t = logits(r0, c)
+        t = torch.mul(products(r0, c), s, out=buf[:c])
         if bias_c is not None:
             t.add_(bias_c)
         if offset >= 0:  # softplus(-z) at the positive, softplus(z) elsewhere
@@ -137,75 +176,106 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     return stats[1].clone(), stats
 
 
+def _outer_sum(alpha: Tensor, v: Tensor, k: Tensor, out: Tensor) -> Tensor:
+    """out (C, M) = alpha_i + v_i k_j, as a GEMM of inner size 2 (one write pass)."""
+    left = torch.stack([alpha, v], dim=1)
+    right = torch.stack([torch.ones_like(k), k], dim=0)
+    return torch.mm(left, right, out=out)
+
+
 def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], stats: Tensor,
              kind: str, symmetric: bool, offset: int, need_a: bool = True,
              need_b: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d_a, d_b, d_scale, d_bias) of sum_i grad_i * loss_i; d_a / d_b empty (0, D) when not needed.
 
-    Per chunk: dot = a_c @ b^T (or the forward's, when kept), G = dLoss/dz (reference.logit_grad_chunk's
-    formula), then Gb = G @ b and d_b += G^T @ a_c; d_a = s Gb, d_b = s (sum), and
-    d_scale = sum_ij G_ij dot_ij = <a, G b> (or <b, G^T a>), from those GEMMs' float32 results: as
-    accurate as summing G * dot (measured at 2048 x 2048, scale 100: both ~1e-8 relative), without that
-    pass. bfloat16 features: s G rounded to bfloat16 (as the GPU paths' G chunk) and bfloat16 GEMMs with
-    float32 accumulation, several times faster than float32 ones on CPUs with bf16 instructions;
-    d_scale then sums G * dot in float32 before the rounding.
+    Per chunk: G = dLoss/dz (reference.logit_grad_chunk's formula), then Gb = G @ b and
+    d_b += G^T @ a_c; d_a = s Gb, d_b = s (sum), and d_scale = sum_ij G_ij dot_ij = <a, G b>
+    (or <b, G^T a>) from those GEMMs' float32 results: as accurate as summing G * dot (measured at
+    2048 x 2048, scale 100: both ~1e-8 relative), without that pass. Softmax: with E = exp(s dot - h_i)
+    (the kept one, or from this chunk's products with h = each row's log-sum-exp), the row softmax is
+    E exp(h_i - row_i) and the column one E exp(h_i - top) exp(top - col_j), so
+    G = E * (alpha_i + v_i k_j) off the positives. bfloat16 features: s G rounded to bfloat16 (as the
+    GPU paths' G chunk) and bfloat16 GEMMs with float32 accumulation, several times faster than float32
+    ones on CPUs with bf16 instructions; d_scale then sums G * dot in float32 before the rounding.
     """
     ct = compute_dtype(a.dtype)
     n, m = a.shape[0], b.shape[0]
     s = scale.to(ct)
     a_c, b_c = a.to(ct), b.to(ct)
-    kept = saved_dots(stats, m)
+    kept = kept_chunk(stats, m)
     stats = stats.to(ct)
     bf16_gemms = a.dtype == torch.bfloat16
+    holds_exp = _keeps_exponentials(kind, a.dtype)
     # Gb lands in gb; without d_a it is still wanted for d_scale unless G^T a is computed anyway.
     gb_rows = n if (need_a or not need_b) else 0
     gb = torch.empty(gb_rows, a.shape[1], dtype=a.dtype if bf16_gemms else ct, device=a.device)
     db = torch.zeros(m if need_b else 0, b.shape[1], dtype=ct, device=a.device)
     dscale = torch.zeros((), dtype=ct, device=a.device)
     dbias = torch.zeros((), dtype=ct, device=a.device)
+    s_num = float(s)
+    # bf16 softmax: G comes out as s G (w carries s), the product the GEMMs round to bfloat16
+    folded = bf16_gemms and kind == "softmax" and s_num != 0
+    if kind == "softmax":
+        w = grad.to(ct) * ((0.5 if symmetric else 1.0) * (s_num if folded else 1.0))
+        # z - bias at the positive, plus the loss: the row's (column's) full log-sum-exp of s dot.
+        pos = stats[0] - bias.to(ct) if bias is not None else stats[0]
+        row = pos + stats[1]
+        diag_g = torch.expm1(-stats[1]) * w  # softmax - 1 at the positive, without the cancellation
+        if symmetric:
+            col = pos + stats[2]
+            diag_g += torch.expm1(-stats[2]) * w
+
+        def factors(h: Tensor):
+            """alpha (N,), v (N,), k (M,) for E = exp(t - h_i), or None where the columns need their own exp."""
+            alpha = w * torch.exp(h - row)
+            if not symmetric:
+                return alpha, None, None
+            top = h.max()
+            k = w * torch.exp(top - col)
+            if not (bool((top - col).max() <= MAX_COLUMN_GAP) and bool(torch.isfinite(k).all())):
+                return None
+            return alpha, torch.exp(h - top), k
+        if kept is not None and holds_exp:
+            fac = factors(kept[0])
+            if fac is None:
+                kept = None  # the kept E cannot give the far columns: recompute this chunk's logits
+        if kept is None or not holds_exp:
+            fac = factors(row)
+    else:
+        w = grad.to(ct)
+        bias_c = bias.to(ct) if bias is not None else None
     step = n if kept is not None else _chunk_rows(m)
     rows = min(step, n)
     dot_buf = torch.empty(rows, m, dtype=ct, device=a.device) if kept is None else None
     g_buf = torch.empty(rows, m, dtype=ct, device=a.device)
-    s_num = float(s)
-    if kind == "softmax":
-        w = grad.to(ct) * (0.5 if symmetric else 1.0)
-        # z - bias at the positive, plus the loss: the row's (column's) full log-sum-exp of s dot.
-        pos = stats[0] - bias.to(ct) if bias is not None else stats[0]
-        neg_row_shift = -(pos + stats[1])
-        diag_g = torch.expm1(-stats[1]) * w  # softmax - 1 at the positive, without the cancellation
-        rank2 = False
-        if symmetric:
-            col_shift = pos + stats[2]
-            diag_g += torch.expm1(-stats[2]) * w
-            top = (-neg_row_shift).max()
-            row_v = torch.exp(-neg_row_shift - top)  # exp(row_i - top) <= 1
-            col_k = w * torch.exp(top - col_shift)  # w_j exp(top - col_j)
-            rank2 = bool((top - col_shift).max() <= MAX_COLUMN_GAP) and bool(torch.isfinite(col_k).all())
-        extra = torch.empty(rows, m, dtype=ct, device=a.device) if symmetric else None
-    else:
-        w = grad.to(ct)
-        bias_c = bias.to(ct) if bias is not None else None
     for r0 in range(0, n, step):
         c = min(step, n - r0)
-        ar = a_c[r0:r0 + c]
+        rs = slice(r0, r0 + c)
+        ar = a_c[rs]
+        g = g_buf[:c]
         if kept is not None:
-            dot = kept
+            dot = None if holds_exp else kept[1]
         else:
             with bf16_valued_fp32_gemms(bf16_gemms):
                 dot = torch.mm(ar, b_c.T, out=dot_buf[:c])
-        g = g_buf[:c]
         if kind == "softmax":
-            # g = exp(s dot - row_i): the row softmax (probabilities, each <= 1)
-            torch.add(neg_row_shift[r0:r0 + c, None], dot, alpha=s_num, out=g).exp_()
-            if rank2:  # G = P w_i + Q w_j = P * (w_i + exp(row_i - top) w_j exp(top - col_j))
-                g.mul_(torch.addr(w[r0:r0 + c, None], row_v[r0:r0 + c], col_k, out=extra[:c]))
-            elif symmetric:
-                q = torch.add(-col_shift[None, :], dot, alpha=s_num, out=extra[:c]).exp_().mul_(w[None, :])
-                g.mul_(w[r0:r0 + c, None]).add_(q)
-            else:
-                g.mul_(w[r0:r0 + c, None])
-            _positives(g, r0, offset).copy_(diag_g[r0:r0 + c])
+            if fac is not None:
+                alpha, v, k = fac
+                if dot is None:
+                    e = kept[1]
+                else:  # exp(s dot - row_i) over dot's buffer, or in g while dot is still wanted
+                    spare = dot if kept is None and not bf16_gemms else g
+                    e = torch.add(-row[rs, None], dot, alpha=s_num, out=spare).exp_()
+                if v is None:
+                    torch.mul(e, alpha[rs, None], out=g)
+                elif e is g:
+                    g.mul_(_outer_sum(alpha[rs], v[rs], k, torch.empty_like(g)))
+                else:
+                    _outer_sum(alpha[rs], v[rs], k, out=g).mul_(e)
+            else:  # symmetric, a column far below the top: both softmaxes exponentiated
+                torch.add(-row[rs, None], dot, alpha=s_num, out=g).exp_().mul_(w[rs, None])
+                g.add_(torch.add(-col[None, :], dot, alpha=s_num).exp_().mul_(w[None, :]))
+            _positives(g, r0, offset).copy_(diag_g[rs])
         else:
             if bias_c is not None:
                 torch.add(bias_c, dot, alpha=s_num, out=g)
@@ -214,21 +284,23 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
             if offset >= 0:
                 _positives(g, r0, offset).neg_()
             # d softplus(u)/du = sigmoid(u), and u = -z at the positive
-            g.sigmoid_().mul_(w[r0:r0 + c, None])
+            g.sigmoid_().mul_(w[rs, None])
             if offset >= 0:
                 _positives(g, r0, offset).neg_()
             dbias += g.sum()
         if bf16_gemms:
-            dscale += (dot * g).sum()  # torch.sum's cascade summation: dot's fp32 sum lost ~1e-5 here
+            # torch.sum's cascade summation: dot's fp32 sum lost ~1e-5 here
+            dscale += (dot * g).sum() / s_num if folded else (dot * g).sum()
             # s G rounded to bfloat16 (as the GPU paths' G chunk), GEMMs with float32 accumulation.
-            g_lp = g.mul_(s).to(torch.bfloat16)
+            g_lp = (g if folded else g.mul_(s)).to(torch.bfloat16)
             if gb_rows:
-                torch.mm(g_lp, b, out=gb[r0:r0 + c])
+                torch.mm(g_lp, b, out=gb[rs])
             if need_b:
-                db.add_(torch.mm(g_lp.T, a[r0:r0 + c]))
+                # (a^T G)^T: oneDNN's bf16 GEMM with a transposed left operand took ~2x as long
+                db.add_(torch.mm(a[rs].T.contiguous(), g_lp).T)
             continue
         if gb_rows:
-            torch.mm(g, b_c, out=gb[r0:r0 + c])
+            torch.mm(g, b_c, out=gb[rs])
         if need_b:
             db.addmm_(g.T, ar)
     if not bf16_gemms:
