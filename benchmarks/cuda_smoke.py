@@ -5,7 +5,8 @@ benchmarks/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck).
 
 With the caching allocator off each tensor is its own cudaMalloc, so a read or write past a tensor's
 end is outside any allocation and memcheck sees it. --tiny keeps to one shape (racecheck is slow).
-Exits non-zero when a result is not finite (or a codebook index is out of range).
+Exits non-zero when a result is not finite (or a codebook index is out of range, or decode attention
+differs from impl="torch").
 """
 from __future__ import annotations
 
@@ -68,12 +69,55 @@ def codebook_lookup(tiny: bool) -> int:
     return bad
 
 
+def attention_decode(tiny: bool) -> int:
+    """The split and merge kernels: every dims-per-lane variant (d <= 64, <= 128, <= 256), groups of one
+    and of several 16-row chunks, contiguous / transposed / paged (pages of 1 and 5) caches, several
+    splits, the masks; compared with impl="torch". Returns the number of bad runs."""
+    import vlfast
+    from vlfast import masks
+
+    shapes = [(3, 8, 2, 1, 80, 100)] if tiny else [(3, 8, 2, 1, 80, 100), (2, 4, 4, 1, 64, 37), (2, 8, 1, 5, 256, 70),
+                                                     (1, 32, 4, 16, 128, 300)]
+    layouts = ["paged-5"] if tiny else ["contiguous", "transposed", "paged-1", "paged-5"]
+    bad = 0
+    for (b, hq, hkv, sq, d, s_max), dtype, layout in itertools.product(
+            shapes, (torch.float32, torch.bfloat16, torch.float16), layouts):
+        g = torch.Generator(device="cuda").manual_seed(b * hq * d + s_max)
+        q = torch.randn(b, hq, sq, d, device="cuda", generator=g).to(dtype)
+        k = torch.randn(b, hkv, s_max, d, device="cuda", generator=g).to(dtype)
+        v = torch.randn(b, hkv, s_max, d, device="cuda", generator=g).to(dtype)
+        lengths = torch.tensor([s_max - 3 * row for row in range(b)], dtype=torch.int32, device="cuda")
+        table = None
+        if layout == "transposed":
+            k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+        elif layout.startswith("paged"):
+            page = int(layout.split("-")[1])
+            per_row = -(-s_max // page)
+            table = torch.randperm(b * per_row, device="cuda", generator=g).view(b, per_row).to(torch.int32)
+            k, v = (torch.zeros(b * per_row, hkv, page, d, dtype=dtype, device="cuda").index_copy_(
+                0, table.flatten().long(), torch.nn.functional.pad(x, (0, 0, 0, per_row * page - s_max))
+                .view(b, hkv, per_row, page, d).transpose(1, 2).flatten(0, 1)) for x in (k, v))
+        valid = torch.rand(b, s_max, device="cuda", generator=g) > 0.2
+        kinds = [("causal", masks.causal()), ("window+padding", masks.sliding_window(9) & masks.key_padding(valid))]
+        if s_max <= 106:  # the DALL-E grid covers 10 + 8 x 12 positions
+            kinds.append(("dalle-conv", masks.dalle(10, 8, 12, "conv", kernel=5)))
+        for name, mask in kinds:
+            with torch.no_grad():
+                out = vlfast.attention_decode(q, k, v, lengths, block_table=table, mask=mask, num_splits=3, impl="cuda")
+                want = vlfast.attention_decode(q, k, v, lengths, block_table=table, mask=mask, impl="torch")
+            torch.cuda.synchronize()
+            ok = bool(torch.isfinite(out).all()) and torch.allclose(out.float(), want.float(), atol=3e-2, rtol=3e-2)
+            bad += _report(ok, f"attention_decode {layout:10} {name:14} b={b} hq={hq} hkv={hkv} sq={sq} d={d} "
+                               f"s_max={s_max} {str(dtype).removeprefix('torch.')}")
+    return bad
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="one small shape per variant")
     args = parser.parse_args(argv)
-    bad = clip_loss(args.tiny) + codebook_lookup(args.tiny)
-    print(f"{bad} of the runs gave non-finite results")
+    bad = clip_loss(args.tiny) + codebook_lookup(args.tiny) + attention_decode(args.tiny)
+    print(f"{bad} of the runs gave bad results")
     return 1 if bad else 0
 
 

@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "attention_decode/attention_decode.h"
 #include "build_info.h"
 #include "clip_loss/clip_loss.h"
 #include "codebook_lookup/codebook_lookup.h"
@@ -72,6 +73,22 @@ void bind_codebook_lookup(py::module_& m) {
         "out[i] = the float64 distance of row i to code index[i], rounded to float32.");
 }
 
+void bind_attention_decode(py::module_& m) {
+  using py::arg;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("attention_decode_forward", &vlfast::attention_decode::forward, arg("q"), arg("k"), arg("v"), arg("out"),
+        arg("lse"), arg("o_part"), arg("lse_part"), arg("lengths"), arg("block_table"), arg("span_ids"),
+        arg("key_valid"), arg("batch"), arg("hq"), arg("hkv"), arg("sq"), arg("d"), arg("stride_qb"),
+        arg("stride_qh"), arg("stride_qs"), arg("stride_kb"), arg("stride_kh"), arg("stride_ks"), arg("stride_vb"),
+        arg("stride_vh"), arg("stride_vs"), arg("stride_ob"), arg("stride_oh"), arg("stride_os"),
+        arg("cache_rows"), arg("page_size"), arg("max_pages"), arg("stride_bt"), arg("span_len"),
+        arg("span_stride"), arg("valid_len"), arg("valid_stride"), arg("causal"), arg("window"),
+        arg("dalle_kind"), arg("text_len"), arg("cols"), arg("dalle_half"), arg("scale"), arg("splits"),
+        arg("dtype"), arg("device"), arg("stream"), nogil,
+        "Decode attention of sq queries per row against a contiguous or paged KV cache: split-K partials, "
+        "then their merge into out and the natural-log lse.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -80,8 +97,9 @@ PYBIND11_MODULE(_C, m) {
                                    py::arg("float16") = static_cast<int>(vlfast::DType::f16),
                                    py::arg("bfloat16") = static_cast<int>(vlfast::DType::bf16));
   // The ops that have kernels here; vlfast._backends reads it. Add an op's name with its bindings.
-  m.attr("OPS") = py::make_tuple("clip_loss", "codebook_lookup");
+  m.attr("OPS") = py::make_tuple("clip_loss", "codebook_lookup", "attention_decode");
   m.def("build_info", &build_info_dict, "What this module was built with: archs, CUDA, compilers.");
   bind_clip_loss(m);
   bind_codebook_lookup(m);
+  bind_attention_decode(m);
 }

@@ -3,7 +3,9 @@ threads, barriers, shuffles and tensor-core instructions (tests/tools/cuda_emu),
 vlfast.clip_loss(impl="cuda") and compared with float64 on every layout and dtype, with several tiles,
 column splits and row chunks, rows off 16-byte boundaries and near-perfect pairs; and behind
 vlfast.codebook_lookup(impl="cuda") against the float64 argmin, with near-ties, duplicate codes,
-several row blocks and codebook splits, both metrics and every dtype.
+several row blocks and codebook splits, both metrics and every dtype; and behind
+vlfast.attention_decode(impl="cuda") against a float64 oracle on contiguous, transposed and paged
+caches, GQA groups, every mask kind, dtypes, head dims and split counts.
 
 This checks the kernels' indexing, masking and math, their host-side checks and the Python glue,
 where CI has no GPU. Real asynchrony, races and speed are tested on a GPU (test_clip_loss_cuda_gpu.py,
@@ -240,3 +242,149 @@ def test_emulated_codebook_lookup_opcheck(codebook_on_cpu, metric):
     from vlfast.ops.codebook_lookup import codebook_lookup_forward
     z, e = random_case(13, 37, 20, torch.float32)
     torch.library.opcheck(codebook_lookup_forward, (z, e, metric, "cuda"))
+
+
+# --- attention_decode -----------------------------------------------------------------------------------
+# Against tests/ops/test_attention_decode.py's float64 oracle, on its cases (poisoned slots past each
+# row's length, shuffled pages with poisoned spare pages).
+
+@pytest.fixture
+def decode_on_cpu(emulated, monkeypatch):
+    """impl="cuda" of attention_decode runs the emulated kernels on CPU tensors."""
+    from vlfast.ops.attention_decode import cuda
+    monkeypatch.setattr(cuda, "why_not", lambda device, dtype: None)
+    monkeypatch.setattr(cuda, "_extension", lambda q: _OnCpu(emulated))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    return cuda
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "paged-1", "paged-16"])
+def test_emulated_decode_layouts_and_lengths(decode_on_cpu, layout):
+    """Lengths 0, 1, odd and full, different per row; S_max not a multiple of the 32-key block."""
+    from .ops.test_attention_decode import _case, _run_and_check
+    q, k, v, lengths, g = _case(4, 4, 2, 1, 32, 67, [0, 1, 37, 67])
+    _run_and_check("cuda", q, k, v, lengths, g, layout)
+
+
+@pytest.mark.parametrize("hq,hkv,sq", [(3, 3, 1), (4, 2, 5), (8, 1, 1), (7, 1, 16), (8, 1, 16)])
+def test_emulated_decode_gqa_groups_and_query_counts(decode_on_cpu, hq, hkv, sq):
+    """Groups of 1 to 128 query rows per kv head: 7 x 16 and 8 x 16 take several 16-row chunks."""
+    from vlfast import masks
+    from .ops.test_attention_decode import _case, _run_and_check
+    q, k, v, lengths, g = _case(2, hq, hkv, sq, 16, 45, [16, 45], seed=hq * 100 + sq)
+    _run_and_check("cuda", q, k, v, lengths, g, "paged-16", masks.causal())
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "window", "spans", "spans-per-row", "dalle-row", "dalle-column",
+                                  "dalle-conv", "padding", "causal+padding"])
+def test_emulated_decode_every_mask_kind(decode_on_cpu, kind):
+    """Sq = 3 queries at each row's end; the 2-token row puts its first query before position 0."""
+    from .ops.test_attention_decode import _case, _masks, _run_and_check
+    q, k, v, lengths, g = _case(2, 2, 1, 3, 16, 34, [34, 2], seed=11)
+    _run_and_check("cuda", q, k, v, lengths, g, "paged-16", _masks(34, 2)[kind])
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 80), (torch.float32, 80),
+                                     (torch.bfloat16, 256), (torch.float32, 7)], ids=str)
+def test_emulated_decode_dtypes_and_head_dims(decode_on_cpu, dtype, d):
+    """Each dims-per-lane variant (d <= 64, <= 128, <= 256) and 16-bit caches; d = 7 and 80 leave lanes idle."""
+    from vlfast import masks
+    from .ops.test_attention_decode import _case, _run_and_check
+    q, k, v, lengths, g = _case(3, 4, 2, 2, d, 40, [40, 13, 1], dtype=dtype, seed=d)
+    _run_and_check("cuda", q, k, v, lengths, g, "transposed" if d == 80 else "paged-16", masks.causal())
+
+
+def test_emulated_decode_split_counts_agree(decode_on_cpu):
+    """1 to 12 splits of 300 keys (10 blocks): empty splits, splits of one block, the merge."""
+    from vlfast import masks
+    from .ops.test_attention_decode import _case, _run_and_check
+    q, k, v, lengths, g = _case(2, 2, 1, 2, 16, 300, [300, 77], seed=3)
+    outs = [_run_and_check("cuda", q, k, v, lengths, g, "paged-16", masks.causal(), num_splits=n) for n in (1, 3, 12)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_emulated_decode_strided_query_and_append(decode_on_cpu):
+    """q with permuted strides (the output keeps them); k_new / v_new appended in place before attending."""
+    from vlfast import masks
+    from .ops.test_attention_decode import _case, _oracle, _check
+    b, hkv, s_max, d, new = 3, 2, 40, 16, 3
+    q, k, v, lengths, g = _case(b, 4, hkv, new, d, s_max, [0, 10, 37], seed=9)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_new, v_new = torch.randn(b, hkv, new, d, generator=g), torch.randn(b, hkv, new, d, generator=g)
+    kc, vc = k.clone(), v.clone()
+    with torch.no_grad():
+        out = vlfast.attention_decode(q, kc, vc, lengths, k_new=k_new, v_new=v_new, mask=masks.causal(), impl="cuda")
+    keys = [torch.cat([k[row, :, :n], k_new[row]], 1) for row, n in enumerate(lengths.tolist())]
+    values = [torch.cat([v[row, :, :n], v_new[row]], 1) for row, n in enumerate(lengths.tolist())]
+    want, _ = _oracle(q, keys, values, (lengths + new).tolist(), masks.causal())
+    _check(out, want, torch.float32, "cuda after append")
+
+
+def test_emulated_decode_nan_and_unchecked_bad_pages(decode_on_cpu):
+    """A NaN key inside a row's length makes that row NaN; with check_lengths=False a page index outside
+    the cache, or a length past the capacity, gives NaN for that row instead of an outside read; other
+    rows stay exact."""
+    from vlfast import masks
+    from .ops.test_attention_decode import _case, _layout
+    q, k, v, lengths, g = _case(3, 2, 1, 1, 16, 30, [30, 12, 5], seed=8)
+    k[1, :, 3] = float("nan")
+    with torch.no_grad():
+        want = vlfast.attention_decode(q, k, v, lengths, mask=masks.causal(), impl="reference")
+        out = vlfast.attention_decode(q, k, v, lengths, mask=masks.causal(), impl="cuda")
+        assert out[1].isnan().all()
+        torch.testing.assert_close(out[[0, 2]], want[[0, 2]], rtol=2e-5, atol=2e-5)
+        kp, vp, table = _layout(k.nan_to_num(), v.nan_to_num(), "paged-16", g)
+        table[0, 1] = kp.shape[0]  # row 0's second page
+        out = vlfast.attention_decode(q, kp, vp, lengths, block_table=table, check_lengths=False, impl="cuda")
+        assert out[0].isnan().all() and not out[1:].isnan().any()
+        too_long = torch.tensor([30, 31, 5], dtype=torch.int32)  # row 1 past S_max = 30
+        out = vlfast.attention_decode(q, k.nan_to_num(), v.nan_to_num(), too_long, check_lengths=False, impl="cuda")
+        assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+
+
+def test_emulated_decode_opcheck(decode_on_cpu):
+    from vlfast.ops.attention_decode import attention_decode_op
+    from .ops.test_attention_decode import _case
+    q, k, v, lengths, g = _case(2, 4, 2, 2, 16, 24, [24, 5])
+    args = (q, k.nan_to_num(), v.nan_to_num(), lengths, 0, None, True, 0, None, [0, 0, 0, 0, 0], None, 0.25, 0,
+            "cuda", True)
+    torch.library.opcheck(attention_decode_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _decode_args(**changes):
+    """A valid attention_decode_forward call (fake addresses: the emulated module checks, then launches
+    nothing when a check fails) with `changes` applied."""
+    args = dict(q=256, k=256, v=256, out=256, lse=256, o_part=256, lse_part=256, lengths=256, block_table=0,
+                span_ids=0, key_valid=0, batch=1, hq=4, hkv=2, sq=1, d=64, stride_qb=256, stride_qh=64, stride_qs=64,
+                stride_kb=2048, stride_kh=1024, stride_ks=64, stride_vb=2048, stride_vh=1024, stride_vs=64,
+                stride_ob=256, stride_oh=64, stride_os=64, cache_rows=1, page_size=16, max_pages=0, stride_bt=0,
+                span_len=0, span_stride=0, valid_len=0, valid_stride=0, causal=True, window=0, dalle_kind=0,
+                text_len=0, cols=1, dalle_half=0, scale=0.125, splits=1, dtype=2, device=0, stream=0)
+    return {**args, **changes}
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(k=0), "argument 'k' is a null pointer"),
+    (dict(q=257), "argument 'q' must be 2-byte aligned"),
+    (dict(d=257), r"argument 'd' \(head dim\) must be <= 256"),
+    (dict(hq=3), r"argument 'hq' \(3\) must be a multiple of 'hkv' \(2\)"),
+    (dict(sq=65), "hq / hkv x sq = 130, must be <= 128"),
+    (dict(splits=0), r"argument 'splits' must be in \[1, 64\]"),
+    (dict(splits=65), r"argument 'splits' must be in \[1, 64\]"),
+    (dict(dtype=3), "argument 'dtype' must be a dtype code"),
+    (dict(max_pages=2, stride_bt=2), "argument 'block_table' is a null pointer"),
+    (dict(max_pages=4, block_table=256, stride_bt=2), r"'stride_bt' \(2\) must be >= 'max_pages' \(4\)"),
+    (dict(block_table=256), "must be 0 for a contiguous cache"),
+    (dict(cache_rows=2), r"'cache_rows' \(2\) must equal 'batch' \(1\)"),
+    (dict(stride_ks=-64), "argument 'stride_ks' must be >= 0"),
+    (dict(page_size=0), "argument 'page_size' must be >= 1"),
+    (dict(span_ids=256, span_len=0), "argument 'span_len' must be >= 1"),
+    (dict(dalle_kind=4), "argument 'dalle_kind' must be 0"),
+    (dict(dalle_kind=1, cols=0), "argument 'cols' must be >= 1"),
+    (dict(window=-1), "argument 'window' must be >= 0"),
+    (dict(scale=float("nan")), "argument 'scale' must be finite"),
+])
+def test_emulated_decode_module_checks_arguments(emulated, changes, match):
+    with pytest.raises(ValueError, match=match):
+        emulated.attention_decode_forward(**_decode_args(**changes))

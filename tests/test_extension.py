@@ -37,7 +37,7 @@ def C():
 
 
 def test_extension_is_built_where_nvcc_is(C):
-    assert C.OPS == ("clip_loss", "codebook_lookup")
+    assert C.OPS == ("clip_loss", "codebook_lookup", "attention_decode")
 
 
 def test_build_info_matches_the_requested_archs(C):

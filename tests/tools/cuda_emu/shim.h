@@ -79,6 +79,7 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, A... args) {
 #define gridDim (emu::gDim)
 #define blockDim (emu::bDim)
 inline void __syncthreads() { emu::blk->bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int o) {
   static_assert(sizeof(T) <= 8);

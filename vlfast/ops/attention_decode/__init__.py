@@ -17,6 +17,7 @@ from ..._dispatch import resolve_impl
 from ..._nvtx import nvtx_range
 from ...masks import Mask
 from ..attention import _check_scale, _mask_from, _mask_parts
+from . import cuda as _cuda
 from . import reference as _reference
 from . import torch_impl as _torch
 
@@ -83,6 +84,8 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, 
             return _reference.forward(q, k_cache, v_cache, lengths, block_table, mask, scale)
         if impl == "torch":
             return _torch.forward(q, k_cache, v_cache, lengths, block_table, mask, scale, bounds)
+        if impl == "cuda":
+            return _cuda.forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_splits)
         return _triton_forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_splits)
 
 
@@ -233,7 +236,15 @@ def _why_not(device: torch.device, dtype: torch.dtype, head_dim: int, group_rows
                     f"program, got {group_rows}; use vlfast.attention for long query blocks")
         return triton_why_not_for(device, dtype)
 
-    return availability(triton, lambda: "attention_decode has no CUDA C++ kernel yet; its GPU path is Triton")
+    def cuda():
+        if head_dim > _cuda.MAX_HEAD_DIM:
+            return f"the CUDA kernel takes head dims up to {_cuda.MAX_HEAD_DIM}, got {head_dim}"
+        if group_rows > _cuda.MAX_GROUP_ROWS:
+            return (f"the CUDA kernel holds (query heads per kv head) x Sq <= {_cuda.MAX_GROUP_ROWS} rows per "
+                    f"CTA, got {group_rows}; use vlfast.attention for long query blocks")
+        return _cuda.why_not(device, dtype)
+
+    return availability(triton, cuda)
 
 
 def implementation_status(device: Union[str, torch.device], dtype: torch.dtype = torch.bfloat16,
