@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import compute_dtype, softplus
+from .reference import compute_dtype
 
 # Elements of one chunk buffer (16 MiB at float32); tests shrink it to force several chunks.
 CHUNK_ELEMENTS = 1 << 22
@@ -56,6 +56,11 @@ def bf16_valued_fp32_gemms(active: bool):
         yield
     finally:
         matmul.fp32_precision = old
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)), tiny values kept (log1p); past 40 it is x to within e^-40 relative."""
+    return F.softplus(x, threshold=40.0)
 
 
 def _chunk_rows(m: int) -> int:
@@ -129,7 +134,7 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
 
     if kind == "softmax":
         # The bias shifts every logit of a row and its positive alike: the margins do not see it.
-        col_nlse = torch.full((m,), float("-inf"), dtype=ct, device=a.device) if symmetric else None
+        col_nlse = None  # (M,) log-sum-exp of each column's negatives so far
         pos = s * (a * b[offset:offset + n]).sum(dim=1)  # every row's positive, before any chunk needs it
         stats[0] = pos
         s_num = float(s)
@@ -140,14 +145,14 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
             positives = diag.clone() if kept is not None and not keep_exp else None  # kept products: put back
             diag.fill_(float("-inf"))
             h = dot.amax(dim=1).mul_(s)  # the largest negative logit (s >= 0)
-            h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # a row without negatives (N = M = 1)
+            h.nan_to_num_(nan=0.0, neginf=0.0)  # a row without negatives (N = M = 1): -inf, or 0 * -inf
             if positives is not None:
                 diag.copy_(positives)
             e = torch.add(-h[:, None], dot, alpha=s_num, out=buf[:c]).exp_()
             _positives(e, r0, offset).fill_(0.0)
             # logsumexp_j (t_ij - pos_i) = h_i + log sum_j e_ij - pos_i: h_i is a negative close to
             # pos_i in the near-perfect case, so the subtraction loses nothing there.
-            stats[1, r0:r0 + c] = softplus(h + e.sum(dim=1).log() - pos[r0:r0 + c])
+            stats[1, r0:r0 + c] = _softplus(e.sum(dim=1).log_().add_(h).sub_(pos[r0:r0 + c]))
             if kept_h is not None:
                 kept_h.copy_(h)
             if symmetric:
@@ -155,21 +160,24 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
                     t = products(r0, c, out=torch.empty(c, m, dtype=ct, device=a.device)).mul_(s)
                     _positives(t, r0, offset).fill_(float("-inf"))
                     return t
-                col_nlse = torch.logaddexp(col_nlse, _column_logsumexp(e, h, again))
+                part = _column_logsumexp(e, h, again)
+                col_nlse = part if col_nlse is None else torch.logaddexp(col_nlse, part)
         if symmetric:
             col_nlse -= pos
         if bias is not None:
             stats[0] += bias.to(ct)
         if not symmetric:
             return stats[1].clone(), stats
-        stats[2] = softplus(col_nlse)
+        stats[2] = _softplus(col_nlse)
         return (stats[1] + stats[2]) / 2, stats
     bias_c = bias.to(ct) if bias is not None else None
+    s_num = float(s)
     for r0 in range(0, n, step):
         c = min(step, n - r0)
-        t = torch.mul(products(r0, c), s, out=buf[:c])
-        if bias_c is not None:
-            t.add_(bias_c)
+        if bias_c is None:
+            t = torch.mul(products(r0, c), s, out=buf[:c])
+        else:
+            t = torch.add(bias_c, products(r0, c), alpha=s_num, out=buf[:c])
         if offset >= 0:  # softplus(-z) at the positive, softplus(z) elsewhere
             _positives(t, r0, offset).neg_()
         stats[1, r0:r0 + c] = F.softplus(t).sum(dim=1)
