@@ -294,6 +294,35 @@ def test_emulated_decode_dtypes_and_head_dims(decode_on_cpu, dtype, d):
     _run_and_check("cuda", q, k, v, lengths, g, "transposed" if d == 80 else "paged-16", masks.causal())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_emulated_decode_caches_off_16_byte_pieces(decode_on_cpu, dtype):
+    """Caches whose rows do not start on 16-byte boundaries (a view one element in, rows of 65 elements
+    holding 64) are read element by element, with the same results."""
+    from vlfast import masks
+    from .ops.test_attention_decode import _case, _oracle, _check
+    q, k, v, lengths, g = _case(2, 4, 2, 2, 64, 37, [37, 20], dtype=dtype, seed=21)
+
+    def one_element_in(x):
+        flat = torch.empty(x.numel() + 1, dtype=dtype)
+        view = flat[1:].view(x.shape)
+        view.copy_(x)
+        assert view.data_ptr() % 16
+        return view
+
+    def padded_rows(x):
+        wide = torch.zeros(*x.shape[:3], 65, dtype=dtype)
+        wide[..., :64] = x
+        return wide[..., :64]
+
+    keys = [k[row, :, :n] for row, n in enumerate(lengths.tolist())]
+    values = [v[row, :, :n] for row, n in enumerate(lengths.tolist())]
+    want, _ = _oracle(q, keys, values, lengths.tolist(), masks.causal())
+    for view in (one_element_in, padded_rows):
+        with torch.no_grad():
+            out = vlfast.attention_decode(q, view(k), view(v), lengths, mask=masks.causal(), impl="cuda")
+        _check(out, want, dtype, f"cuda {view.__name__}")
+
+
 def test_emulated_decode_split_counts_agree(decode_on_cpu):
     """1 to 12 splits of 300 keys (10 blocks): empty splits, splits of one block, the merge."""
     from vlfast import masks

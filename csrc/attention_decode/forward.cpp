@@ -105,6 +105,9 @@ void forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_
   p.text_len = text_len, p.cols = cols, p.dalle_half = dalle_half;
   p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
   p.splits = splits;
+  const auto whole_16 = [&](std::int64_t x) { return (x * static_cast<std::int64_t>(elem)) % 16 == 0; };
+  p.vector_loads = k % 16 == 0 && v % 16 == 0 && whole_16(d) && whole_16(stride_kb) && whole_16(stride_kh) &&
+                   whole_16(stride_ks) && whole_16(stride_vb) && whole_16(stride_vh) && whole_16(stride_vs);
 
   DeviceGuard guard(fn, device);
   launch_split(fn, p, t, stream);

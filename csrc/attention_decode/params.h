@@ -37,6 +37,7 @@ struct DecodeParams {
   std::int64_t text_len, cols, dalle_half;
   float qk_scale;  // scale * log2(e): the kernels work in base 2
   std::int64_t splits;
+  bool vector_loads;  // every K / V row starts on a 16-byte boundary and d fills whole 16-byte pieces
 };
 
 // Launch the split kernel (partials) and the merge kernel (out, lse) on `stream`; `fn` names the

@@ -4,7 +4,8 @@
 // combines the splits. Row b's L_b keys are cut into `splits` equal runs of whole blocks, as in
 // triton.py, so the partials of both paths mean the same.
 //
-// CUDA cores, fp32 math. Per key block the CTA stages K and V (converted to float) in shared memory;
+// CUDA cores, fp32 math. Per key block the CTA stages K and V (converted to float) in shared memory,
+// in 16-byte pieces where the cache's rows allow it (else element by element);
 // each warp owns two query rows: lane j scores key j against both (its own K row, the query rows
 // broadcast), the warp's shuffles give the online-softmax max and sum, and each lane accumulates
 // the output dims lane, lane + 32, ... over the block's keys. The group's rows are taken sixteen at
@@ -47,40 +48,61 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// Where key position pos of row b lives: (page, slot) of the cache, and whether the page index is
+// inside it (a contiguous cache's page is the row itself).
+struct KeyAddress {
+  std::int64_t page, slot;
+  bool in_cache;
+};
+
+__device__ __forceinline__ KeyAddress key_address(const DecodeParams& p, std::int64_t b, std::int64_t pos) {
+  if (p.block_table == nullptr) return {b, pos, true};
+  const std::int64_t page = p.block_table[b * p.stride_bt + pos / p.page_size];
+  return {page, pos % p.page_size, page >= 0 && page < p.cache_rows};
+}
+
 // Stages keys [n0, n0 + kBlockKeys) of row b, kv head g, into k_s / v_s (kBlockKeys x ld floats): zeros
-// past `end` (never NaN from slots past the length), NaN for a page index outside the cache.
-template <typename T>
+// past `end` (never NaN from slots past the length), NaN for a page index outside the cache. VEC: each
+// thread copies 16-byte pieces (p.vector_loads), else single elements.
+template <typename T, bool VEC>
 __device__ void stage_keys(const DecodeParams& p, std::int64_t b, std::int64_t g, std::int64_t n0,
                            std::int64_t end, float* k_s, float* v_s, int ld) {
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int j = warp; j < kBlockKeys; j += kWarps) {  // a warp per key, lanes along the head dim
+  constexpr int kPiece = VEC ? 16 / sizeof(T) : 1;  // elements per copy
+  const int pieces = static_cast<int>(p.d) / kPiece;
+  for (int idx = threadIdx.x; idx < kBlockKeys * pieces; idx += kThreads) {
+    const int j = idx / pieces, c = idx % pieces * kPiece;
     const std::int64_t pos = n0 + j;
-    std::int64_t page = b, slot = pos;
-    bool in_cache = true;
-    if (pos < end && p.block_table != nullptr) {
-      page = p.block_table[b * p.stride_bt + pos / p.page_size];
-      slot = pos % p.page_size;
-      in_cache = page >= 0 && page < p.cache_rows;
-    }
-    const T* k_row = k + page * p.stride_kb + g * p.stride_kh + slot * p.stride_ks;
-    const T* v_row = v + page * p.stride_vb + g * p.stride_vh + slot * p.stride_vs;
-    for (int c = lane; c < p.d; c += 32) {
-      float kx = 0.0f, vx = 0.0f;
-      if (pos < end) {
-        kx = in_cache ? to_float(k_row[c]) : NAN;
-        vx = in_cache ? to_float(v_row[c]) : NAN;
+    alignas(16) T kx[kPiece], vx[kPiece];
+    float fill = 0.0f;  // past the end
+    if (pos < end) {
+      const KeyAddress a = key_address(p, b, pos);
+      if (a.in_cache) {
+        const T* k_row = static_cast<const T*>(p.k) + a.page * p.stride_kb + g * p.stride_kh + a.slot * p.stride_ks;
+        const T* v_row = static_cast<const T*>(p.v) + a.page * p.stride_vb + g * p.stride_vh + a.slot * p.stride_vs;
+        if constexpr (VEC) {
+          *reinterpret_cast<float4*>(kx) = *reinterpret_cast<const float4*>(k_row + c);
+          *reinterpret_cast<float4*>(vx) = *reinterpret_cast<const float4*>(v_row + c);
+        } else {
+          kx[0] = k_row[c];
+          vx[0] = v_row[c];
+        }
+#pragma unroll
+        for (int e = 0; e < kPiece; ++e) {
+          k_s[j * ld + c + e] = to_float(kx[e]);
+          v_s[j * ld + c + e] = to_float(vx[e]);
+        }
+        continue;
       }
-      k_s[j * ld + c] = kx;
-      v_s[j * ld + c] = vx;
+      fill = NAN;  // a page outside the cache
     }
+#pragma unroll
+    for (int e = 0; e < kPiece; ++e) k_s[j * ld + c + e] = v_s[j * ld + c + e] = fill;
   }
 }
 
 // DPL: output dims per lane, ceil(d / 32) rounded up to 2, 4 or 8.
-template <typename T, int DPL>
-__global__ void __launch_bounds__(kThreads) split_kernel(DecodeParams p) {
+template <typename T, int DPL, bool VEC>
+__global__ void __launch_bounds__(kThreads, 2) split_kernel(DecodeParams p) {
   extern __shared__ __align__(16) char smem[];
   const int ld = smem_ld(p.d);
   float* k_s = reinterpret_cast<float*>(smem);  // [kBlockKeys][ld]
@@ -124,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(DecodeParams p) {
 
     for (std::int64_t n0 = start; n0 < end; n0 += kBlockKeys) {
       __syncthreads();  // q_s written; the previous block's readers of k_s / v_s are done
-      stage_keys<T>(p, b, g, n0, end, k_s, v_s, ld);
+      stage_keys<T, VEC>(p, b, g, n0, end, k_s, v_s, ld);
       __syncthreads();
       const std::int64_t pk = n0 + lane;
 #pragma unroll
@@ -179,14 +201,22 @@ __global__ void __launch_bounds__(kThreads) split_kernel(DecodeParams p) {
   }
 }
 
-template <typename T, int DPL>
-void launch(const char* fn, const DecodeParams& p, cudaStream_t stream) {
+template <typename T, int DPL, bool VEC>
+void launch_variant(const char* fn, const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.batch * p.hkv), static_cast<unsigned>(p.splits));
   const auto bytes = static_cast<int>(smem_bytes(p.d));
-  VLFAST_CHECK_CUDA(fn, cudaFuncSetAttribute(reinterpret_cast<const void*>(&split_kernel<T, DPL>),
+  VLFAST_CHECK_CUDA(fn, cudaFuncSetAttribute(reinterpret_cast<const void*>(&split_kernel<T, DPL, VEC>),
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  split_kernel<T, DPL><<<grid, kThreads, bytes, stream>>>(p);
+  split_kernel<T, DPL, VEC><<<grid, kThreads, bytes, stream>>>(p);
   VLFAST_CHECK_LAUNCH(fn, "attention_decode split_kernel");
+}
+
+template <typename T, int DPL>
+void launch(const char* fn, const DecodeParams& p, cudaStream_t stream) {
+  if (p.vector_loads)
+    launch_variant<T, DPL, true>(fn, p, stream);
+  else
+    launch_variant<T, DPL, false>(fn, p, stream);
 }
 
 }  // namespace
