@@ -1,4 +1,4 @@
-"""The Triton decode kernel on a GPU at real sizes (run by benchmarks/gpu_check.sh): bf16 / fp16 caches,
+"""The Triton and CUDA C++ decode kernels on a GPU at real sizes (run by benchmarks/gpu_check.sh): bf16 / fp16 caches,
 contiguous and paged, GQA, masks, splits, against float64 over the same keys."""
 import pytest
 import torch
@@ -31,11 +31,15 @@ def _paged(cache, page, table=None):
     return pages, table
 
 
+IMPLS = ["triton", "cuda"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("b,hq,hkv,s,d,page,sq", [(1, 32, 32, 4096, 128, None, 1), (4, 32, 8, 8192, 128, 16, 1),
                                                   (8, 16, 2, 1000, 64, 1, 4), (2, 8, 1, 3000, 256, 256, 16),
                                                   (3, 14, 2, 777, 80, None, 3)])
-def test_against_float64(b, hq, hkv, s, d, page, sq, dtype):
+def test_against_float64(b, hq, hkv, s, d, page, sq, dtype, impl):
     torch.manual_seed(0)
     q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype)
     k = torch.randn(b, hkv, s, d, device="cuda", dtype=dtype)
@@ -49,13 +53,14 @@ def test_against_float64(b, hq, hkv, s, d, page, sq, dtype):
         vc, _ = _paged(v, page, table)
     for splits in (0, 1, 5):
         got = vlfast.attention_decode(q, kc, vc, lengths, block_table=table, mask=masks.causal(), num_splits=splits,
-                                      impl="triton")
+                                      impl=impl)
         err = (got.double() - want).abs().max().item() / want.abs().max().item()
         assert err < 1e-2, f"splits={splits}: relative error {err}"
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
-def test_dalle_masks(kind):
+def test_dalle_masks(kind, impl):
     torch.manual_seed(1)
     b, h, d, text, rows, cols = 4, 16, 64, 256, 32, 32
     s = text + rows * cols
@@ -64,12 +69,13 @@ def test_dalle_masks(kind):
     v = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
     lengths = torch.tensor([s, 700, 257, 1], device="cuda", dtype=torch.int32)
     mask = masks.dalle(text, rows, cols, kind, kernel=11)
-    got = vlfast.attention_decode(q, k, v, lengths, mask=mask, impl="triton")
+    got = vlfast.attention_decode(q, k, v, lengths, mask=mask, impl=impl)
     want = _float64(q, k, v, lengths, mask)
     assert (got.double() - want).abs().max().item() / want.abs().max().item() < 1e-2
 
 
-def test_append_in_place():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_append_in_place(impl):
     torch.manual_seed(2)
     b, hkv, s, d = 3, 4, 512, 128
     k = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16)
@@ -78,7 +84,7 @@ def test_append_in_place():
     lengths = torch.tensor([0, 100, 510], device="cuda", dtype=torch.int32)
     kc, vc = k.clone(), v.clone()
     q = torch.randn(b, 8, 2, d, device="cuda", dtype=torch.bfloat16)
-    got = vlfast.attention_decode(q, kc, vc, lengths, k_new=k_new, v_new=v_new, mask=masks.causal(), impl="triton")
+    got = vlfast.attention_decode(q, kc, vc, lengths, k_new=k_new, v_new=v_new, mask=masks.causal(), impl=impl)
     for row, n in enumerate(lengths.tolist()):
         assert torch.equal(kc[row, :, n:n + 2], k_new[row]) and torch.equal(vc[row, :, n:n + 2], v_new[row])
         assert torch.equal(kc[row, :, :n], k[row, :, :n]) and torch.equal(kc[row, :, n + 2:], k[row, :, n + 2:])
