@@ -68,10 +68,12 @@ class Inputs:
 
 
 def _paged(cache: torch.Tensor, page: int, order: torch.Tensor) -> torch.Tensor:
+    """The cache's rows cut into pages (the last one zero-padded), stored in the shuffled `order`."""
     b, hkv, length, d = cache.shape
-    per_row = length // page
+    per_row = -(-length // page)
+    padded = F.pad(cache, (0, 0, 0, per_row * page - length))
     pages = torch.empty(b * per_row, hkv, page, d, dtype=cache.dtype, device=cache.device)
-    pages[order] = cache.view(b, hkv, per_row, page, d).permute(0, 2, 1, 3, 4).reshape(-1, hkv, page, d)
+    pages[order] = padded.view(b, hkv, per_row, page, d).permute(0, 2, 1, 3, 4).reshape(-1, hkv, page, d)
     return pages
 
 
@@ -97,7 +99,7 @@ def make_inputs(case: Case, device: torch.device) -> Inputs:
     table = None
     k_cache, v_cache = k, v
     if page:
-        order = torch.randperm(b * (length // page), device=device, generator=g)
+        order = torch.randperm(b * -(-length // page), device=device, generator=g)
         table = order.view(b, -1).to(torch.int32)
         k_cache, v_cache = _paged(k, page, order), _paged(v, page, order)
     kind = case.params["mask"]
@@ -152,7 +154,8 @@ def _sdpa(x: Inputs):
 
 def _sdpa_gathered(x: Inputs):
     b, hkv, length, d = x.k.shape
-    rows = [c[x.block_table.long()].permute(0, 2, 1, 3, 4).reshape(b, hkv, length, d) for c in (x.k_cache, x.v_cache)]
+    rows = [c[x.block_table.long()].permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)[:, :, :length]
+            for c in (x.k_cache, x.v_cache)]
     return F.scaled_dot_product_attention(x.q, *rows, attn_mask=x.dense, enable_gqa=x.q.shape[1] != hkv)
 
 
