@@ -11,7 +11,8 @@ When one chunk holds every row the forward keeps that chunk behind its stats, in
 (autograd saves stats for the backward): E and h for float32 / float64 softmax, whose gradient is
 E * (alpha_i + v_i k_j), else the products a @ b^T. The backward then skips the logits GEMM.
 Extra memory: at most three chunk buffers of CHUNK_ELEMENTS each plus O((N + M) D); never N x M
-unless that fits one chunk.
+unless that fits one chunk. The backward's G buffer (and bf16's second one) stays allocated per thread
+between calls (_chunk_buffer): at most one chunk each.
 
 Shapes: a (N, D), b (M, D), scale / bias 0-d, stats (3, N) as in reference.py.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -63,6 +65,23 @@ def _softplus(x: Tensor) -> Tensor:
     return F.softplus(x, threshold=40.0)
 
 
+_workspace = threading.local()
+
+
+def _chunk_buffer(name: str, rows: int, m: int, dtype: torch.dtype, device) -> Tensor:
+    """A (rows, M) scratch buffer of the backward ("g": G; "tmp": bf16 only), kept per thread between
+    calls (one chunk at most, CHUNK_ELEMENTS, each).
+
+    Allocating and freeing it on every call let the C library hand the pages back to the system and
+    fault them in again (measured here: ~5000 page faults a call at 2048 x 2048, a few ms).
+    """
+    held = getattr(_workspace, name, None)
+    if held is None or held.numel() < rows * m or held.dtype != dtype or held.device != torch.device(device):
+        held = torch.empty(rows * m, dtype=dtype, device=device)
+        setattr(_workspace, name, held)
+    return held[: rows * m].view(rows, m)
+
+
 def _chunk_rows(m: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(m, 1))
 
@@ -72,32 +91,49 @@ def _positives(t: Tensor, r0: int, offset: int) -> Tensor:
     return t.diagonal(offset=r0 + offset)[: t.shape[0]]
 
 
-def _keeps_exponentials(kind: str, dtype: torch.dtype) -> bool:
-    """What a kept chunk holds: E = exp(t - h) (True), or the products a @ b^T (bf16 features, whose
-    d_scale sums G * dot; the sigmoid loss)."""
-    return kind == "softmax" and dtype != torch.bfloat16
+def _kept_planes(kind: str, dtype: torch.dtype) -> tuple[bool, bool]:
+    """What a kept chunk holds: (the products a @ b^T, E = exp(t - h)). float32 / float64 softmax:
+    E only (d_scale comes from the gradient GEMMs); bf16 softmax: both (its d_scale sums G * dot,
+    as its GEMMs see G rounded); sigmoid: the products."""
+    if kind != "softmax" or dtype == torch.bfloat16:
+        return True, False
+    return False, True
 
 
-def _stats_and_kept(n: int, m: int, ct: torch.dtype, device, keep: bool):
-    """stats (3, N) zeros and, if keep, (N,) and (N, M) buffers right after them in one storage.
+def _kept_size(n: int, m: int, planes: tuple[bool, bool]) -> int:
+    return 4 * n + sum(planes) * n * m
+
+
+def _kept_views(stats: Tensor, m: int, planes: tuple[bool, bool]):
+    """h (N,), products (N, M) or None, E (N, M) or None: the storage after stats, in that order."""
+    n = stats.shape[1]
+    views, start = [], 4 * n
+    for present in planes:
+        views.append(stats.as_strided((n, m), (m, 1), start) if present else None)
+        start += n * m if present else 0
+    return (stats.as_strided((n,), (1,), 3 * n), *views)
+
+
+def _stats_and_kept(n: int, m: int, ct: torch.dtype, device, planes: tuple[bool, bool], keep: bool):
+    """stats (3, N) zeros and, if keep, the kept views (_kept_views) right after them in one storage
+    (else None, None, None).
 
     stats is a plain (non-view) tensor on that storage: autograd saves it for the backward, which
     finds the kept chunk there (kept_chunk), so it lives exactly as long as the graph does.
     """
     if not keep:
-        return torch.zeros(3, n, dtype=ct, device=device), None, None
-    storage = torch.empty(4 * n + n * m, dtype=ct, device=device).untyped_storage()
+        return torch.zeros(3, n, dtype=ct, device=device), (None, None, None)
+    storage = torch.empty(_kept_size(n, m, planes), dtype=ct, device=device).untyped_storage()
     stats = torch.empty(0, dtype=ct, device=device).set_(storage, 0, (3, n), (n, 1)).zero_()
-    return stats, stats.as_strided((n,), (1,), 3 * n), stats.as_strided((n, m), (m, 1), 4 * n)
+    return stats, _kept_views(stats, m, planes)
 
 
-def kept_chunk(stats: Tensor, m: int) -> Optional[tuple[Tensor, Tensor]]:
-    """The forward's row shifts h (N,) and kept chunk (N, M), or None (several chunks, or stats copied)."""
-    n = stats.shape[1]
-    whole = (4 * n + n * m) * stats.element_size()
+def kept_chunk(stats: Tensor, m: int, planes: tuple[bool, bool]):
+    """The forward's (h, products, E) (see _kept_views), or None (several chunks, or stats copied)."""
+    whole = _kept_size(stats.shape[1], m, planes) * stats.element_size()
     if stats.storage_offset() != 0 or not stats.is_contiguous() or stats.untyped_storage().nbytes() != whole:
         return None
-    return stats.as_strided((n,), (1,), 3 * n), stats.as_strided((n, m), (m, 1), 4 * n)
+    return _kept_views(stats, m, planes)
 
 
 def _column_logsumexp(e: Tensor, h: Tensor, logits_again: Callable[[], Tensor]) -> Tensor:
@@ -120,16 +156,17 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     n, m = a.shape[0], b.shape[0]
     s = scale.to(ct)
     bf16_values = a.dtype == torch.bfloat16
-    keep_exp = _keeps_exponentials(kind, a.dtype)
+    planes = _kept_planes(kind, a.dtype)
     a, b = a.to(ct), b.to(ct)
     step = _chunk_rows(m)
-    stats, kept_h, kept = _stats_and_kept(n, m, ct, a.device, keep=step >= n)
-    buf = kept if kept is not None and keep_exp else torch.empty(min(step, n), m, dtype=ct, device=a.device)
+    stats, (kept_h, kept_dot, kept_e) = _stats_and_kept(n, m, ct, a.device, planes, keep=step >= n)
+    # the logits' (or E's) buffer; the products go to kept_dot when kept, else here too
+    buf = kept_e if kept_e is not None else torch.empty(min(step, n), m, dtype=ct, device=a.device)
 
     def products(r0: int, c: int, out: Optional[Tensor] = None) -> Tensor:
         """a[r0:r0 + c] @ b^T (C, M) into out, else the kept chunk (one chunk), else buf."""
         with bf16_valued_fp32_gemms(bf16_values):
-            into = out if out is not None else (kept if kept is not None else buf)[:c]
+            into = out if out is not None else (kept_dot if kept_dot is not None else buf)[:c]
             return torch.mm(a[r0:r0 + c], b.T, out=into)
 
     if kind == "softmax":
@@ -142,7 +179,7 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
             c = min(step, n - r0)
             dot = products(r0, c)
             diag = _positives(dot, r0, offset)
-            positives = diag.clone() if kept is not None and not keep_exp else None  # kept products: put back
+            positives = diag.clone() if kept_dot is not None else None  # kept products: put back
             diag.fill_(float("-inf"))
             h = dot.amax(dim=1).mul_(s)  # the largest negative logit (s >= 0)
             h.nan_to_num_(nan=0.0, neginf=0.0)  # a row without negatives (N = M = 1): -inf, or 0 * -inf
@@ -209,15 +246,17 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     ct = compute_dtype(a.dtype)
     n, m = a.shape[0], b.shape[0]
     s = scale.to(ct)
-    a_c, b_c = a.to(ct), b.to(ct)
-    kept = kept_chunk(stats, m)
+    kept = kept_chunk(stats, m, _kept_planes(kind, a.dtype))  # (h, products, E) or None
     stats = stats.to(ct)
     bf16_gemms = a.dtype == torch.bfloat16
-    holds_exp = _keeps_exponentials(kind, a.dtype)
     # Gb lands in gb; without d_a it is still wanted for d_scale unless G^T a is computed anyway.
     gb_rows = n if (need_a or not need_b) else 0
     gb = torch.empty(gb_rows, a.shape[1], dtype=a.dtype if bf16_gemms else ct, device=a.device)
-    db = torch.zeros(m if need_b else 0, b.shape[1], dtype=ct, device=a.device)
+    # bf16: d_b^T (D, M) = sum over chunks of a_c^T (s G), whose left operand is contiguous (oneDNN's bf16
+    # GEMM with a transposed left operand, G^T @ a_c, took ~1.2x as long; adding the product's transpose
+    # into a (M, D) float32 sum, ~1.6x)
+    db = torch.zeros(m if need_b and not bf16_gemms else 0, b.shape[1], dtype=ct, device=a.device)
+    dbt = None
     dscale = torch.zeros((), dtype=ct, device=a.device)
     dbias = torch.zeros((), dtype=ct, device=a.device)
     s_num = float(s)
@@ -243,41 +282,43 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
             if not (bool((top - col).max() <= MAX_COLUMN_GAP) and bool(torch.isfinite(k).all())):
                 return None
             return alpha, torch.exp(h - top), k
-        if kept is not None and holds_exp:
-            fac = factors(kept[0])
-            if fac is None:
-                kept = None  # the kept E cannot give the far columns: recompute this chunk's logits
-        if kept is None or not holds_exp:
+        fac = factors(kept[0]) if kept is not None and kept[2] is not None else None
+        if fac is None:
+            if kept is not None and kept[2] is not None:
+                kept = None  # far columns need their own exponentials: from recomputed products
             fac = factors(row)
     else:
         w = grad.to(ct)
         bias_c = bias.to(ct) if bias is not None else None
     step = n if kept is not None else _chunk_rows(m)
     rows = min(step, n)
+    # features in the compute dtype: bf16 ones only feed a recomputed chunk's products
+    a_c, b_c = (a.to(ct), b.to(ct)) if kept is None or not bf16_gemms else (None, None)
     dot_buf = torch.empty(rows, m, dtype=ct, device=a.device) if kept is None else None
-    g_buf = torch.empty(rows, m, dtype=ct, device=a.device)
+    g_buf = _chunk_buffer("g", rows, m, ct, a.device)
+    tmp_buf = _chunk_buffer("tmp", rows, m, ct, a.device) if bf16_gemms else None
     for r0 in range(0, n, step):
         c = min(step, n - r0)
         rs = slice(r0, r0 + c)
-        ar = a_c[rs]
+        ar = a_c[rs] if a_c is not None else None
         g = g_buf[:c]
         if kept is not None:
-            dot = None if holds_exp else kept[1]
+            dot = kept[1]
         else:
             with bf16_valued_fp32_gemms(bf16_gemms):
                 dot = torch.mm(ar, b_c.T, out=dot_buf[:c])
         if kind == "softmax":
             if fac is not None:
                 alpha, v, k = fac
-                if dot is None:
-                    e = kept[1]
+                if kept is not None and kept[2] is not None:
+                    e = kept[2]
                 else:  # exp(s dot - row_i) over dot's buffer, or in g while dot is still wanted
                     spare = dot if kept is None and not bf16_gemms else g
                     e = torch.add(-row[rs, None], dot, alpha=s_num, out=spare).exp_()
                 if v is None:
                     torch.mul(e, alpha[rs, None], out=g)
                 elif e is g:
-                    g.mul_(_outer_sum(alpha[rs], v[rs], k, torch.empty_like(g)))
+                    g.mul_(_outer_sum(alpha[rs], v[rs], k, torch.empty_like(g) if tmp_buf is None else tmp_buf[:c]))
                 else:
                     _outer_sum(alpha[rs], v[rs], k, out=g).mul_(e)
             else:  # symmetric, a column far below the top: both softmaxes exponentiated
@@ -298,14 +339,15 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
             dbias += g.sum()
         if bf16_gemms:
             # torch.sum's cascade summation: dot's fp32 sum lost ~1e-5 here
-            dscale += (dot * g).sum() / s_num if folded else (dot * g).sum()
+            dg = torch.mul(dot, g, out=tmp_buf[:c]).sum()
+            dscale += dg / s_num if folded else dg
             # s G rounded to bfloat16 (as the GPU paths' G chunk), GEMMs with float32 accumulation.
             g_lp = (g if folded else g.mul_(s)).to(torch.bfloat16)
             if gb_rows:
                 torch.mm(g_lp, b, out=gb[rs])
             if need_b:
-                # (a^T G)^T: oneDNN's bf16 GEMM with a transposed left operand took ~2x as long
-                db.add_(torch.mm(a[rs].T.contiguous(), g_lp).T)
+                part = torch.mm(a[rs].T.contiguous(), g_lp)
+                dbt = part.float() if dbt is None else dbt.add_(part)
             continue
         if gb_rows:
             torch.mm(g, b_c, out=gb[rs])
@@ -316,4 +358,6 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
         gb.mul_(s)
         db.mul_(s)
     da = gb if need_a else gb[:0]
+    if dbt is not None:
+        db = dbt.T.to(b.dtype, memory_format=torch.contiguous_format)
     return da.to(a.dtype), db.to(b.dtype), dscale, dbias
