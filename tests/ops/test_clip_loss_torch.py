@@ -238,3 +238,12 @@ def test_backward_in_two_threads_at_once():
         for name in want:
             if want[name] is not None:
                 torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6 * float(want[name].abs().max()))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-sym{l[1]}-off{l[2]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_in_several_chunks(layout, dtype, monkeypatch):
+    """bf16 / fp16 features with rows in chunks of 7: recomputed products, d_b summed over chunks
+    (bf16: as (a^T G)^T), still the float64 spec within the low-precision rule."""
+    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 7 * 60)
+    _check(_case(50, 40, dtype, layout), "torch")

@@ -347,7 +347,8 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
                 torch.mm(g_lp, b, out=gb[rs])
             if need_b:
                 part = torch.mm(a[rs].T.contiguous(), g_lp)
-                dbt = part.float() if dbt is None else dbt.add_(part)
+                # one chunk: its bf16 product is d_b^T; more: summed in float32
+                dbt = part if dbt is None else (dbt if dbt.dtype == ct else dbt.float()).add_(part)
             continue
         if gb_rows:
             torch.mm(g, b_c, out=gb[rs])
