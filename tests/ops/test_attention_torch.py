@@ -150,8 +150,12 @@ def test_compile_fullgraph_forward_and_backward(layout):
 
     shape = (lambda h: (2, 24, h, 16)) if layout == "bshd" else (lambda h: (2, h, 24, 16))
     q, k, v = (torch.randn(*shape(h), requires_grad=True) for h in (4, 2, 2))
-    out = torch.compile(step, fullgraph=True)(q, k, v)
-    out.backward()
+    # no compile caches: their keys do not cover a custom op's fake kernel, so a graph cached before
+    # a fake's layouts changed would be reused and fail its stride asserts
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        out = torch.compile(step, fullgraph=True)(q, k, v)
+        out.backward()
     grads = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):
         x.grad = None
@@ -185,3 +189,70 @@ def test_bad_input_gets_the_same_clear_errors():
     with pytest.raises(ValueError, match="longer than max_seqlen 3"):
         attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1), good, good, 3, 4,
                          impl="torch")
+
+
+# --- per-call cost: the kernel's own layouts, no op boundary in eager calls, a guard without regions ----
+
+@pytest.mark.parametrize("h_kv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_gradients_come_in_the_kernels_layout(h_kv, layout):
+    """dq, dk, dv are (B, S, H, D) in memory, as the CPU kernel (and SDPA) gives them, for any input
+    layout; autograd's expanded upstream gradient (of out.sum()) is taken as it is. Values against
+    float64."""
+    q, k, v, _ = make_qkv(2, 4, h_kv, 37, 37, 24, torch.float32)
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    grads = torch.autograd.grad(attention(*leaves, mask=M.causal(), impl="torch").sum(), leaves)
+    leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
+    want = torch.autograd.grad(attention(*leaves64, mask=M.causal(), impl="reference").sum(), leaves64)
+    for g, w, x in zip(grads, want, (q, k, v)):
+        assert g.stride() == torch.empty_permuted(x.shape, (0, 2, 1, 3)).stride()
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+    dq, dk, dv = attention_backward(torch.ones(1).expand(q.shape), q, k, v, *attention_forward(
+        q, k, v, None, None, 37, 37, True, 0, None, [0] * 5, None, 24 ** -0.5, "torch"), None, None, 37, 37, True, 0,
+        None, [0] * 5, None, 24 ** -0.5, "torch")
+    assert dk.stride() == torch.empty_permuted(k.shape, (0, 2, 1, 3)).stride()  # the op itself, as its fake says
+
+
+def test_eager_calls_skip_the_op_boundary():
+    """Plain eager calls run the ops' bodies without the torch.library dispatch (tens of microseconds a
+    call); under a dispatch mode (fake tensors here) the public function still goes through the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile() as prof:
+        attention(q, k, v, mask=M.causal(), impl="torch").sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in names
+    assert not any(n.startswith("vlfast::") for n in names), sorted(n for n in names if "vlfast" in n)
+    with FakeTensorMode():
+        fq, fk, fv = (torch.empty(1, 2, 16, 8) for _ in range(3))
+        out = attention(fq, fk, fv, mask=M.causal(), impl="torch")  # the body would need real data
+    assert out.shape == (1, 2, 16, 8)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("layout", ["contiguous", "bshd", "sliced"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "do"])
+def test_non_finite_values_in_any_layout_take_the_reference(bad, layout, where):
+    """The finiteness guard reads every element whatever the layout (dot products of neighbours,
+    expanded and strided tensors): NaN / inf anywhere gives the NaN pattern of the float64 reference."""
+    q, k, v, do = make_qkv(1, 2, 2, 21, 21, 16, torch.float32)
+    if layout == "bshd":
+        q, k, v, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do))
+    if layout == "sliced":
+        q, k, v, do = (torch.cat([x, x], dim=-1)[..., 16:] for x in (q, k, v, do))
+    dict(q=q, k=k, v=v, do=do)[where][0, 1, 17, 5] = bad
+    got, want = ({name: x.isnan() for name, x in run_vlfast(q.to(t), k.to(t), v.to(t), do.to(t), M.causal(),
+                                                              impl).items()}
+                 for t, impl in ((torch.float32, "torch"), (torch.float64, "reference")))
+    for name in NAMES:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_expanded_upstream_gradient_with_a_non_finite_value():
+    """do = one NaN broadcast everywhere (a stride-0 tensor): every gradient is NaN, as in the reference."""
+    q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, mask=M.causal(), impl="torch")
+    grads = torch.autograd.grad(out, (q, k, v), torch.full((1,), float("nan")).expand(out.shape))
+    assert all(g.isnan().all() for g in grads)

@@ -2,8 +2,9 @@
 
 The public functions validate, pick an implementation and call one torch.library op
 (vlfast::attention_forward, differentiated by vlfast::attention_backward). The mask travels as its
-parts (flags, ints and the per-token tensors), so compiled graphs see plain tensors. reference.py
-states the math; vlfast.masks the masks.
+parts (flags, ints and the per-token tensors), so compiled graphs see plain tensors. In plain eager
+calls, where no compiler, tracer or mode needs the boundary, they run the ops' bodies directly (see
+_eager). reference.py states the math; vlfast.masks the masks.
 """
 from __future__ import annotations
 
@@ -57,12 +58,8 @@ def _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale):
     return triton, triton.Problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
 
 
-@torch.library.custom_op("vlfast::attention_forward", mutates_args=())
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int,
-                      max_k: int, causal: bool, window: int, span_ids: Optional[Tensor], dalle: list[int],
-                      key_valid: Optional[Tensor], scale: float, impl: str) -> tuple[Tensor, Tensor]:
-    """(out like q, lse2: (B, H, Sq) or (H, Tq), base-2 log-sum-exp of the scaled scores; float32,
-    float64 for float64 inputs)."""
+def _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid, scale, impl):
+    """What vlfast::attention_forward runs (see it for the arguments)."""
     if cu_q is not None:  # here, not in attention_varlen: op bodies are not traced, so the syncs keep graphs whole
         _check_packed_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k, dalle)
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
@@ -73,6 +70,29 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], c
             return _forward_with(_torch, q, k, v, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
         return module.forward(problem)
+
+
+def _backward_body(do, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid,
+                   scale, impl):
+    """What vlfast::attention_backward runs (see it for the arguments)."""
+    mask = _mask_from(causal, window, span_ids, dalle, key_valid)
+    with nvtx_range("vlfast.attention.bwd"):
+        if impl == "torch":  # takes do in any layout (autograd's is often expanded): no copy here
+            return _backward_with(_torch, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
+        do = do.contiguous()
+        if impl == "reference":
+            return _backward_with(_reference, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
+        module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
+        return module.backward(problem, do, out, lse2)
+
+
+@torch.library.custom_op("vlfast::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int,
+                      max_k: int, causal: bool, window: int, span_ids: Optional[Tensor], dalle: list[int],
+                      key_valid: Optional[Tensor], scale: float, impl: str) -> tuple[Tensor, Tensor]:
+    """(out like q, lse2: (B, H, Sq) or (H, Tq), base-2 log-sum-exp of the scaled scores; float32,
+    float64 for float64 inputs)."""
+    return _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid, scale, impl)
 
 
 @attention_forward.register_fake
@@ -86,21 +106,29 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int, causal: bool,
                        window: int, span_ids: Optional[Tensor], dalle: list[int], key_valid: Optional[Tensor],
                        scale: float, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for upstream do; deterministic."""
-    mask = _mask_from(causal, window, span_ids, dalle, key_valid)
-    do = do.contiguous()
-    with nvtx_range("vlfast.attention.bwd"):
-        if impl == "reference":
-            return _backward_with(_reference, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
-        if impl == "torch":
-            return _backward_with(_torch, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
-        module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
-        return module.backward(problem, do, out, lse2)
+    """(dq, dk, dv) for upstream do; deterministic. Laid out like q, k, v, except impl="torch" on a dense
+    batch: (B, S, H, D) memory order viewed as (B, H, S, D), as PyTorch's CPU attention gives them."""
+    return _backward_body(do, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle,
+                          key_valid, scale, impl)
 
 
 @attention_backward.register_fake
 def _(do, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid, scale, impl):
+    if impl == "torch" and cu_q is None:  # the CPU kernel's own layout, so that no copy is needed
+        return _torch.empty_grad(q), _torch.empty_grad(k), _torch.empty_grad(v)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _eager(*tensors: Tensor) -> bool:
+    """True when nothing needs the op boundary, so the public functions may run the op bodies
+    directly: not being compiled or traced, no dispatch or function mode active (fake tensors,
+    `with torch.device(...)`, profilers' modes), plain tensors. The boundary costs ~30 us per op call
+    and the custom op's own autograd wrapper ~60 us more (it rebuilds the 14-argument schema each
+    time; torch 2.13, one core), as much as the kernel itself on a small CPU problem."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 \
+            or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(t) is Tensor for t in tensors)
 
 
 def _setup_context(ctx, inputs, output):
@@ -112,12 +140,37 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, d_out, _d_lse):
     q, k, v, out, lse2, cu_q, cu_k, span_ids, key_valid = ctx.saved_tensors
     max_q, max_k, causal, window, dalle, scale, impl = ctx.params
-    dq, dk, dv = attention_backward(d_out, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids,
-                                    dalle, key_valid, scale, impl)
+    run = _backward_body if _eager(d_out, q, k, v, out) else attention_backward
+    dq, dk, dv = run(d_out, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid,
+                     scale, impl)
     return (dq, dk, dv) + (None,) * 11
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The op's body with the backward register_autograd gives the op, for eager calls: cheaper per
+    call than the custom op's autograd wrapper (see _eager)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse2 = _forward_body(*inputs)
+        _setup_context(ctx, inputs, (out, lse2))
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        return _backward(ctx, d_out, None)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, *rest) -> Tensor:
+    """out of attention_forward(q, k, v, *rest), differentiable."""
+    if not _eager(q, k, v):  # compiled graphs, tracers and modes see the op and its registered autograd
+        return attention_forward(q, k, v, *rest)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, *rest)
+    return _forward_body(q, k, v, *rest)[0]
 
 
 # --- validation and dispatch -------------------------------------------------------------------------
@@ -219,8 +272,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Mask] = None, s
     scale = _check_scale("attention", scale, q.shape[-1])
     impl = resolve_impl("attention", impl, q.device, _why_not(q.device, q.dtype, q.shape[-1]))
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    out, _ = attention_forward(q, k, v, None, None, q.shape[2], k.shape[2], *_mask_parts(mask), scale, impl)
-    return out
+    return _attend(q, k, v, None, None, q.shape[2], k.shape[2], *_mask_parts(mask), scale, impl)
 
 
 def _check_cu(fn: str, name: str, cu, batch: Optional[int], max_len: int, device) -> None:
@@ -277,6 +329,5 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = _check_scale(fn, scale, q.shape[-1])
     impl = resolve_impl("attention", impl, q.device, _why_not(q.device, q.dtype, q.shape[-1]))
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    out, _ = attention_forward(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), max_seqlen_q,
-                               max_seqlen_k, *_mask_parts(mask), scale, impl)
-    return out
+    return _attend(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), max_seqlen_q, max_seqlen_k,
+                   *_mask_parts(mask), scale, impl)

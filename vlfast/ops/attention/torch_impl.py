@@ -20,15 +20,18 @@ whole row's), summing dq over a query's tiles and dk / dv over a key's.
 Plans other than the first are cached per mask and shape (a model reuses one mask across layers).
 
 Inputs with a NaN or inf take the reference (the CPU kernel drops NaN scores in float32 / bfloat16).
-On other devices the reference's chunked code runs.
+On other devices the reference's chunked code runs. Gradients come back in the kernel's own layout,
+(B, S, H, D) in memory, which the op's fake kernel states for impl="torch" (no copies).
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,7 +63,8 @@ class View:
 
     def of(self, x: Tensor) -> Tensor:
         if not self.cols:
-            return x[:, :, self.start:self.stop]
+            whole = self.start == 0 and self.stop == x.shape[2]  # no slicing: it costs microseconds
+            return x if whole else x[:, :, self.start:self.stop]
         return x.flatten(0, 1)[:, self.start:self.stop].unflatten(1, (-1, self.cols))
 
 
@@ -177,12 +181,18 @@ def _dense_plan(mask: Mask, sq: int, sk: int, dtype, device) -> Plan:
                 empty[:, None] if bool(empty.any()) else None, disjoint=True)
 
 
+@functools.lru_cache(maxsize=256)
+def _one_call_plan(causal: bool, sq: int, sk: int) -> Plan:
+    """No mask, or causal with Sq == Sk: one call, no additive mask."""
+    return Plan([Tile(View(0, sq), View(0, sk), causal=causal)], None)
+
+
 def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
     if mask is None:
-        return Plan([Tile(View(0, sq), View(0, sk))], None)
+        return _one_call_plan(False, sq, sk)
     if (mask.causal and sq == sk and mask.window is None and mask.span_ids is None and mask.dalle is None
             and mask.key_valid is None):
-        return Plan([Tile(View(0, sq), View(0, sk), causal=True)], None)
+        return _one_call_plan(True, sq, sk)
     key = (mask.causal, mask.window, mask.dalle, _tensor_key(mask.span_ids), _tensor_key(mask.key_valid),
            sq, sk, dtype, str(device))
     hit = _CACHE.get(key)
@@ -212,13 +222,44 @@ def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
 
 # --- forward and backward over a plan ----------------------------------------------------------------
 
+def _elements(x: Tensor) -> Optional[Tensor]:
+    """x's distinct elements as a 1-D view (in memory order, broadcast dimensions dropped), or None
+    when they are not one dense block."""
+    if x.is_contiguous():
+        return x.view(-1)
+    for d in reversed(range(x.dim())):  # autograd's gradient of a sum is one element expanded
+        if x.stride(d) == 0:
+            x = x.select(d, 0)
+    x = x.permute(sorted(range(x.dim()), key=x.stride, reverse=True))
+    return x.view(-1) if x.is_contiguous() else None
+
+
 def _finite(*xs: Tensor) -> bool:
-    """False when any input holds a NaN or inf (a sum is one fast pass; a finite sum that overflows
-    only sends the call to the reference)."""
-    total = xs[0].sum(dtype=torch.float32 if xs[0].dtype == torch.float16 else None)
-    for x in xs[1:]:
-        total = total + x.sum(dtype=torch.float32 if x.dtype == torch.float16 else None)
-    return math.isfinite(total.item())
+    """False when any of xs holds a NaN or inf. One pass over each, and no parallel region: float32 /
+    float64 as dot products of equal-length neighbours (x . y is NaN or inf when x or y holds one; a
+    finite product that overflows only sends the call to the reference) in numpy's single-threaded
+    einsum loop. A PyTorch reduction of these sizes opens a parallel region, and on this project's two
+    cores shared with other jobs such a region now and then waited 8-16 ms for its second thread,
+    ten times the kernel's whole call (0.5 MB tensors). float16 / bfloat16 (numpy has no bfloat16)
+    and scattered tensors are summed by PyTorch."""
+    terms, pending = [], None
+    for x in xs:
+        flat = _elements(x) if x.dtype in (torch.float32, torch.float64) else None
+        if flat is None:
+            terms.append(x.sum(dtype=torch.float32 if x.dtype == torch.float16 else None).item())
+            continue
+        flat = flat.detach().numpy()
+        if pending is None:
+            pending = flat
+        elif pending.shape == flat.shape:
+            terms.append(float(np.einsum("i,i", pending, flat)))
+            pending = None
+        else:
+            terms.append(float(np.einsum("i,i", pending, pending)))
+            pending = flat
+    if pending is not None:
+        terms.append(float(np.einsum("i,i", pending, pending)))
+    return math.isfinite(sum(terms))
 
 
 def _usable(q: Tensor) -> bool:
@@ -242,11 +283,24 @@ def _unpermuted(x: Tensor, perm: Optional[Tensor]) -> Tensor:
 
 
 def _laid_out_like(x: Tensor, like: Tensor) -> Tensor:
-    """x with the strides of torch.empty_like(like), as the op's fake kernels promise (the kernel
-    returns gradients in (B, S, H, D) memory order)."""
+    """x with the strides of torch.empty_like(like), as the op's fake kernel promises for out."""
     if x.stride() == like.stride():
         return x
     return x.contiguous() if like.is_contiguous() else torch.empty_like(like).copy_(x)
+
+
+def empty_grad(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialised tensor of x's (B, H, S, D) shape in (B, S, H, D) memory order: the layout
+    the CPU kernel's backward gives gradients in (as PyTorch's meta kernel states), and so the one the
+    op's fake kernel promises for impl="torch": the kernel's gradients need no copy."""
+    return torch.empty_permuted(x.shape, (0, 2, 1, 3), dtype=dtype or x.dtype, device=x.device)
+
+
+def _as_grad(g: Tensor, x: Tensor) -> Tensor:
+    """g in x's dtype and empty_grad's layout (already so on the kernel's own path)."""
+    g = g.to(x.dtype)
+    b, h, s, d = (max(n, 1) for n in g.shape)  # strides as torch.empty computes them
+    return g if g.stride() == (s * h * d, d, h * d, 1) else empty_grad(x).copy_(g)
 
 
 def _single(plan: Plan) -> bool:
@@ -261,7 +315,7 @@ def _forward_plan(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float) -> 
     if _single(plan):  # one call: its outputs are the answer
         tile = plan.tiles[0]
         out, lse = _FLASH(q, tile.k.of(k), tile.k.of(v), is_causal=tile.causal, attn_mask=tile.bias, scale=scale)
-        return out, lse.to(ct)
+        return out, lse  # in the compute dtype already
     b, h, sq, d = q.shape
     if plan.disjoint:  # each query in one tile: write its outputs where they go
         out = (torch.zeros if plan.empty is not None else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
@@ -292,9 +346,8 @@ def _backward_plan(do, q, k, v, out, lse, plan: Plan, scale: float) -> tuple[Ten
     """(dq, dk, dv) with k, v already expanded to q's heads; lse natural, +inf on empty rows."""
     if _single(plan):
         tile = plan.tiles[0]
-        return _FLASH_BWD(do, q, tile.k.of(k), tile.k.of(v), out, lse.to(torch.float32 if q.dtype != torch.float64
-                                                                           else q.dtype),
-                          0.0, tile.causal, attn_mask=tile.bias, scale=scale)
+        return _FLASH_BWD(do, q, tile.k.of(k), tile.k.of(v), out, lse.to(_reference.compute_dtype(q.dtype)), 0.0,
+                          tile.causal, attn_mask=tile.bias, scale=scale)
     ct = _reference.compute_dtype(q.dtype)
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     # dq of a query in one tile is written once; dk / dv sum over tiles (in the compute dtype)
@@ -310,7 +363,7 @@ def _backward_plan(do, q, k, v, out, lse, plan: Plan, scale: float) -> tuple[Ten
             tile.q.of(dq).add_(g[0])
         tile.k.of(dk).add_(g[1])
         tile.k.of(dv).add_(g[2])
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+    return dq, dk, dv
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float) -> tuple[Tensor, Tensor]:
@@ -321,15 +374,19 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float)
         return _reference.forward(q, k, v, mask, scale)
     plan = _plan(mask, sq, sk, q.dtype, q.device)
     group = h // k.shape[1]
+    if group == 1 and plan.perm is None and plan.empty is None and _single(plan):  # the usual case, lean
+        tile = plan.tiles[0]
+        out, lse = _FLASH(q, tile.k.of(k), tile.k.of(v), is_causal=tile.causal, attn_mask=tile.bias, scale=scale)
+        return _laid_out_like(out, q), lse.contiguous().mul_(LOG2E)  # lse: (B, S, H) in memory, ours to change
     qp, kp, vp = _permuted(q, plan.perm), _permuted(_expand_kv(k, group), plan.perm), \
         _permuted(_expand_kv(v, group), plan.perm)
     out, lse = _forward_plan(qp, kp, vp, plan, scale)
-    out, lse = _unpermuted(out, plan.perm), _unpermuted(lse[..., None], plan.perm)[..., 0]
-    lse2 = lse * LOG2E
+    out, lse = _unpermuted(out, plan.perm), _unpermuted(lse, plan.perm)
+    lse2 = lse.contiguous().mul_(LOG2E)  # the kernel's lse is (B, S, H) in memory; lse is ours to change
     if plan.empty is not None:  # rows that keep nothing: output 0, lse2 +inf (no row else is empty)
         out = out.masked_fill(plan.empty[..., None], 0.0)
         lse2 = lse2.masked_fill(plan.empty, float("inf"))
-    return _laid_out_like(out, q), lse2.contiguous()  # the kernel's lse is (B, S, H) in memory
+    return _laid_out_like(out, q), lse2
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, mask: Optional[Mask],
@@ -337,19 +394,26 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Ten
     """(dq, dk, dv) for upstream do, as reference.backward gives them."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    if not _usable(q) or sq == 0 or sk == 0 or not _finite(q, k, v, do, out):
+    if not _usable(q) or sq == 0 or sk == 0 or not _finite(do, out, q, k, v):
         # the kernel's backward would give NaN dq on a fully masked row whose q is NaN (the spec: 0)
-        return _reference.backward(do, q, k, v, out, lse2, mask, scale)
+        grads = _reference.backward(do, q, k, v, out, lse2, mask, scale)
+        return tuple(_as_grad(g, x) for g, x in zip(grads, (q, k, v)))
     plan = _plan(mask, sq, sk, q.dtype, q.device)
     group = h // hkv
     lse = lse2 * (1.0 / LOG2E)  # +inf on empty rows: their probabilities are exp(s - inf) = 0
+    if group == 1 and plan.perm is None and _single(plan):  # the usual case, lean
+        tile = plan.tiles[0]
+        grads = _FLASH_BWD(do, q, tile.k.of(k), tile.k.of(v), out, lse.to(_reference.compute_dtype(q.dtype)), 0.0,
+                           tile.causal, attn_mask=tile.bias, scale=scale)
+        return _as_grad(grads[0], q), _as_grad(grads[1], k), _as_grad(grads[2], v)
     args = [_permuted(x, plan.perm) for x in (do, q, _expand_kv(k, group), _expand_kv(v, group), out)]
-    lse = _permuted(lse[..., None], plan.perm)[..., 0]
+    lse = _permuted(lse, plan.perm)
     dq, dk, dv = _backward_plan(*args, lse, plan, scale)
     dq, dk, dv = (_unpermuted(x, plan.perm) for x in (dq, dk, dv))
-    if group > 1:
-        dk, dv = (x.view(b, hkv, group, sk, d).sum(dim=2) for x in (dk, dv))
-    return _laid_out_like(dq, q), _laid_out_like(dk, k), _laid_out_like(dv, v)
+    if group > 1:  # summed straight into the gradient layout
+        dk, dv = (torch.sum(g.view(b, hkv, group, sk, d), dim=2, out=empty_grad(x, g.dtype))
+                  for g, x in ((dk, k), (dv, v)))
+    return _as_grad(dq, q), _as_grad(dk, k), _as_grad(dv, v)
 
 
 # --- the packed layout: one sequence at a time ----------------------------------------------------
