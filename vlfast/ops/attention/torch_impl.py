@@ -298,9 +298,11 @@ def empty_grad(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 
 def _as_grad(g: Tensor, x: Tensor) -> Tensor:
     """g in x's dtype and empty_grad's layout (already so on the kernel's own path)."""
-    g = g.to(x.dtype)
-    b, h, s, d = (max(n, 1) for n in g.shape)  # strides as torch.empty computes them
-    return g if g.stride() == (s * h * d, d, h * d, 1) else empty_grad(x).copy_(g)
+    if g.dtype != x.dtype:
+        g = g.to(x.dtype)
+    _, h, s, d = g.shape
+    h, s, d = max(h, 1), max(s, 1), max(d, 1)  # strides as torch.empty_permuted computes them
+    return g if g.stride()[1:] == (d, h * d, 1) and g.stride(0) == s * h * d else empty_grad(x).copy_(g)
 
 
 def _single(plan: Plan) -> bool:
