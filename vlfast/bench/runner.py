@@ -7,6 +7,7 @@ The ops are the files vlfast/bench/bench_<op>.py; each provides
   contenders(case, device) -> [Contender]            vlfast's implementations and the peers
   flops(case, mode) -> float or None
   bytes_read(case) -> float                          optional, for memory-bound ops: GB/s per row
+  tokens_generated(case) -> int                      optional, for generation: tokens/s per row
   compare(outputs, reference) -> {name: error}       optional; default: max relative error per output
 A failure in one case or contender becomes an error row and the run goes on.
 """
@@ -86,7 +87,7 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
 
         def row(impl, mode, **fields):
             r = {**base, "impl": impl, "mode": mode, "status": "ok", "message": None, "ms": None,
-                 "peak_bytes": None, "tflops": None, "gbps": None, "error": None, "errors": {}, "error_ref": None,
+                 "peak_bytes": None, "tflops": None, "gbps": None, "tokens_per_s": None, "error": None, "errors": {}, "error_ref": None,
                  "error_note": None, "config": None, **meta, "timestamp": report.now()}
             r.update(fields)
             emit(r)
@@ -119,10 +120,12 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
             if c.describe is not None and result["status"] == "ok":
                 result["config"] = c.describe()
             moved = module.bytes_read(case) if hasattr(module, "bytes_read") else None
+            generated = module.tokens_generated(case) if hasattr(module, "tokens_generated") else None
             row(c.name, m, **result, error=worst(errors), error_ref=how if ref is not None else None,
                 error_note=None if ref is not None else how,
                 tflops=flops / result["ms"] / 1e9 if flops and result.get("ms") else None,
-                gbps=moved / result["ms"] / 1e6 if moved and result.get("ms") else None)
+                gbps=moved / result["ms"] / 1e6 if moved and result.get("ms") else None,
+                tokens_per_s=generated / result["ms"] * 1e3 if generated and result.get("ms") else None)
         del inputs, ref
         free_memory(device)
     progress.close()
