@@ -186,3 +186,15 @@ def config_json_beside(source: Source):
     path = Path(source)
     config_json = (path if path.is_dir() else path.parent) / "config.json"
     return json.loads(config_json.read_text()) if config_json.is_file() else None
+
+
+def model_config(source: Source, config, config_type: type, from_transformers, what: str):
+    """config as a vlfast `config_type`: given as one, as transformers' config (object or dict) read by
+    from_transformers, or, when None, from the config.json beside the weights. `what` names the
+    transformers class in the error for a bare state dict (the number of heads is not in the weights)."""
+    if config is None:
+        config = config_json_beside(source)
+        if config is None:
+            raise ValueError(f"config is required: pass the transformers {what} (or config.json's contents) that "
+                             "the weights belong to; the number of heads is not in the weights")
+    return config if isinstance(config, config_type) else from_transformers(config)

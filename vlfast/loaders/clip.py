@@ -18,8 +18,8 @@ from typing import Optional, Union
 import torch
 
 from ..models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-from .checkpoint import (CheckpointError, Source, Transposed, _check_tensors, _load_file, config_json_beside, convert,
-                         export, read_state_dict)
+from .checkpoint import (CheckpointError, Source, Transposed, _check_tensors, _load_file, convert, export, model_config,
+                         read_state_dict)
 
 
 # vlfast key -> transformers key. A tuple is concatenated along dim 0 (q, k, v -> qkv).
@@ -368,13 +368,7 @@ def clip_from_transformers(source: Source, config=None, *, dtype: torch.dtype = 
     config.json in the folder (or beside the file). A bare state dict needs it: the number of heads
     is not in the weights.
     """
-    if config is None:
-        config = config_json_beside(source)
-        if config is None:
-            raise ValueError("config is required: pass the transformers CLIPConfig (or config.json's contents) "
-                             "that the weights belong to; the number of heads is not in the weights")
-    if not isinstance(config, CLIPConfig):
-        config = config_from_transformers(config)
+    config = model_config(source, config, CLIPConfig, config_from_transformers, "CLIPConfig")
     return _model(config, convert_state_dict(read_state_dict(source), config, "transformers"), dtype)
 
 

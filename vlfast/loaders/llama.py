@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from ..models.llama import Llama, LlamaConfig
-from .checkpoint import CheckpointError, Concatenated, Source, config_json_beside, convert, export, read_state_dict
+from .checkpoint import CheckpointError, Concatenated, Source, convert, export, model_config, read_state_dict
 
 # Buffers some transformers versions save beside the weights.
 NON_WEIGHTS = ("rotary_emb.inv_freq",)
@@ -93,13 +93,7 @@ def llama_from_transformers(source: Source, config=None, *, dtype: torch.dtype =
     """A vlfast Llama (parameters in `dtype`, on the CPU) from LlamaForCausalLM weights: a state dict, a
     .safetensors / weights-only file, or a save_pretrained folder (sharded too). config: a vlfast
     LlamaConfig, a transformers LlamaConfig or its dict; default: the config.json beside the weights."""
-    if config is None:
-        config = config_json_beside(source)
-        if config is None:
-            raise ValueError("config is required: pass the transformers LlamaConfig (or config.json's contents); "
-                             "the number of heads is not in the weights")
-    if not isinstance(config, LlamaConfig):
-        config = config_from_transformers(config)
+    config = model_config(source, config, LlamaConfig, config_from_transformers, "LlamaConfig")
     state = convert_state_dict(read_state_dict(source), config, prefix, head)
     with torch.device("meta"):  # no random initialisation: every parameter is overwritten below
         model = Llama(config).to(dtype)

@@ -15,7 +15,7 @@ import torch
 
 from ..models.llava import LLaVA, LlavaConfig
 from . import llama
-from .checkpoint import Source, config_json_beside, convert, export, read_state_dict
+from .checkpoint import Source, convert, export, model_config, read_state_dict
 from .clip import vision_config_from_transformers, vision_key_map, vision_transformers_config
 
 # layout -> (vision transformer prefix, projector prefix, LLaMA decoder prefix, LM head key)
@@ -89,12 +89,8 @@ def llava_from_transformers(source: Source, config=None, *, dtype: torch.dtype =
     state dict, a .safetensors / weights-only file, or a save_pretrained folder (sharded too), in either
     key layout. config: a vlfast LlavaConfig, a transformers LlavaConfig or its dict; default: the
     config.json beside the weights."""
-    if config is None:
-        config = config_json_beside(source)
-        if config is None:
-            raise ValueError("config is required: pass the transformers LlavaConfig (or config.json's contents)")
-    if not isinstance(config, LlavaConfig):
-        config = config_from_transformers(config, image_attention)
+    config = model_config(source, config, LlavaConfig, lambda c: config_from_transformers(c, image_attention),
+                          "LlavaConfig")
     state_dict = read_state_dict(source)
     layout = layout_of(state_dict)
     ignored = [LAYOUTS[layout][2] + k for k in llama.NON_WEIGHTS] + [LAYOUTS[layout][0] + "embeddings.position_ids"]
