@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-steps", type=int, default=300)
     p.add_argument("--clip-train-size", type=int, default=20000)
     p.add_argument("--stage1-steps", type=int, default=300)
-    p.add_argument("--stage2-steps", type=int, default=1500)
+    p.add_argument("--stage2-steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split evenly over the ranks")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-scenes", type=int, default=4000)
