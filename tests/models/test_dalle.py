@@ -115,3 +115,5 @@ def test_bad_input_is_named():
         model.loss(model.pad_text(torch.tensor([[1]])), torch.full((1, 9), 20))
     with pytest.raises(ValueError, match="dim \\(30\\) must be a multiple of heads"):
         DALLEConfig(dim=30, heads=4)
+    with pytest.raises(ValueError, match="DALLEConfig.grid must be a positive int, got 0"):
+        DALLEConfig(grid=0)

@@ -16,12 +16,14 @@ optionally transformers' attention_mask), the image tower takes normalised pixel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._config import check_positive
 
 from .. import masks
 from ..nn.attention import SelfAttention
@@ -29,16 +31,8 @@ from ..nn.attention import SelfAttention
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
 
-def _check_positive(owner: str, obj) -> None:
-    """Every int field of the dataclass `obj` is >= 1 (f.type is the annotation's text here)."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{owner}.{f.name} must be a positive int, got {value!r}")
-
-
 def _check_tower(owner: str, cfg) -> None:
-    _check_positive(owner, cfg)
+    check_positive(owner, cfg)
     if cfg.width % cfg.heads:
         raise ValueError(f"{owner}.width ({cfg.width}) must be a multiple of {owner}.heads ({cfg.heads})")
     if cfg.act not in ACTIVATIONS:
@@ -110,7 +104,7 @@ class CLIPConfig:
     logit_scale_init: float = math.log(1 / 0.07)
 
     def __post_init__(self):
-        _check_positive("CLIPConfig", self)
+        check_positive("CLIPConfig", self)
         if not isinstance(self.vision, VisionConfig) or not isinstance(self.text, TextConfig):
             raise TypeError("CLIPConfig.vision / .text must be a VisionConfig / TextConfig")
 

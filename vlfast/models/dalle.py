@@ -25,6 +25,7 @@ from .. import masks
 from ..generation import KVCache, generate as generate_tokens
 from ..nn import SelfAttention
 from ..ops.linear_cross_entropy import linear_cross_entropy
+from ._config import check_positive
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,7 @@ class DALLEConfig:
     image_weight: float = 7 / 8
 
     def __post_init__(self):
-        for name in ("text_vocab", "text_len", "image_vocab", "grid", "dim", "layers", "heads", "conv_kernel"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DALLEConfig.{name} must be a positive int, got {value!r}")
+        check_positive("DALLEConfig", self)
         if self.dim % self.heads:
             raise ValueError(f"DALLEConfig.dim ({self.dim}) must be a multiple of heads ({self.heads})")
 

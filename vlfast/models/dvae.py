@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..nn.quantizers import GumbelQuantizer, QuantizerOutput, VectorQuantizer
 from ..ops.codebook_lookup import codebook_lookup
+from ._config import check_positive
 
 EPSILON = 0.1  # map_pixels squeezes [0, 1] into [0.1, 0.9]: the logit-Laplace density needs x away from 0 and 1
 QUANTIZERS = ("gumbel", "vq")
@@ -55,10 +56,7 @@ class DiscreteVAEConfig:
     temperature: float = 1.0       # the Gumbel softmax's; anneal it in training (DALL-E: 1 -> 1/16)
 
     def __post_init__(self):
-        for name in ("image_size", "channels", "n_hid", "blocks_per_group", "vocab_size", "n_init"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DiscreteVAEConfig.{name} must be a positive int, got {value!r}")
+        check_positive("DiscreteVAEConfig", self)
         if self.image_size % self.downsampling:
             raise ValueError(f"DiscreteVAEConfig.image_size ({self.image_size}) must be a multiple of the "
                              f"encoder's downsampling ({self.downsampling})")

@@ -22,6 +22,7 @@ from .. import masks
 from ..generation import KVCache, generate as generate_tokens
 from ..nn import LlamaRotaryEmbedding, RMSNorm, SelfAttention
 from ..ops.linear_cross_entropy import linear_cross_entropy
+from ._config import check_positive
 
 IGNORE_INDEX = -100
 
@@ -45,11 +46,7 @@ class LlamaConfig:
     mlp_bias: bool = False
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        check_positive("LlamaConfig", self)
         kv = self.kv_heads
         if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.num_heads % kv:
             raise ValueError(f"LlamaConfig.num_kv_heads must divide num_heads ({self.num_heads}), got {self.num_kv_heads!r}")
