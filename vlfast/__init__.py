@@ -7,9 +7,9 @@ from .ops.attention_decode import attention_decode
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.similarity_topk import similarity_topk
 from . import masks, nn
-from . import generation
+from . import generation, retrieval
 from . import models
 from . import loaders
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_decode", "masks", "generation", "models", "loaders", "clip_loss", "codebook_lookup", "linear_cross_entropy", "similarity_topk", "nn", "ImplUnavailableError", "IMPLS", "__version__"]
+__all__ = ["attention", "attention_varlen", "attention_decode", "masks", "generation", "retrieval", "models", "loaders", "clip_loss", "codebook_lookup", "linear_cross_entropy", "similarity_topk", "nn", "ImplUnavailableError", "IMPLS", "__version__"]
