@@ -6,6 +6,7 @@
 #include "../check.h"
 #include "../dtype.cuh"
 #include "../nvtx.h"
+#include "../warp.cuh"
 #include "params.h"
 
 namespace vlfast::attention_decode {
@@ -13,18 +14,6 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) merge_kernel(DecodeParams p) {

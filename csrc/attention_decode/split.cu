@@ -17,6 +17,7 @@
 #include "../check.h"
 #include "../dtype.cuh"
 #include "../nvtx.h"
+#include "../warp.cuh"
 #include "mask.cuh"
 #include "params.h"
 
@@ -34,18 +35,6 @@ __host__ __device__ __forceinline__ int smem_ld(std::int64_t d) { return static_
 
 std::size_t smem_bytes(std::int64_t d) {
   return sizeof(float) * (static_cast<std::size_t>(2 * kBlockKeys + kChunkRows) * smem_ld(d) + kChunkRows * kBlockKeys);
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
 }
 
 // Where key position pos of row b lives: (page, slot) of the cache, and whether the page index is

@@ -7,18 +7,13 @@
 #include "../check.h"
 #include "../dtype.cuh"
 #include "../nvtx.h"
+#include "../warp.cuh"
 #include "codebook_lookup.h"
 
 namespace vlfast::codebook_lookup {
 namespace {
 
 constexpr int kWarps = 8;
-
-__device__ __forceinline__ double warp_sum(double x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 template <typename T, bool COSINE>
 __global__ void __launch_bounds__(kWarps * 32)
