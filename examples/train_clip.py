@@ -90,6 +90,15 @@ def optimizer(model: CLIP, lr: float, weight_decay: float, warmup: int, steps: i
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+def global_mean(loss: torch.Tensor, world: int) -> float:
+    """The mean of the ranks' local losses: the loss of the global batch (all ranks call it)."""
+    logged = loss.detach().float()
+    if world > 1:
+        dist.all_reduce(logged)
+        logged /= world
+    return logged.item()
+
+
 def batches(n: int, batch_size: int, steps: int, seed: int):
     """Global batches of indices: epochs of seeded permutations, the same on every rank."""
     g = torch.Generator().manual_seed(seed)
@@ -170,11 +179,7 @@ def main(argv=None) -> dict:
         schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as CLIP: the temperature stays >= 0.01
-        logged = loss.detach().float()
-        if world > 1:  # the mean of the ranks' local losses is the loss of the global batch
-            dist.all_reduce(logged)
-            logged /= world
-        losses.append(logged.item())
+        losses.append(global_mean(loss, world))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         bar.update()
     bar.close()

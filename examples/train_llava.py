@@ -44,6 +44,12 @@ class Words:
     def __call__(self, text: str) -> list:
         return [self.ids[w] for w in text.split()]
 
+    def conversation(self, turns, tokens_per_image: int) -> tuple:
+        """(input_ids, labels) of LLaVA-1.5's template for these (question, answer) turns."""
+        return encode_conversation(turns, self, image_token_index=self.ids["<image>"],
+                                   tokens_per_image=tokens_per_image, eos_token_id=self.ids["</s>"],
+                                   bos_token_id=self.ids["<s>"], system=SYSTEM)
+
     def decode(self, ids) -> str:
         return " ".join(self.vocab[i] for i in ids if self.vocab[i] not in SPECIALS)
 
@@ -107,7 +113,7 @@ def build(args, tokens: Words, device) -> LLaVA:
     return model
 
 
-def examples(scenes, tokens: Words, stage: int, seed: int) -> list:
+def examples(scenes, tokens: Words, stage: int, seed: int, tokens_per_image: int) -> list:
     """(scene index, input_ids, labels): captions for stage 1, instructions for stage 2."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -117,14 +123,8 @@ def examples(scenes, tokens: Words, stage: int, seed: int) -> list:
         else:
             turns = [[(f"<image>\n{q}", a)] for _, q, a in instructions(scene, g)]
         for conversation in turns:
-            ids, labels = encode_conversation(conversation, tokens, image_token_index=tokens.ids["<image>"],
-                                              tokens_per_image=LLaVA_TOKENS[0], eos_token_id=tokens.ids["</s>"],
-                                              bos_token_id=tokens.ids["<s>"], system=SYSTEM)
-            out.append((i, ids, labels))
+            out.append((i, *tokens.conversation(conversation, tokens_per_image)))
     return out
-
-
-LLaVA_TOKENS = [0]  # tokens per image, set once the model exists
 
 
 def train_stage(model, ddp, data, images, stage: int, steps: int, args, rank: int, world: int, device) -> list:
@@ -149,11 +149,7 @@ def train_stage(model, ddp, data, images, stage: int, steps: int, args, rank: in
         loss.backward()
         opt.step()
         sched.step()
-        logged = loss.detach().float()
-        if world > 1:
-            dist.all_reduce(logged)
-            logged /= world
-        losses.append(logged.item())
+        losses.append(train_clip.global_mean(loss, world))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         bar.update()
     bar.close()
@@ -180,10 +176,7 @@ def evaluate(model: LLaVA, scenes, tokens: Words, train_answers: dict, seed: int
     model.eval()
     for i, scene in enumerate(scenes.objects):
         for kind, question, answer in instructions(scene, g):
-            prompt, _ = encode_conversation([(f"<image>\n{question}", "")], tokens,
-                                            image_token_index=tokens.ids["<image>"],
-                                            tokens_per_image=LLaVA_TOKENS[0], eos_token_id=tokens.ids["</s>"],
-                                            bos_token_id=tokens.ids["<s>"], system=SYSTEM)
+            prompt, _ = tokens.conversation([(f"<image>\n{question}", "")], model.config.tokens_per_image)
             prompt = prompt[:-1]  # the prompt ends at "ASSISTANT:" (the empty answer's </s> removed)
             out, length = model.generate(scenes.images[i:i + 1].to(device), prompt[None].to(device), 24,
                                          stop_tokens=[tokens.ids["</s>"]])
@@ -213,7 +206,6 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     tokens = Words()
     model = build(args, tokens, device)
-    LLaVA_TOKENS[0] = model.config.tokens_per_image
     train = make_scenes(args.train_scenes, 32, seed=args.seed + 10)
     held_out = make_scenes(args.eval_scenes, 32, seed=args.seed + 11)
     ddp = LossModule(model)
@@ -221,7 +213,7 @@ def main(argv=None) -> dict:
         ddp = torch.nn.parallel.DistributedDataParallel(ddp, find_unused_parameters=True)
     losses = {}
     for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):
-        data = examples(train, tokens, stage, args.seed)
+        data = examples(train, tokens, stage, args.seed, model.config.tokens_per_image)
         losses[stage] = train_stage(model, ddp, data, train.images, stage, steps, args, rank, world, device)
     answers = defaultdict(Counter)
     g = torch.Generator().manual_seed(args.seed)
