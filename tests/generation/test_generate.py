@@ -169,3 +169,14 @@ def test_a_used_cache_is_refused():
         generate(model, prompt, cache, 2, prompt_lengths=lengths)
     cache.reset()
     generate(model, prompt, cache, 2, prompt_lengths=lengths)
+
+
+def test_bad_cache_sizes_are_named():
+    with pytest.raises(ValueError, match="KVCache: max_len must be an int >= 1"):
+        KVCache(2, 3, 2, 8, 0)
+    with pytest.raises(ValueError, match="KVCache: page_size must be None or an int >= 1"):
+        KVCache(2, 3, 2, 8, 16, page_size=0)
+    with pytest.raises(ValueError, match="the cache holds 2 rows but the prompt has 3"):
+        model = TinyLM()
+        prompt, lengths = _prompts()
+        generate(model, prompt, _cache(model, 2, 16), 2, prompt_lengths=lengths)
