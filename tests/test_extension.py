@@ -264,13 +264,15 @@ def test_auto_takes_cuda_only_where_measured_fastest(monkeypatch):
     everything_runs = {impl: (lambda: None) for impl in vlfast.IMPLS}
     monkeypatch.delenv("VLFAST_IMPL", raising=False)
     gpu = torch.device("cuda")
-    # until gpu_check.sh measures them faster
-    assert _dispatch.AUTO_PREFERS_CUDA == {"clip_loss": False, "codebook_lookup": False}
-    assert _dispatch.resolve_impl("codebook_lookup", "auto", gpu, everything_runs) == "triton"
+    # as measured on an H100 (benchmarks/results/h100-2026-12-05-quick.json)
+    assert _dispatch.AUTO_PREFERS_CUDA == {"clip_loss": False, "codebook_lookup": True}
+    assert _dispatch.resolve_impl("codebook_lookup", "auto", gpu, everything_runs) == "cuda"
     assert _dispatch.resolve_impl("clip_loss", "auto", gpu, everything_runs) == "triton"
     assert _dispatch.resolve_impl("clip_loss", "cuda", gpu, everything_runs) == "cuda"
     monkeypatch.setitem(_dispatch.AUTO_PREFERS_CUDA, "clip_loss", True)
     assert _dispatch.resolve_impl("clip_loss", "auto", gpu, everything_runs) == "cuda"
+    monkeypatch.setitem(_dispatch.AUTO_PREFERS_CUDA, "codebook_lookup", False)
+    assert _dispatch.resolve_impl("codebook_lookup", "auto", gpu, everything_runs) == "triton"
 
 
 # --- the build's bookkeeping ----------------------------------------------------------------------

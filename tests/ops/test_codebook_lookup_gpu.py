@@ -39,16 +39,20 @@ def test_extra_memory_does_not_grow_with_n_times_k(n, k, d):
     cases.check_extra_memory_does_not_grow_with_n_times_k("triton", n, k, d, torch.bfloat16)
 
 
-def test_deterministic_and_auto_picks_triton(monkeypatch):
+def test_deterministic_and_auto_picks_cuda_where_built(monkeypatch):
+    """auto: the CUDA extension where it is built (measured faster on an H100), else Triton."""
     from vlfast.ops import codebook_lookup as op
+    from vlfast.ops.codebook_lookup import cuda
     monkeypatch.delenv("VLFAST_IMPL", raising=False)
+    want = "cuda" if cuda.why_not(torch.device("cuda"), torch.bfloat16) is None else "triton"
     seen = []
-    real = op._FORWARD["triton"]
-    monkeypatch.setitem(op._FORWARD, "triton", lambda *a: seen.append(1) or real(*a))
+    for impl in ("triton", "cuda"):
+        real = op._FORWARD[impl]
+        monkeypatch.setitem(op._FORWARD, impl, lambda *a, impl=impl, real=real: seen.append(impl) or real(*a))
     z, e = cases.random_case(10000, 2048, 64, torch.bfloat16, device="cuda")
     first = vlfast.codebook_lookup(z, e)
     second = vlfast.codebook_lookup(z, e)
-    assert seen and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert seen == [want, want] and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
 def test_compile_fullgraph_on_gpu():

@@ -110,7 +110,8 @@ class VectorQuantizer(_Codebook):
     loss is the commitment term alone.
     ema_decay: codebook <- EMA of the sum of its vectors / Laplace-smoothed EMA of their count
       (eps), updated in training; sizes start at 1 and sums at the codes (as if each code had absorbed
-      itself). Without it the codebook is a Parameter trained by the codebook loss.
+      itself). Without it the codebook is a Parameter trained by the codebook loss. On CUDA the sums
+      are atomic adds, bit-reproducible only under torch.use_deterministic_algorithms(True).
     metric="cosine": vectors and codes are l2-normalised; quantized is the normalised code.
     dead_code_threshold > 0: in training, codes whose EMA count (decay ema_decay, or 0.99) falls below
       it restart at random vectors of the batch.

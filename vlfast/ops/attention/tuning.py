@@ -95,11 +95,14 @@ def launch_key(pass_: str, dtype: torch.dtype, head_dim: int, kind: str, precisi
 
 
 # --- the built-in defaults -----------------------------------------------------------------------------
-# Hopper-oriented, from ahead-of-time compiles for sm_90a (tests/tools/triton_aot.py), not yet measured:
-# bf16 / fp16 tiles of 128 x 64 forward and 64 x 64 backward (64 x 64 and 64 x 32 at head dims over
-# 128); float32 (FMA units, or TF32 if PyTorch allows it) 64 x 32 and 32 x 32, small enough for
-# registers. 3 stages up to head dim 128, else 2. The forward runs on 8 warps where BM >= 128 or the
-# head dim >= 128. The backward always runs on 8 warps: its dK/dV kernel holds two (BN, D) float32
+# Hopper-oriented, from ahead-of-time compiles for sm_90a (tests/tools/triton_aot.py): bf16 / fp16 tiles
+# of 128 x 64 forward and 64 x 64 backward (64 x 64 and 64 x 32 at head dims over 128), except the
+# backward at head dims 65-128: 128 x 64 on 2 stages, measured on an H100 (torch 2.11, triton 3.6,
+# benchmarks/results/h100-2026-12-05-autotune.json, bf16 causal D 128): 1.35 ms against 64 x 64's
+# 2.26 at batch 4 x 32 heads x 2048 tokens, 0.063 against 0.075 ms at 1 x 4 x 1024 (64 x 64 on 4 warps
+# was 1.40 and 0.049, but spills 460 B in its dK/dV kernel). float32 (FMA units, or TF32 if PyTorch
+# allows it) 64 x 32 and 32 x 32, small enough for registers. 3 stages up to head dim 128, else 2. The
+# forward runs on 8 warps where BM >= 128 or the head dim >= 128. The backward always runs on 8 warps: its dK/dV kernel holds two (BN, D) float32
 # accumulators, and on 4 warps it spilled at every head dim (bf16: 44 B at D 64, 456 B at D 96, vs 0
 # and 100 B on 8; exact fp32: 948 B at D 64 and 16 KB at D 96, vs 0 and 936 B on 8). The same for
 # every mask kind.
@@ -108,14 +111,16 @@ def default_config(head_dim: int, dtype: torch.dtype, pass_: str) -> Config:
     _check_head_dim(head_dim)
     if _check_dtype(dtype) == torch.float32:
         fwd, bwd = (64, 32), (32, 32)
-    elif head_dim <= 128:
+    elif head_dim <= 64:
         fwd, bwd = (128, 64), (64, 64)
+    elif head_dim <= 128:
+        fwd, bwd = (128, 64), (128, 64)
     else:
         fwd, bwd = (64, 64), (64, 32)
     stages = 3 if head_dim <= 128 else 2
     if _check_pass(pass_) == "fwd":
         return Config(*fwd, 8 if fwd[0] >= 128 or head_dim >= 128 else 4, stages)
-    return Config(*bwd, 8, stages)
+    return Config(*bwd, 8, 2 if bwd[0] >= 128 else stages)
 
 
 # --- candidates ------------------------------------------------------------------------------------------

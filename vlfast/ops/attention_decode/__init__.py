@@ -77,7 +77,8 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, 
     if check:
         bounds = _check_lengths(cache_seqlens, new_tokens, k_cache, block_table, dalle,
                                 (("span_ids", span_ids), ("key_padding", key_valid)))
-    lengths = cache_seqlens + new_tokens
+    # (an add is a kernel launch: a decode step without new tokens reads the lengths as they are)
+    lengths = cache_seqlens + new_tokens if new_tokens or not cache_seqlens.is_contiguous() else cache_seqlens
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention_decode"):
         if impl == "reference":
