@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlfast.retrieval import recall_at_k, zero_shot_topk
+from vlfast.models import CLIP, CLIPConfig, TextConfig, VisionConfig
+from vlfast.retrieval import arithmetic_query, embedding_arithmetic, recall_at_k, zero_shot_topk
 
 
 def _dense_recall(img, txt, owner, k):
@@ -44,3 +45,45 @@ def test_bad_input_is_named():
         recall_at_k(img, txt, torch.full((6,), 4))
     with pytest.raises(ValueError, match="ks must be positive"):
         recall_at_k(img, txt, torch.zeros(6, dtype=torch.long), ks=(0,))
+
+
+def _unit64(x):
+    return x.double() / x.double().norm(dim=1, keepdim=True)
+
+
+def test_arithmetic_query_is_the_normalised_sum_of_normalised_terms():
+    g = torch.Generator().manual_seed(2)
+    img, minus, plus = (torch.randn(5, 12, generator=g) * s for s in (3.0, 0.5, 7.0))
+    got = arithmetic_query(img.double(), minus.double(), plus[:1].double())  # (1, D) broadcasts
+    want = _unit64(_unit64(img) - _unit64(minus) + _unit64(plus[:1]))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert arithmetic_query(img, minus, plus).dtype == torch.float32
+
+
+def test_embedding_arithmetic_ranks_the_gallery_like_a_dense_float64_search():
+    torch.manual_seed(3)
+    tower = dict(width=16, layers=1, heads=2, mlp_dim=32)
+    model = CLIP(CLIPConfig(embed_dim=8, vision=VisionConfig(image_size=16, patch_size=8, **tower),
+                            text=TextConfig(vocab_size=20, context_length=6, **tower))).double().eval()
+    images, gallery_images = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.randn(37, 3, 16, 16, dtype=torch.float64)
+    minus = torch.tensor([[1, 4, 19, 0, 0, 0]])  # one text for every image, padded
+    plus = torch.tensor([[1, 7, 9, 19, 0, 0], [1, 5, 19, 0, 0, 0], [1, 8, 8, 8, 19, 0]])
+    mask_m, mask_p = (minus > 0).long(), (plus > 0).long()
+    with torch.no_grad():
+        gallery = model.encode_image(gallery_images)
+        query = _unit64(_unit64(model.encode_image(images)) - _unit64(model.encode_text(minus, attention_mask=mask_m))
+                        + _unit64(model.encode_text(plus, attention_mask=mask_p)))
+    index, score = embedding_arithmetic(model, images, minus, plus, gallery, k=5, minus_mask=mask_m, plus_mask=mask_p)
+    dense = query @ _unit64(gallery).T
+    assert torch.equal(index, torch.sort(-dense, dim=1, stable=True).indices[:, :5])
+    torch.testing.assert_close(score.double(), dense.gather(1, index), rtol=1e-6, atol=1e-7)  # scores are float32
+
+
+def test_arithmetic_bad_input_is_named():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="share one width"):
+        arithmetic_query(x, x, torch.randn(2, 9))
+    with pytest.raises(ValueError, match="minus_embeds holds non-finite"):
+        arithmetic_query(x, torch.full((2, 8), float("nan")), x)
+    with pytest.raises(ValueError, match="image_embeds must be a floating"):
+        arithmetic_query(torch.ones(2, 8, dtype=torch.long), x, x)

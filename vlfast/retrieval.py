@@ -1,13 +1,15 @@
-"""Cross-modal retrieval on top of vlfast.similarity_topk: recall@k and zero-shot classification at scale.
+"""Cross-modal retrieval on top of vlfast.similarity_topk: recall@k, zero-shot classification at scale,
+and CLIP's embedding arithmetic (an image's embedding minus one text's plus another's, searched among images).
 
 Every ranking is the exact top k of the float64 cosine similarities (ties to the lower index), computed in
 blocks: no (images x texts) matrix is held.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .ops.similarity_topk import similarity_topk
@@ -54,3 +56,40 @@ def zero_shot_topk(image_embeds: Tensor, class_embeds: Tensor, k: int = 1) -> tu
     """(class indices (N, k), cosine similarities (N, k)) of each image's k most similar class embeddings
     (e.g. CLIP's prompt-averaged class texts), exactly, over any number of classes."""
     return similarity_topk(image_embeds, class_embeds, k, metric="cosine")
+
+
+def arithmetic_query(image_embeds: Tensor, minus_embeds: Tensor, plus_embeds: Tensor) -> Tensor:
+    """unit(unit(image) - unit(minus) + unit(plus)) per row: (N, D) from three (N, D) (or (1, D), broadcast)
+    embeddings, in float32 (float64 stays float64). Each term is normalised first, so a text counts as
+    much as the image whatever its embedding's norm."""
+    terms = {"image_embeds": image_embeds, "minus_embeds": minus_embeds, "plus_embeds": plus_embeds}
+    for name, x in terms.items():
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating (N, D) tensor, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} holds non-finite values")
+    d = image_embeds.shape[1]
+    if minus_embeds.shape[1] != d or plus_embeds.shape[1] != d:
+        raise ValueError(f"the embeddings must share one width: image {d}, minus {minus_embeds.shape[1]}, "
+                         f"plus {plus_embeds.shape[1]}")
+    dtype = torch.float64 if image_embeds.dtype == torch.float64 else torch.float32
+    unit = [F.normalize(x.to(dtype), dim=1) for x in terms.values()]
+    return F.normalize(unit[0] - unit[1] + unit[2], dim=1)
+
+
+@torch.no_grad()
+def embedding_arithmetic(model, images: Tensor, minus: Tensor, plus: Tensor, gallery: Tensor, k: int = 8,
+                         minus_mask: Optional[Tensor] = None, plus_mask: Optional[Tensor] = None
+                         ) -> tuple[Tensor, Tensor]:
+    """The seed's "multimodal vector space arithmetic": the k gallery images nearest (cosine) to
+    image - text(minus) + text(plus), e.g. a red circle - "red" + "blue" -> blue circles.
+
+    model: a vlfast.models.CLIP (encode_image, encode_text); images (N, C, H, W); minus / plus token ids
+    (N, S) or (1, S) with their attention masks (or None); gallery (M, D): the searched images' embeddings
+    (model.encode_image of them). Returns (indices (N, k) into the gallery, cosine similarities (N, k)),
+    the exact top k, ties to the lower index.
+    """
+    query = arithmetic_query(model.encode_image(images), model.encode_text(minus, attention_mask=minus_mask),
+                             model.encode_text(plus, attention_mask=plus_mask))
+    return similarity_topk(query, gallery.to(query.dtype), k, metric="cosine")

@@ -57,6 +57,21 @@ def test_near_ties_and_duplicates_are_decided_exactly(dtype, metric):
         assert dupes == sorted(dupes)
 
 
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_ties_past_the_filters_headroom(metric):
+    """60 copies of one key, more than the torch path's top-(k + 8 + k / 8) headroom: the rows whose candidates
+    overflow it take their whole mask; rows in the same block that do not keep the headroom."""
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(500, 16, generator=g)
+    keys[200:260] = keys[3]
+    q = torch.cat([keys[3:4] * 2, torch.randn(4, 16, generator=g), keys[3:4]])
+    for k in (1, 3, 70):
+        want = _oracle(q, keys, k, metric)
+        got = vlfast.similarity_topk(q, keys, k, metric=metric, impl="torch")
+        assert torch.equal(got[0], want[0]), (k, got[0][0, :8], want[0][0, :8])
+        torch.testing.assert_close(got[1].double(), want[1], rtol=2.5e-7, atol=1e-6)
+
+
 def test_empty_queries():
     index, score = vlfast.similarity_topk(torch.zeros(0, 4), torch.randn(9, 4), 3)
     assert index.shape == score.shape == (0, 3)

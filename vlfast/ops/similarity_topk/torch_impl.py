@@ -7,7 +7,8 @@ four times the recursive-summation bound of the products and norms (the normalis
 cosine). A key of the true top k scores at least the true k-th score, so its float32 score is within
 eps of that and the float32 k-th score within eps too: it is a candidate. The candidates (almost always
 little more than k per row) are scored by the definition (reference.pair_scores, the same bits) and the
-exact top k chosen among them, ties to the lower index. Memory: one (rows x M) float32 block and its mask.
+exact top k chosen among them, ties to the lower index. Memory: one (rows x M) float32 block and its mask,
+and the candidates' float64 operands a chunk at a time.
 """
 from __future__ import annotations
 
@@ -17,31 +18,72 @@ from torch import Tensor
 from . import reference
 
 CHUNK_ELEMENTS = 1 << 22  # float32 scores per block (16 MiB)
+PAIR_ELEMENTS = 1 << 21  # float64 elements per chunk of candidate pairs re-scored (16 MiB per operand)
 
 
-def _filter(q: Tensor, keys: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+def _filter_keys(keys: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Once per call: (float32 keys (M, D) for the filter's GEMM, the l2 filter's |k|^2 (M,) float32 (or
+    an empty tensor), max |k| float64 (of the normalised keys for cosine))."""
+    if metric == "cosine":
+        k64 = keys.double()
+        k64 = k64 / k64.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        k32, key_max = k64.float(), k64.norm(dim=1).max()
+    else:
+        k32 = keys.float()  # the same float32 values as keys.double().float()
+        # max |k| from float32 norms, raised by their error bound (D + 2) 2^-24 (with room): an upper bound
+        key_max = k32.norm(dim=1).max().double() * (1 + (keys.shape[1] + 2) * 2.0 ** -23)
+    squares = (k32 * k32).sum(1) if metric == "l2" else k32.new_empty(0)
+    return k32, squares, key_max
+
+
+def _filter(q: Tensor, k32: Tensor, squares: Tensor, key_max: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """(float32 scores (R, M), eps (R,) float64): the filter's scores and their error bound."""
-    q64, k64 = q.double(), keys.double()
+    q64 = q.double()
     if metric == "cosine":
         q64 = q64 / q64.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        k64 = k64 / k64.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    q32, k32 = q64.float(), k64.float()
-    s = q32 @ k32.T
+    s = q64.float() @ k32.T
     if metric == "l2":
-        s = s.mul_(2).sub_((k32 * k32).sum(1))
-    size = q64.norm(dim=1) + k64.norm(dim=1).max()
+        s = s.mul_(2).sub_(squares)
+    size = q64.norm(dim=1) + key_max
     eps = (4 * q.shape[1] + 16) * 2.0 ** -24 * size ** 2
     return s, eps
 
 
-def _exact_among(q: Tensor, keys: Tensor, candidates: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    """Top k of each row among its candidate columns (R, M) bool, by the definition."""
-    row, col = candidates.nonzero(as_tuple=True)  # row-major: columns ascend within a row
-    score = reference.pair_scores(q[row], keys[col], metric)
+def _candidates(s: Tensor, eps: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(row, col) of every key within 2 eps of its row's float32 k-th score, row-major with the columns
+    ascending in a row. Read off a top-k' with headroom (k' = k + 8 + k / 8) where the k'-th score is
+    already below the threshold (the usual case), from the whole row's mask otherwise."""
+    rows, m = s.shape
+    top = s.topk(min(m, k + 8 + k // 8), dim=1)
+    kth = top.values[:, k - 1].double()
+    # the threshold rounded down to float32 (never above the exact one), compared in float32
+    threshold = (kth - 2 * eps).float()
+    threshold = torch.nextafter(threshold, torch.full_like(threshold, -float("inf")))
+    threshold = torch.where(torch.isfinite(threshold), threshold, -float("inf"))  # overflow: every key
+    covered = (top.values[:, -1] < threshold) | (top.values.shape[1] == m)
+    cols, order = top.indices.sort(dim=1)
+    kept = (top.values.gather(1, order) >= threshold[:, None]) & covered[:, None]
+    row = torch.arange(rows, device=s.device)[:, None].expand_as(cols)[kept]
+    col = cols[kept]
+    rest = torch.nonzero(~covered).flatten()
+    if rest.numel():  # near-ties past the headroom: these rows' whole masks
+        sub_row, sub_col = (s[rest] >= threshold[rest, None]).nonzero(as_tuple=True)
+        row, col = torch.cat([row, rest[sub_row]]), torch.cat([col, sub_col])
+        by_row = torch.sort(row, stable=True).indices  # keeps each row's columns ascending
+        row, col = row[by_row], col[by_row]
+    return row, col
+
+
+def _exact_among(q: Tensor, keys: Tensor, row: Tensor, col: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    """Top k of each of the R = q.shape[0] rows among its candidates (row, col), by the definition."""
+    score = torch.empty(row.numel(), dtype=torch.float64, device=q.device)
+    step = max(1, PAIR_ELEMENTS // q.shape[1])  # the pairs' (P, D) float64 operands, a chunk at a time
+    for p0 in range(0, row.numel(), step):
+        score[p0:p0 + step] = reference.pair_scores(q[row[p0:p0 + step]], keys[col[p0:p0 + step]], metric)
     # order: by row, then score descending, then column (stable sorts, last key first)
     order = torch.sort(-score, stable=True).indices
     order = order[torch.sort(row[order], stable=True).indices]
-    counts = candidates.sum(dim=1)
+    counts = torch.bincount(row, minlength=q.shape[0])
     starts = torch.cumsum(counts, 0) - counts
     pick = order[(starts[:, None] + torch.arange(k, device=q.device)).reshape(-1)]
     return col[pick].view(-1, k), score[pick].view(-1, k)
@@ -52,16 +94,12 @@ def similarity_topk(q: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Tenso
     n, m = q.shape[0], keys.shape[0]
     index = torch.empty(n, k, dtype=torch.int64, device=q.device)
     score = torch.empty(n, k, dtype=torch.float32, device=q.device)
+    k32, squares, key_max = _filter_keys(keys, metric)
     step = max(1, CHUNK_ELEMENTS // max(1, m))
     for r0 in range(0, n, step):
         rows = q[r0:r0 + step]
-        s, eps = _filter(rows, keys, metric)
-        kth = s.topk(k, dim=1).values[:, -1].double()
-        # the threshold rounded down to float32 (never above the exact one), compared in float32
-        threshold = (kth - 2 * eps).float()
-        threshold = torch.nextafter(threshold, torch.full_like(threshold, -float("inf")))
-        candidates = s >= threshold[:, None]
-        candidates |= ~torch.isfinite(threshold)[:, None]  # overflowed scores: every key is a candidate
-        index[r0:r0 + step], values = _exact_among(rows, keys, candidates, k, metric)
+        s, eps = _filter(rows, k32, squares, key_max, metric)
+        row, col = _candidates(s, eps, k)
+        index[r0:r0 + step], values = _exact_among(rows, keys, row, col, k, metric)
         score[r0:r0 + step] = values.float()
     return index, score
