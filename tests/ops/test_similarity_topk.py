@@ -72,6 +72,23 @@ def test_ties_past_the_filters_headroom(metric):
         torch.testing.assert_close(got[1].double(), want[1], rtol=2.5e-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_keys_in_blocks_merge_to_the_same_top_k(impl, metric):
+    """key_block splits the keys (as streaming from host memory does); duplicates straddle the blocks, so
+    the merge must keep the lower index among equal scores."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(101, 12, generator=g)
+    keys[[30, 64, 99]] = keys[2].clone()  # in other blocks than key 2 for every block size below
+    q = torch.cat([keys[2:3], torch.randn(6, 12, generator=g)])
+    for k in (1, 7, 50, 101):
+        want = vlfast.similarity_topk(q, keys, k, metric=metric, impl=impl)
+        assert torch.equal(want[0], _oracle(q, keys, k, metric)[0])
+        for block in (1, 7, 13, 100, 101, 500):
+            got = vlfast.similarity_topk(q, keys, k, metric=metric, key_block=block, impl=impl)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (k, block)
+
+
 def test_empty_queries():
     index, score = vlfast.similarity_topk(torch.zeros(0, 4), torch.randn(9, 4), 3)
     assert index.shape == score.shape == (0, 3)
@@ -85,6 +102,8 @@ def test_empty_queries():
     ((torch.randn(2, 4), torch.full((5, 4), float("nan")), 1), {}, ValueError, "keys must be finite"),
     ((torch.randn(2, 4), torch.randn(5, 4), 1), {"metric": "dot"}, ValueError, "metric must be one of"),
     ((torch.randn(4), torch.randn(5, 4), 1), {}, ValueError, r"queries must be a 2-D tensor"),
+    ((torch.randn(2, 4), torch.randn(5, 4), 1), {"key_block": -1}, ValueError, "key_block must be an int >= 0"),
+    ((torch.randn(2, 4), torch.randn(5, 4), 1), {"key_block": True}, ValueError, "key_block must be an int"),
 ])
 def test_bad_input_is_named(args, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -5,8 +5,8 @@ For queries q (N, D) and keys (M, D), in float64 on the values given, each sum t
   metric="ip":     score_ij = sum_d q_id k_jd
   metric="cosine": score_ij = ip_ij / (|q_i| |k_j|)   (0 where either norm is 0)
   metric="l2":     score_ij = -sum_d (q_id - k_jd)^2   (larger is nearer)
-indices_i: the k keys of largest score, in decreasing score, ties to the lower index; scores_i theirs, as
-float32. Memory: one block of (rows x M x D) float64 values at a time; time O(N M D) elementwise.
+indices_i: the k keys of largest score, in decreasing score, ties to the lower index; scores_i theirs
+(float64 here; the public op returns them as float32). Memory: one block of (rows x M x D) float64 values at a time; time O(N M D) elementwise.
 """
 from __future__ import annotations
 
@@ -38,16 +38,17 @@ def top_k_lowest_index(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def similarity_topk(q: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    """(indices (N, k) int64, scores (N, k) float32) by the definition."""
+    """(indices (N, k) int64, scores (N, k) float64) by the definition (the public op rounds the scores
+    to float32)."""
     n, d = q.shape
     m = keys.shape[0]
     index = torch.empty(n, k, dtype=torch.int64, device=q.device)
-    score = torch.empty(n, k, dtype=torch.float32, device=q.device)
+    score = torch.empty(n, k, dtype=torch.float64, device=q.device)
     step = max(1, CHUNK_ELEMENTS // max(1, m * d))
     for r0 in range(0, n, step):
         rows = q[r0:r0 + step]
         pairs_q = rows[:, None, :].expand(-1, m, -1).reshape(-1, d)
         pairs_k = keys[None].expand(rows.shape[0], -1, -1).reshape(-1, d)
         values, order = top_k_lowest_index(pair_scores(pairs_q, pairs_k, metric).view(rows.shape[0], m), k)
-        index[r0:r0 + step], score[r0:r0 + step] = order, values.float()
+        index[r0:r0 + step], score[r0:r0 + step] = order, values
     return index, score

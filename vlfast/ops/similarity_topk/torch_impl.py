@@ -90,16 +90,15 @@ def _exact_among(q: Tensor, keys: Tensor, row: Tensor, col: Tensor, k: int, metr
 
 
 def similarity_topk(q: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    """(indices (N, k) int64, scores (N, k) float32), exactly reference.similarity_topk's."""
+    """(indices (N, k) int64, scores (N, k) float64), exactly reference.similarity_topk's."""
     n, m = q.shape[0], keys.shape[0]
     index = torch.empty(n, k, dtype=torch.int64, device=q.device)
-    score = torch.empty(n, k, dtype=torch.float32, device=q.device)
+    score = torch.empty(n, k, dtype=torch.float64, device=q.device)
     k32, squares, key_max = _filter_keys(keys, metric)
     step = max(1, CHUNK_ELEMENTS // max(1, m))
     for r0 in range(0, n, step):
         rows = q[r0:r0 + step]
         s, eps = _filter(rows, k32, squares, key_max, metric)
         row, col = _candidates(s, eps, k)
-        index[r0:r0 + step], values = _exact_among(rows, keys, row, col, k, metric)
-        score[r0:r0 + step] = values.float()
+        index[r0:r0 + step], score[r0:r0 + step] = _exact_among(rows, keys, row, col, k, metric)
     return index, score
