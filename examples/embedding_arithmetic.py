@@ -13,12 +13,12 @@ their nearest images (--picture).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
 import train_clip
+from image_grid import save_image_grid
 from shapes_data import COLOURS, SHAPES, WordTokenizer, make_shapes
 from vlfast.retrieval import arithmetic_query, embedding_arithmetic
 from vlfast import similarity_topk
@@ -107,31 +107,20 @@ def main(argv=None) -> dict:
 
 def draw(model, images, colour, shape, names, gallery_images, tokenizer, args) -> str:
     """One row per example: the query image, then its k nearest gallery images."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     examples = [(0, 2), (1, 0), (2, 3), (3, 1)]  # (shape, target colour) for a query of the next colour
-    fig, axes = plt.subplots(len(examples), args.k + 1, figsize=(1.3 * (args.k + 1), 1.5 * len(examples)))
+    rows, titles = [], []
     with torch.no_grad():
         gallery = model.encode_image(gallery_images)
-        for row, (s, t) in enumerate(examples):
+        for s, t in examples:
             i = int(torch.nonzero((shape == s) & (colour != t)).flatten()[0])
             minus, plus = (tokenizer([args.text.format(names[c])]) for c in (int(colour[i]), t))
             hits, _ = embedding_arithmetic(model, images[i:i + 1], minus["input_ids"], plus["input_ids"], gallery,
                                            args.k, minus_mask=minus["attention_mask"],
                                            plus_mask=plus["attention_mask"])
-            shown = [images[i]] + [gallery_images[j] for j in hits[0].tolist()]
-            for col, img in enumerate(shown):
-                ax = axes[row, col]
-                ax.imshow(((img - img.min()) / (img.max() - img.min())).permute(1, 2, 0).numpy())
-                ax.set_xticks([])
-                ax.set_yticks([])
-            axes[row, 0].set_title(f"- {names[int(colour[i])]} + {names[t]}", fontsize=8)
-    fig.suptitle("query image - text(its colour) + text(target): the nearest held-out images", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(args.picture, dpi=100)
-    plt.close(fig)
-    return f"picture written to {args.picture}"
+            rows.append([images[i]] + [gallery_images[j] for j in hits[0].tolist()])
+            titles.append(f"- {names[int(colour[i])]} + {names[t]}")
+    return save_image_grid(rows, args.picture, titles, cell=(1.3, 1.5),
+                           title="query image - text(its colour) + text(target): the nearest held-out images")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ PLACES = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0
           "bottom right": (0.73, 0.73), "middle": (0.5, 0.5)}  # (x, y) as fractions of the side
 SIZES = {"small": 0.12, "large": 0.22}  # radius as a fraction of the side
 TEMPLATES = ("a {}", "a picture of a {}", "there is a {}")  # captions, and the zero-shot prompts
+MEAN, STD = 0.14, 0.17  # Shapes.images = (pixels in [0, 1] - MEAN) / STD
 
 
 def class_names() -> list:
@@ -62,9 +63,10 @@ class Shapes:
     images: Tensor  # (N, 3, S, S) float32, about zero-mean unit-variance
     captions: list  # N strings
     labels: Tensor  # (N,) index into class_names()
+    places: Tensor  # (N,) index into PLACES (whether or not the caption names it)
 
 
-def _masks(shape: Tensor, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
+def shape_masks(shape: Tensor, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
     """(N, S, S) bool: which pixels the shape covers, for offsets dx, dy (N, S, S) from its centre."""
     circle = dx ** 2 + dy ** 2 <= r ** 2
     square = torch.maximum(dx.abs(), dy.abs()) <= 0.8 * r
@@ -87,12 +89,12 @@ def make_shapes(n: int, image_size: int = 32, *, seed: int) -> Shapes:
     grid = torch.arange(image_size, dtype=torch.float32) + 0.5
     dx = grid[None, None, :] - centres[:, 0, None, None]
     dy = grid[None, :, None] - centres[:, 1, None, None]
-    covered = _masks(shape, dx, dy, radius[:, None, None])  # (N, S, S)
+    covered = shape_masks(shape, dx, dy, radius[:, None, None])  # (N, S, S)
     rgb = torch.tensor(list(COLOURS.values()))[colour]
     rgb = (rgb * (0.85 + 0.15 * torch.rand(n, 1, generator=g))).clamp(0, 1)
     background = 0.1 + 0.05 * torch.randn(n, 3, image_size, image_size, generator=g)
     images = torch.where(covered[:, None], rgb[:, :, None, None], background)
-    images = (images - 0.14) / 0.17  # roughly zero-mean, unit-variance pixels, as CLIP's preprocessing gives
+    images = (images - MEAN) / STD  # roughly zero-mean, unit-variance pixels, as CLIP's preprocessing gives
 
     captions = []
     keep_size, keep_place = (torch.rand(n, generator=g) < 0.5).tolist(), (torch.rand(n, generator=g) < 0.5).tolist()
@@ -103,4 +105,4 @@ def make_shapes(n: int, image_size: int = 32, *, seed: int) -> Shapes:
         words += ["in", "the", place_words[place[i]]] * keep_place[i]
         captions.append(TEMPLATES[template[i]].format(" ".join(words)))
     labels = colour * len(SHAPES) + shape
-    return Shapes(images=images.float(), captions=captions, labels=labels)
+    return Shapes(images=images.float(), captions=captions, labels=labels, places=place)

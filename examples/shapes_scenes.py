@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from shapes_data import COLOURS, PLACES, SHAPES, SIZES, _masks
+from shapes_data import COLOURS, PLACES, SHAPES, SIZES, shape_masks
 
 NUMBERS = ("zero", "one", "two", "three")
 KINDS = ("conversation", "description", "reasoning")
@@ -68,7 +68,7 @@ def make_scenes(n: int, image_size: int = 32, *, seed: int, max_shapes: int = 3)
             size = list(SIZES)[int(torch.randint(len(SIZES), (1,), generator=g))]
             cx, cy = PLACES[places[p]]
             r = SIZES[size] * 0.8  # a little smaller than shapes_data's: several must fit
-            covered = _masks(torch.tensor([SHAPES.index(shape)]), grid[None, None, :] - cx * image_size,
+            covered = shape_masks(torch.tensor([SHAPES.index(shape)]), grid[None, None, :] - cx * image_size,
                              grid[None, :, None] - cy * image_size, torch.tensor([[[r * image_size]]]))[0]
             rgb = torch.tensor(COLOURS[colour])
             image = torch.where(covered[None], rgb[:, None, None], image)

@@ -76,6 +76,16 @@ def setup_distributed(device: str) -> tuple:
     return 0, 1, False
 
 
+def start(batch_size: int, device_name: str) -> tuple:
+    """(rank, world, owns_group, device): the process group under torchrun (see setup_distributed), this
+    rank's device, and a check that the global batch splits evenly over the ranks."""
+    rank, world, owns_group = setup_distributed(device_name)
+    if batch_size % world:
+        raise SystemExit(f"--batch-size {batch_size} must be a multiple of the {world} ranks")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return rank, world, owns_group, torch.device(f"cuda:{local}" if device_name == "cuda" else device_name)
+
+
 def optimizer(model: CLIP, lr: float, weight_decay: float, warmup: int, steps: int):
     # As open_clip: no weight decay on gains, biases and the temperature (the 0-d and 1-d tensors).
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -97,6 +107,23 @@ def global_mean(loss: torch.Tensor, world: int) -> float:
         dist.all_reduce(logged)
         logged /= world
     return logged.item()
+
+
+def optimise(loss_of, batches, opt, schedule, world: int, bar) -> list:
+    """Per batch: loss_of(batch) -> backward, an optimiser and a schedule step; returns the ranks' mean
+    losses (the progress bar shows the last, and is closed at the end)."""
+    losses = []
+    for batch in batches:
+        loss = loss_of(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        losses.append(global_mean(loss, world))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        bar.update()
+    bar.close()
+    return losses
 
 
 def batches(n: int, batch_size: int, steps: int, seed: int):
@@ -141,10 +168,7 @@ def plot_losses(losses: list, path: str) -> str:
 def main(argv=None) -> dict:
     """Trains and evaluates; returns {"losses", "accuracy", "chance", "seconds", "model"}."""
     args = parse_args(argv)
-    rank, world, owns_group = setup_distributed(args.device)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if args.device == "cuda" else args.device)
+    rank, world, owns_group, device = start(args.batch_size, args.device)
     local = args.batch_size // world
     log = rank == 0
     t0 = time.perf_counter()

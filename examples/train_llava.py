@@ -15,7 +15,6 @@ question). Writes a loss-curve plot (--plot).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -137,23 +136,15 @@ def train_stage(model, ddp, data, images, stage: int, steps: int, args, rank: in
     order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(steps * args.batch_size // len(data) + 1)])
     bar = tqdm(total=steps, desc=f"stage {stage}", unit="step", file=sys.stderr, disable=rank != 0 or args.quiet,
                mininterval=0.5, dynamic_ncols=True)
-    losses = []
-    for step in range(steps):
+    def loss_of(step: int):
         batch = order[step * args.batch_size:(step + 1) * args.batch_size][rank * local:(rank + 1) * local]
         chosen = [data[int(j)] for j in batch]
         padded = pad_batch([(ids, labels) for _, ids, labels in chosen], pad_token_id=0)
         pixels = images[torch.tensor([i for i, _, _ in chosen])].to(device)
-        loss = ddp(padded["input_ids"].to(device), padded["labels"].to(device), pixels,
+        return ddp(padded["input_ids"].to(device), padded["labels"].to(device), pixels,
                    padded["attention_mask"].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(train_clip.global_mean(loss, world))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        bar.update()
-    bar.close()
-    return losses
+
+    return train_clip.optimise(loss_of, range(steps), opt, sched, world, bar)
 
 
 class LossModule(torch.nn.Module):
@@ -199,10 +190,7 @@ def _template(question: str) -> str:
 def main(argv=None) -> dict:
     """Trains both stages and evaluates; returns {"losses", "accuracy", "seconds", "model"}."""
     args = parse_args(argv)
-    rank, world, owns_group = train_clip.setup_distributed(args.device)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if args.device == "cuda" else args.device)
+    rank, world, owns_group, device = train_clip.start(args.batch_size, args.device)
     t0 = time.perf_counter()
     tokens = Words()
     model = build(args, tokens, device)

@@ -60,6 +60,7 @@ def test_loss_equals_explicit_float64_logits():
             + 7 * F.cross_entropy(image_logits.reshape(-1, 20), image.reshape(-1)) / 8)
     got = model.loss(text, image)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.equal(model(text, image), got)  # forward is the loss (what DDP calls)
     got.backward()
     assert model.text_embed.weight.grad is not None and model.row_embed.grad is not None
 

@@ -71,6 +71,20 @@ def test_vq_tokens_are_the_exact_nearest_codes():
     assert torch.equal(model.encode(x).reshape(-1), want)
 
 
+def test_vq_dead_codes_restart_from_the_batch():
+    """dead_code_threshold reaches the VQ quantizer: codes no vector picks restart from encoder outputs."""
+    torch.manual_seed(0)
+    model = DiscreteVAE(DiscreteVAEConfig(**SMALL, quantizer="vq", dead_code_threshold=1.0)).train()
+    assert model.quantizer.dead_code_threshold == 1.0
+    x = torch.rand(2, 3, 32, 32)
+    before = model.quantizer.codebook.clone()
+    with torch.no_grad():
+        z = model.encoder(map_pixels(x)).permute(0, 2, 3, 1).reshape(-1, 16)
+        model(x)
+    restarted = (model.quantizer.codebook != before).any(dim=1) & (torch.cdist(model.quantizer.codebook, z).amin(1) < 1e-5)
+    assert restarted.any()  # 32 vectors cannot keep 64 codes alive: some restart at a vector of the batch
+
+
 def test_gumbel_loss_is_the_evidence_lower_bound_and_eval_is_deterministic():
     model = DiscreteVAE(DiscreteVAEConfig(**SMALL, kl_weight=2.0)).eval()
     x = torch.rand(2, 3, 32, 32)

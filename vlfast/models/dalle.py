@@ -145,6 +145,10 @@ class DALLE(nn.Module):
         image_loss = linear_cross_entropy(image_h.reshape(-1, c.dim), self.image_head.weight, image.reshape(-1))
         return c.text_weight * text_loss + c.image_weight * image_loss
 
+    def forward(self, text: Tensor, image: Tensor) -> Tensor:
+        """The training loss (see loss): what DistributedDataParallel and fully_shard call."""
+        return self.loss(text, image)
+
     # --- sampling -----------------------------------------------------------------------------------
     def step(self, tokens: Tensor, cache: KVCache, text: Optional[Tensor] = None) -> Tensor:
         """Image-token logits (B, S, image_vocab): for the padded text prompt (text given; tokens ignored),

@@ -54,6 +54,7 @@ class DiscreteVAEConfig:
     quantizer: str = "gumbel"      # or "vq" (VectorQuantizer, codebook_lookup)
     kl_weight: float = 6.6         # beta: DALL-E's final weight of the KL to the uniform prior
     temperature: float = 1.0       # the Gumbel softmax's; anneal it in training (DALL-E: 1 -> 1/16)
+    dead_code_threshold: float = 0.0  # "vq": codes whose EMA count falls below it restart from batch vectors
 
     def __post_init__(self):
         check_positive("DiscreteVAEConfig", self)
@@ -139,7 +140,8 @@ class DiscreteVAE(nn.Module):
                                      _groups(EncoderBlock, widths, c.n_hid, c.blocks_per_group,
                                              lambda: nn.MaxPool2d(2)),
                                      nn.ReLU(), _conv(widths[-1], c.n_init if vq else c.vocab_size, 1))
-        self.quantizer = (VectorQuantizer(c.vocab_size, c.n_init, ema_decay=0.99, channels_first=True) if vq else
+        self.quantizer = (VectorQuantizer(c.vocab_size, c.n_init, ema_decay=0.99, channels_first=True,
+                                          dead_code_threshold=c.dead_code_threshold) if vq else
                           GumbelQuantizer(c.vocab_size, c.n_init, temperature=c.temperature, kl_weight=c.kl_weight,
                                           channels_first=True))
         self.decoder_bias = nn.Parameter(torch.zeros(c.n_init))  # the bias of OpenAI's 1x1 input convolution
