@@ -38,7 +38,7 @@ ATTRIBUTES = ("colour", "shape", "place")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dvae-steps", type=int, default=1500)
+    p.add_argument("--dvae-steps", type=int, default=2000)
     p.add_argument("--steps", type=int, default=1500, help="transformer training steps")
     p.add_argument("--clip-steps", type=int, default=500, help="training steps of the re-ranking CLIP (train_clip.py)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split evenly over the ranks")
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantizer", choices=("vq", "gumbel"), default="vq",
                    help="the dVAE's: VQ with dead-code restarts, or DALL-E's Gumbel softmax")
     p.add_argument("--kl-weight", type=float, default=1.0, help="the Gumbel dVAE's KL to the uniform prior")
-    p.add_argument("--dvae-lr", type=float, default=2e-3)
+    p.add_argument("--dvae-lr", type=float, default=3e-3)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
