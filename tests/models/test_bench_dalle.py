@@ -17,6 +17,6 @@ def test_tiny_bench_rows(tmp_path):
         r = rows[("train", impl)]
         assert r["status"] == "ok" and r["mode"] == "fwd+bwd" and r["error"] < 1e-5, r  # float32 vs float64
     assert rows[("train", "flex[compiled]")]["status"] == "skipped"
-    for impl in ("vlfast-DALLE.generate", "no-cache"):
+    for impl in ("vlfast-DALLE.generate", "dense-mask cache", "no-cache"):
         r = rows[("sample", impl)]
         assert r["status"] == "ok" and r["error"] == 0.0 and r["tokens_per_s"] > 0, r  # the same greedy tokens

@@ -9,6 +9,7 @@ train-* cases: forward + backward of DALLE.loss (text then image tokens, row / c
   Error: the loss against the same model in float64 (vlfast's reference attention).
 sample-* cases: greedy generation (top_k=1) of every image token for K images of one prompt.
   vlfast-DALLE.generate  the KV cache, each step through vlfast.attention_decode with the layer's mask
+  dense-mask cache       the same cache, each step SDPA over the whole cache with rows of the dense mask
   no-cache               the whole sequence recomputed for every new token (the model's own blocks)
   Error: the fraction of image tokens that differ from no-cache's; tokens/s counts image tokens.
 """
@@ -170,10 +171,45 @@ def _generate(x: Inputs, case: Case) -> torch.Tensor:
     return x.model.generate(x.text[:1], num_images=case.params["k"], top_k=1)
 
 
+def _dense_cache_attend(dense: dict):
+    """KVCache.attend for the dense-mask peer: the new keys and values scattered in at seqlens (no host
+    sync), then SDPA of the new queries over the whole cache, masked by their rows of the layer's dense
+    mask and by the row's length."""
+    def attend(self, layer, q, k_new, v_new, mask=None, impl="auto"):
+        k_all, v_all = self.k[layer], self.v[layer]  # (B, Hkv, S_max, D), a contiguous cache
+        new = self.seqlens.long()[:, None] + torch.arange(k_new.shape[2], device=q.device)  # (B, S_new)
+        where = new[:, None, :, None].expand(-1, k_all.shape[1], -1, k_all.shape[3])
+        k_all.scatter_(2, where, k_new)
+        v_all.scatter_(2, where, v_new)
+        key = id(mask)
+        if key not in dense:
+            # (S, S): DALL-E's masks are the same for every row
+            dense[key] = mask.to_dense(self.max_len, self.max_len).reshape(-1, self.max_len, self.max_len)[0].to(q.device)
+        keys = torch.arange(self.max_len, device=q.device)
+        keep = dense[key][new] & (keys[None, None, :] <= new[:, -1:, None])  # (B, S_new, S_max)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=keep[:, None])
+    return attend
+
+
+def _dense_cache_generate(x: Inputs, case: Case) -> torch.Tensor:
+    from vlfast.generation.kv_cache import KVCache
+    real = KVCache.attend
+    KVCache.attend = _dense_cache_attend(_DENSE_CACHE_MASKS)
+    try:
+        return _generate(x, case)
+    finally:
+        KVCache.attend = real
+
+
+_DENSE_CACHE_MASKS: dict = {}
+
+
 def contenders(case: Case, device: torch.device) -> list:
     if case.params["kind"] == "sample":
         return [Contender("vlfast-DALLE.generate", lambda x, mode: {"tokens": _generate(x, case)},
                           describe=settings(cache="KVCache", attention="attention_decode auto", sampling="top_k=1")),
+                Contender("dense-mask cache", lambda x, mode: {"tokens": _dense_cache_generate(x, case)},
+                          describe=settings(cache="KVCache", attention="SDPA over the whole cache, dense mask rows")),
                 Contender("no-cache", lambda x, mode: {"tokens": _no_cache(x, case)},
                           describe=settings(cache=None, attention="the model's, the whole sequence per token"))]
     peers = [Contender("vlfast-DALLE", _train_runner(), describe=settings(attention="vlfast.attention auto")),
