@@ -1,26 +1,18 @@
-"""vlfast/bench/bench_similarity_topk.py runs as `python -m vlfast bench similarity_topk` (tiny sizes, CPU)."""
-import json
-import subprocess
-import sys
-from pathlib import Path
-
+"""vlfast/bench/bench_similarity_topk.py at tiny size, and its float64 oracle."""
 import torch
 
 from vlfast.bench import bench_similarity_topk as bench
+from vlfast.bench import runner
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def test_tiny_bench_rows(tmp_path):
-    path = tmp_path / "rows.json"
-    out = subprocess.run([sys.executable, "-m", "vlfast", "bench", "similarity_topk", "--tiny", "--device", "cpu",
-                          "--json", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    rows = {r["impl"]: r for r in json.loads(path.read_text())}
-    assert rows["vlfast-torch"]["status"] == "ok" and rows["vlfast-torch"]["errors"]["index_mismatch"] == 0.0
+def test_tiny_bench_rows():
+    rows = []
+    runner.run_op(bench.OP, bench, torch.device("cpu"), "tiny", {}, rows.append)
+    ran = {r["impl"]: r for r in rows}
+    assert ran["vlfast-torch"]["status"] == "ok" and ran["vlfast-torch"]["errors"]["index_mismatch"] == 0.0
     for name in ("torch-matmul+topk", "torch-fp32-matmul+topk"):
-        assert rows[name]["status"] == "ok" and rows[name]["ms"] > 0 and rows[name]["tflops"] > 0, rows[name]
-    assert rows["vlfast-triton"]["status"] == "skipped"
+        assert ran[name]["status"] == "ok" and ran[name]["ms"] > 0 and ran[name]["tflops"] > 0, ran[name]
+    assert ran["vlfast-triton"]["status"] == "skipped"
 
 
 def test_oracle_breaks_ties_to_the_lower_index_and_sees_every_block(monkeypatch):
