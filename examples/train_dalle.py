@@ -97,7 +97,8 @@ def train_dvae(images: torch.Tensor, args, device, rank: int, world: int) -> Dis
     # KL weights 0 to 1, 1000-1500 steps), while VQ with dead-code restarts had them after 700 steps
     dvae = DiscreteVAE(DiscreteVAEConfig(image_size=images.shape[-1], n_hid=args.n_hid, blocks_per_group=1,
                                          vocab_size=args.vocab, n_init=64, quantizer=args.quantizer,
-                                         kl_weight=args.kl_weight, dead_code_threshold=1.0)).to(device)
+                                         kl_weight=args.kl_weight,
+                                         dead_code_threshold=1.0 if args.quantizer == "vq" else 0.0)).to(device)
 
     def anneal(step: int) -> None:  # DALL-E's Gumbel temperature: 1 -> 1/16, here over the first 80 % of steps
         if args.quantizer == "gumbel":

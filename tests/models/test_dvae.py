@@ -85,6 +85,13 @@ def test_vq_dead_codes_restart_from_the_batch():
     assert restarted.any()  # 32 vectors cannot keep 64 codes alive: some restart at a vector of the batch
 
 
+def test_dead_code_threshold_is_for_vq_only_and_not_negative():
+    with pytest.raises(ValueError, match="dead_code_threshold must be >= 0, and is for quantizer='vq' only"):
+        DiscreteVAEConfig(**SMALL, dead_code_threshold=1.0)  # the Gumbel quantizer would ignore it
+    with pytest.raises(ValueError, match="dead_code_threshold must be >= 0"):
+        DiscreteVAEConfig(**SMALL, quantizer="vq", dead_code_threshold=-1.0)
+
+
 def test_gumbel_loss_is_the_evidence_lower_bound_and_eval_is_deterministic():
     model = DiscreteVAE(DiscreteVAEConfig(**SMALL, kl_weight=2.0)).eval()
     x = torch.rand(2, 3, 32, 32)

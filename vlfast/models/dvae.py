@@ -65,6 +65,10 @@ class DiscreteVAEConfig:
             raise ValueError(f"DiscreteVAEConfig.n_hid must be a multiple of 4 (the blocks' bottleneck), got {self.n_hid}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"DiscreteVAEConfig.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if not self.dead_code_threshold >= 0 or (self.dead_code_threshold and self.quantizer != "vq"):
+            raise ValueError("DiscreteVAEConfig.dead_code_threshold must be >= 0, and is for quantizer='vq' only "
+                             f"(the Gumbel quantizer has no dead codes to restart), got {self.dead_code_threshold!r} "
+                             f"with quantizer={self.quantizer!r}")
 
     @property
     def downsampling(self) -> int:
