@@ -5,8 +5,8 @@ benchmarks/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck).
 
 With the caching allocator off each tensor is its own cudaMalloc, so a read or write past a tensor's
 end is outside any allocation and memcheck sees it. --tiny keeps to one shape (racecheck is slow).
-Exits non-zero when a result is not finite (or a codebook index is out of range, or decode attention
-differs from impl="torch").
+Exits non-zero when a result is not finite (or a codebook index is out of range, or decode attention or
+similarity_topk differs from impl="torch").
 """
 from __future__ import annotations
 
@@ -69,6 +69,29 @@ def codebook_lookup(tiny: bool) -> int:
     return bad
 
 
+def similarity_topk(tiny: bool) -> int:
+    """The emit kernel (several row blocks and key splits, a ragged last tile, the float32 pre-pass,
+    sampled thresholds past 4096 keys, a forced overflow) and the float64 pair scores, every metric and
+    dtype; compared with impl="torch". Returns the number of bad runs."""
+    import vlfast
+    from vlfast.ops.similarity_topk import filter as topk_filter
+
+    shapes = [(130, 300, 40, 7)] if tiny else [(1, 1, 3, 1), (97, 300, 40, 7), (130, 5000, 100, 50), (300, 9000, 72, 300)]
+    bad = 0
+    for (n, m, d, k), dtype, metric in itertools.product(shapes, (torch.float32, torch.bfloat16, torch.float16),
+                                                         ("ip", "cosine", "l2")):
+        g = torch.Generator(device="cuda").manual_seed(n * m * d)
+        q = torch.randn(n, d, device="cuda", generator=g).to(dtype)
+        keys = torch.randn(m, d, device="cuda", generator=g).to(dtype)
+        keys[m // 2:m // 2 + min(m // 2, 200)] = keys[0]  # ties past the buffers of the rows near key 0
+        got = vlfast.similarity_topk(q, keys, k, metric=metric, impl="cuda")
+        want = vlfast.similarity_topk(q, keys, k, metric=metric, impl="torch")
+        ok = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        bad += _report(ok, f"similarity_topk {metric:6} {n}x{m}x{d} k{k} {str(dtype).removeprefix('torch.')}")
+    assert topk_filter.SAMPLE_MIN <= 5000  # the larger shapes take sampled thresholds
+    return bad
+
+
 def attention_decode(tiny: bool) -> int:
     """The split and merge kernels: every dims-per-lane variant (d <= 64, <= 128, <= 256), groups of one
     and of several 16-row chunks, contiguous / transposed / paged (pages of 1 and 5) caches, several
@@ -116,7 +139,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="one small shape per variant")
     args = parser.parse_args(argv)
-    bad = clip_loss(args.tiny) + codebook_lookup(args.tiny) + attention_decode(args.tiny)
+    bad = clip_loss(args.tiny) + codebook_lookup(args.tiny) + attention_decode(args.tiny) + similarity_topk(args.tiny)
     print(f"{bad} of the runs gave bad results")
     return 1 if bad else 0
 

@@ -14,6 +14,7 @@
 #include "clip_loss/clip_loss.h"
 #include "codebook_lookup/codebook_lookup.h"
 #include "dtype.h"
+#include "similarity_topk/similarity_topk.h"
 
 namespace py = pybind11;
 
@@ -89,6 +90,26 @@ void bind_attention_decode(py::module_& m) {
         "then their merge into out and the natural-log lse.");
 }
 
+void bind_similarity_topk(py::module_& m) {
+  using py::arg;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("similarity_topk_tile", &vlfast::similarity_topk::tile, arg("dtype"),
+        "(rows, keys) of the candidate filter's tile for a dtype code; keys_per_split is a multiple of keys.");
+  m.def("similarity_topk_work_bytes", &vlfast::similarity_topk::work_bytes, arg("n"), arg("m"), arg("d"),
+        arg("dtype"), "Bytes of scratch similarity_topk_emit needs (float32: its bf16 pieces; else 0).");
+  m.def("similarity_topk_emit", &vlfast::similarity_topk::emit, arg("q"), arg("keys"), arg("alpha"), arg("beta"),
+        arg("threshold"), arg("count"), arg("cols"), arg("scores"), arg("work"), arg("work_size"), arg("n"),
+        arg("m"), arg("d"), arg("stride_q"), arg("stride_k"), arg("capacity"), arg("keys_per_split"),
+        arg("splits"), arg("dtype"), arg("device"), arg("stream"), nogil,
+        "Every pair with alpha_j <q_i, k_j> + beta_j >= threshold_i (float32) takes slot old = count[i]++ of "
+        "row i and, when old < capacity, writes its key and score there.");
+  m.def("similarity_topk_pair_scores", &vlfast::similarity_topk::pair_scores, arg("q"), arg("keys"), arg("row"),
+        arg("col"), arg("out"), arg("p"), arg("n"), arg("m"), arg("d"), arg("stride_q"), arg("stride_k"),
+        arg("metric"), arg("dtype"), arg("device"), arg("stream"), nogil,
+        "The float64 scores of pairs (q[row[i]], keys[col[i]]), bit for bit the definition's ordered sums "
+        "(metric 0 ip, 2 l2: out (p,); 1 cosine: out (3, p) = <q, k>, |q|^2, |k|^2).");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -97,9 +118,10 @@ PYBIND11_MODULE(_C, m) {
                                    py::arg("float16") = static_cast<int>(vlfast::DType::f16),
                                    py::arg("bfloat16") = static_cast<int>(vlfast::DType::bf16));
   // The ops that have kernels here; vlfast._backends reads it. Add an op's name with its bindings.
-  m.attr("OPS") = py::make_tuple("clip_loss", "codebook_lookup", "attention_decode");
+  m.attr("OPS") = py::make_tuple("clip_loss", "codebook_lookup", "attention_decode", "similarity_topk");
   m.def("build_info", &build_info_dict, "What this module was built with: archs, CUDA, compilers.");
   bind_clip_loss(m);
   bind_codebook_lookup(m);
   bind_attention_decode(m);
+  bind_similarity_topk(m);
 }

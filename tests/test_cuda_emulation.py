@@ -5,7 +5,10 @@ column splits and row chunks, rows off 16-byte boundaries and near-perfect pairs
 vlfast.codebook_lookup(impl="cuda") against the float64 argmin, with near-ties, duplicate codes,
 several row blocks and codebook splits, both metrics and every dtype; and behind
 vlfast.attention_decode(impl="cuda") against a float64 oracle on contiguous, transposed and paged
-caches, GQA groups, every mask kind, dtypes, head dims and split counts.
+caches, GQA groups, every mask kind, dtypes, head dims and split counts; and similarity_topk's candidate
+filter (cuda.emit) against thresholded float64 scores, within the codebook scan's certified error, with
+overflowing rows, several row blocks and key splits, every dtype; and the candidates' float64 scores
+(cuda.pair_scores) against the definition, bit for bit.
 
 This checks the kernels' indexing, masking and math, their host-side checks and the Python glue,
 where CI has no GPU. Real asynchrony, races and speed are tested on a GPU (test_clip_loss_cuda_gpu.py,
@@ -417,3 +420,248 @@ def _decode_args(**changes):
 def test_emulated_decode_module_checks_arguments(emulated, changes, match):
     with pytest.raises(ValueError, match=match):
         emulated.attention_decode_forward(**_decode_args(**changes))
+
+
+# --- similarity_topk's candidate filter -----------------------------------------------------------------
+# cuda.emit against float64 scores (tests/ops/similarity_topk_emit_cases.py): every pair past the
+# threshold by more than the codebook scan's certified error emitted, none below it by as much, scores
+# within it, counts exact (overflowing rows too).
+
+@pytest.fixture
+def emit_on_cpu(emulated, monkeypatch):
+    """similarity_topk's cuda.emit runs the emulated kernel on CPU tensors."""
+    from vlfast.ops.similarity_topk import cuda
+    monkeypatch.setattr(cuda, "why_not", lambda device, dtype: None)
+    monkeypatch.setattr(cuda, "_extension", lambda q: _OnCpu(emulated))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    monkeypatch.setenv("VLFAST_POISON", "1")  # score slots start as NaN: unwritten ones would show
+    return cuda
+
+
+def _emit_and_check(cuda, n, m, d, dtype, capacity, context, seed=0, fractions=None):
+    from .ops import similarity_topk_emit_cases as cases
+    q, keys, alpha, beta = cases.random_case(n, m, d, dtype, seed=seed)
+    threshold = cases.thresholds(q, keys, alpha, beta, *([fractions] if fractions else []))
+    got = cuda.emit(q, keys, alpha, beta, threshold, capacity)
+    return cases.check_emit(q, keys, alpha, beta, threshold, capacity, got, context), got
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (37, 300, 40), (130, 515, 100), (9, 200, 300)], ids=str)
+def test_emulated_emit_is_the_thresholded_float64_scores(emit_on_cpu, n, m, d, dtype):
+    """Odd shapes: one row and key; 3 key splits (the CPU plan: 4 "SMs"), a ragged last tile; two row
+    blocks x 5 splits, D not a multiple of the 32-wide k step; D = 300 (900 bf16 features for float32).
+    Rows let 1 %, 10 %, 50 %, all (-inf), one or no keys through; capacity M / 5 + 1 overflows the
+    50 % and -inf rows."""
+    capacity = m // 5 + 1
+    stats, (count, _, _) = _emit_and_check(emit_on_cpu, n, m, d, dtype, capacity, f"{n}x{m}x{d} {dtype}")
+    if n > 3:
+        assert stats["overflow"] >= 2 and stats["emitted"] > 0
+        assert (count[3::7] == m).all()  # -inf rows count every key, past capacity
+        assert (count[5::7] == 0).all()  # a threshold above the best score: none
+    assert stats["band"] <= max(4, n * m // 50)  # the error bound stays tight
+
+
+@pytest.mark.parametrize("plan", ["one-split", "one-tile-per-split"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_emulated_emit_row_blocks_and_key_splits(emit_on_cpu, dtype, plan, monkeypatch):
+    """Three row blocks; the key tiles all in one split (one block loops over three tiles) or one per
+    split (a row's count gathers atomics from three blocks)."""
+    from vlfast.ops.codebook_lookup import splits
+    if plan == "one-split":
+        monkeypatch.setattr(splits, "plan", lambda row_blocks, k, device, step: (1, -(-k // step) * step))
+    else:
+        monkeypatch.setattr(splits, "plan", lambda row_blocks, k, device, step: (-(-k // step), step))
+    stats, _ = _emit_and_check(emit_on_cpu, 300, 333, 24, dtype, 70, f"{plan} {dtype}", seed=1)
+    assert stats["overflow"] > 0 and stats["emitted"] > 1000
+
+
+def test_emulated_emit_every_key_and_count_only(emit_on_cpu):
+    """-inf thresholds with room for all: every key once, with its score; capacity 0 counts only."""
+    from .ops import similarity_topk_emit_cases as cases
+    n, m = 50, 260
+    q, keys, alpha, beta = cases.random_case(n, m, 33, torch.bfloat16, seed=2)
+    threshold = torch.full((n,), -float("inf"))
+    got = emit_on_cpu.emit(q, keys, alpha, beta, threshold, m + 3)
+    cases.check_emit(q, keys, alpha, beta, threshold, m + 3, got, "all keys")
+    count, cols, _ = got
+    assert (count == m).all()
+    assert torch.equal(cols[:, :m].sort(dim=1).values, torch.arange(m, dtype=torch.int32).expand(n, m))
+    threshold = cases.thresholds(q, keys, alpha, beta)
+    count0, cols0, scores0 = emit_on_cpu.emit(q, keys, alpha, beta, threshold, 0)
+    assert cols0.shape == (n, 0) and scores0.shape == (n, 0)
+    full = emit_on_cpu.emit(q, keys, alpha, beta, threshold, m)
+    assert torch.equal(count0, full[0])  # the same fp32 comparisons, with or without slots
+
+
+def test_emulated_emit_never_touches_rows_or_keys_past_the_ends(emit_on_cpu, emulated):
+    """The raw kernel on buffers longer than n and m: keys past m (which would qualify at -inf) are
+    never counted, counts and slots of rows past n never written."""
+    from vlfast.ops.codebook_lookup.cuda import kernel_rows
+    from .ops import similarity_topk_emit_cases as cases
+    n, m, d, cap, extra = 70, 140, 16, 150, 60
+    q, keys, alpha, beta = cases.random_case(n + extra, m + extra, d, torch.bfloat16, seed=3)
+    q, keys = kernel_rows(q), kernel_rows(keys)
+    threshold = torch.full((n + extra,), -float("inf"))
+    count = torch.zeros(n + extra, dtype=torch.int32)
+    count[n:] = -7
+    cols = torch.full((n + extra, cap), -7, dtype=torch.int32)
+    scores = torch.full((n + extra, cap), -7.0)
+    emulated.similarity_topk_emit(q=q.data_ptr(), keys=keys.data_ptr(), alpha=alpha.data_ptr(),
+                                  beta=beta.data_ptr(), threshold=threshold.data_ptr(), count=count.data_ptr(),
+                                  cols=cols.data_ptr(), scores=scores.data_ptr(), work=0, work_size=0, n=n, m=m,
+                                  d=d, stride_q=q.stride(0), stride_k=keys.stride(0), capacity=cap,
+                                  keys_per_split=128, splits=2, dtype=2, device=0, stream=0)
+    assert (count[:n] == m).all() and (count[n:] == -7).all()
+    assert (cols[n:] == -7).all() and (scores[n:] == -7).all() and (cols[:, m:] == -7).all()
+    assert torch.equal(cols[:n, :m].sort(dim=1).values, torch.arange(m, dtype=torch.int32).expand(n, m))
+
+
+def test_emulated_emit_copies_rows_off_16_byte_boundaries(emit_on_cpu):
+    from .ops import similarity_topk_emit_cases as cases
+    q, keys, alpha, beta = cases.random_case(20, 50, 100, torch.bfloat16, seed=4)
+    view = torch.cat([torch.zeros(1, 100, dtype=torch.bfloat16), q])[1:]  # data_ptr 200 bytes in
+    assert view.data_ptr() % 16
+    for qq, kk, what in ((view, keys, "mid-row view"), (q[:, :50], keys[:, :50], "strided rows"),
+                         (q, keys[:1].expand(50, 100), "expanded keys")):
+        threshold = cases.thresholds(qq, kk, alpha, beta)
+        got = emit_on_cpu.emit(qq, kk, alpha, beta, threshold, 20)
+        cases.check_emit(qq, kk, alpha, beta, threshold, 20, got, what)
+
+
+def test_emulated_emit_module_checks_arguments_as_the_real_one(emulated):
+    args = dict(q=16, keys=16, alpha=16, beta=16, threshold=16, count=16, cols=16, scores=16, work=0, work_size=0,
+                n=1, m=1, d=8, stride_q=8, stride_k=8, capacity=4, keys_per_split=128, splits=1, dtype=2, device=0,
+                stream=0)
+    for changes, match in [(dict(threshold=0), "argument 'threshold' is a null pointer"),
+                           (dict(dtype=0), "argument 'work' is a null pointer"),
+                           (dict(m=0), "argument 'm' must be >= 1"),
+                           (dict(capacity=-1), "argument 'capacity' must be >= 0"),
+                           (dict(cols=0), "argument 'cols' is a null pointer"),
+                           (dict(keys=24), "argument 'keys' must be 16-byte aligned"),
+                           (dict(keys_per_split=100), "argument 'keys_per_split' must be a multiple of 128"),
+                           (dict(splits=2), r"argument 'splits' must be ceil\(m / keys_per_split\) = 1")]:
+        with pytest.raises(ValueError, match=match):
+            emulated.similarity_topk_emit(**{**args, **changes})
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_emulated_exact_top_k_on_the_cuda_filter(emit_on_cpu, dtype, metric):
+    """cuda.similarity_topk (filter.py's search over cuda.emit) is the definition's top k exactly,
+    exact ties to the lower index."""
+    from vlfast.ops.similarity_topk import reference
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(40, 24, generator=g).to(dtype)
+    keys = torch.randn(700, 24, generator=g).to(dtype)
+    keys[100:103] = keys[7]
+    q[:3] = keys[7]
+    index, score = emit_on_cpu.similarity_topk(q, keys, 5, metric)
+    want_index, want_score = reference.similarity_topk(q, keys, 5, metric)
+    assert torch.equal(index, want_index) and torch.equal(score, want_score)
+    assert emit_on_cpu.last_call["fallback"] == 0  # the filter certified every row itself
+
+
+# --- similarity_topk's exact pair scores ----------------------------------------------------------------
+# cuda.pair_scores (csrc/similarity_topk/pair_scores.cu) against the definition: torch.equal, the same
+# float64 bits, every metric and dtype.
+
+def _pair_case(n, m, d, dtype, seed):
+    """q (n, d) and keys (m, d) whose elements span 24 binades, each its own (so that l2's squared
+    differences round, and an fma would give other bits for many pairs; every sum rounds), a zero
+    query row 0 and a zero key 1; 200 random pairs plus the zero ones."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(n, d, generator=g) * 2.0 ** torch.randint(-12, 12, (n, d), generator=g)).to(dtype)
+    keys = (torch.randn(m, d, generator=g) * 2.0 ** torch.randint(-12, 12, (m, d), generator=g)).to(dtype)
+    q[0] = 0
+    keys[1] = 0
+    row = torch.cat([torch.randint(0, n, (200,), generator=g), torch.tensor([0, 0, 2])])
+    col = torch.cat([torch.randint(0, m, (200,), generator=g), torch.tensor([1, 3, 1])])
+    return q, keys, row, col
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [1, 77, 300])
+def test_emulated_pair_scores_are_the_definitions_bits(emit_on_cpu, d, dtype, metric):
+    from vlfast.ops.similarity_topk import reference
+    q, keys, row, col = _pair_case(30, 50, d, dtype, seed=d)
+    got = emit_on_cpu.pair_scores(q, keys, row, col, metric)
+    want = reference.pair_scores(q[row], keys[col], metric)
+    assert got.dtype == torch.float64 and got.shape == (row.numel(),)
+    assert torch.equal(got, want), f"{(got != want).sum()} of {got.numel()} differ"
+    zero = (row == 0) | (col == 1)
+    if metric == "cosine":
+        assert (got[zero] == 0).all() and (got[~zero].abs() <= 1 + 1e-12).all()
+    if d > 1 and metric == "ip":  # the comparison sees the order: summed backwards, some bits differ
+        backwards = (q[row].double() * keys[col].double()).flip(1).cumsum(1)[:, -1]
+        assert not torch.equal(backwards, want)
+
+
+def test_emulated_pair_scores_on_strided_expanded_and_empty_inputs(emit_on_cpu):
+    """Rows off any alignment (a mid-row view, a column slice), expanded keys (copied), int32 indices,
+    and no pairs at all."""
+    from vlfast.ops.similarity_topk import reference
+    q, keys, row, col = _pair_case(30, 50, 100, torch.bfloat16, seed=11)
+    view = torch.cat([torch.zeros(1, 100, dtype=torch.bfloat16), q])[1:]
+    assert view.data_ptr() % 16
+    for qq, kk, what in ((view, keys, "mid-row view"), (q[:, 3:60], keys[:, 3:60], "column slices"),
+                         (q, keys[:1].expand(50, 100), "expanded keys")):
+        for metric in ("ip", "cosine", "l2"):
+            got = emit_on_cpu.pair_scores(qq, kk, row.int(), col.int(), metric)
+            assert torch.equal(got, reference.pair_scores(qq[row], kk[col], metric)), f"{what} {metric}"
+    empty = torch.empty(0, dtype=torch.int64)
+    for metric in ("ip", "cosine", "l2"):
+        assert emit_on_cpu.pair_scores(q, keys, empty, empty, metric).shape == (0,)
+
+
+def test_emulated_pair_scores_module_layout_and_checks(emulated):
+    """The raw binding: cosine's (3, P) sums, NaN for indices out of range, nothing written past P; and
+    its argument checks."""
+    from vlfast.ops.codebook_lookup.reference import ordered_row_sums
+    q, keys, row, col = _pair_case(8, 9, 13, torch.float32, seed=5)
+    row[:2] = torch.tensor([-1, 8])  # past the ends of q (n = 8)
+    col[2] = 9  # past keys (m = 9)
+    p = row.numel()
+    out = torch.full((3, p + 4), -7.0, dtype=torch.float64)
+    flat = out.view(-1)[:3 * p]
+    emulated.similarity_topk_pair_scores(q=q.data_ptr(), keys=keys.data_ptr(), row=row.data_ptr(), col=col.data_ptr(),
+                                         out=out.data_ptr(), p=p, n=8, m=9, d=13, stride_q=13, stride_k=13, metric=1,
+                                         dtype=0, device=0, stream=0)
+    sums = flat.view(3, p)
+    assert sums[:, :3].isnan().all() and (out.view(-1)[3 * p:] == -7).all()
+    x, y = q[row[3:]].double(), keys[col[3:]].double()
+    for got, want in zip(sums[:, 3:], (ordered_row_sums(x * y), ordered_row_sums(x * x), ordered_row_sums(y * y))):
+        assert torch.equal(got, want)
+    args = dict(q=16, keys=16, row=16, col=16, out=16, p=5, n=2, m=3, d=8, stride_q=8, stride_k=8, metric=0,
+                dtype=2, device=0, stream=0)
+    for changes, match in [(dict(metric=3), r"argument 'metric' must be a metric code: 0 \(ip\), 1 \(cosine\)"),
+                           (dict(p=0), "argument 'p' must be >= 1"),
+                           (dict(row=0), "argument 'row' is a null pointer"),
+                           (dict(col=20), "argument 'col' must be 8-byte aligned"),
+                           (dict(out=0), "argument 'out' is a null pointer"),
+                           (dict(keys=17), "argument 'keys' must be 2-byte aligned"),
+                           (dict(stride_q=7), "argument 'q': the row stride")]:
+        with pytest.raises(ValueError, match="^vlfast._C.similarity_topk_pair_scores: " + match):
+            emulated.similarity_topk_pair_scores(**{**args, **changes})
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_emulated_top_k_scores_its_candidates_with_the_pair_kernel(emit_on_cpu, metric, monkeypatch):
+    """cuda.similarity_topk hands filter.search cuda.pair_scores (one launch), not the torch gather."""
+    from vlfast.ops.similarity_topk import reference
+    calls = []
+    kernel = emit_on_cpu.pair_scores
+
+    def spy(*args):
+        calls.append(args[2].numel())
+        return kernel(*args)
+    monkeypatch.setattr(emit_on_cpu, "pair_scores", spy)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(20, 40, generator=g).to(torch.float16)
+    keys = torch.randn(500, 40, generator=g).to(torch.float16)
+    index, score = emit_on_cpu.similarity_topk(q, keys, 4, metric)
+    want_index, want_score = reference.similarity_topk(q, keys, 4, metric)
+    assert torch.equal(index, want_index) and torch.equal(score, want_score)
+    assert emit_on_cpu.last_call["fallback"] == 0
+    assert calls and sum(calls) == emit_on_cpu.last_call["rescored"] > 0

@@ -4,6 +4,7 @@ The kernels' numerics are tested on a GPU (tests/ops/test_clip_loss_cuda_gpu.py)
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def C():
 
 
 def test_extension_is_built_where_nvcc_is(C):
-    assert C.OPS == ("clip_loss", "codebook_lookup", "attention_decode")
+    assert C.OPS == ("clip_loss", "codebook_lookup", "attention_decode", "similarity_topk")
 
 
 def test_build_info_matches_the_requested_archs(C):
@@ -83,6 +84,11 @@ CALLS = {
     "codebook_lookup_scan": dict(z=A, e=B, alpha=S, beta=W, best=P1, second=P2, index=OUT, work=0, work_size=0,
                                  codes_per_split=128, splits=3, **CODEBOOK),
     "codebook_lookup_distances": dict(z=A, e=B, index=ST, out=OUT, cosine=False, **CODEBOOK),
+    "similarity_topk_emit": dict(q=A, keys=B, alpha=S, beta=W, threshold=ST, count=OUT, cols=P1, scores=P2, work=0,
+                                 work_size=0, n=8, m=300, d=64, stride_q=64, stride_k=64, capacity=16,
+                                 keys_per_split=128, splits=3, dtype=2, device=0, stream=0),
+    "similarity_topk_pair_scores": dict(q=A, keys=B, row=P1, col=P2, out=OUT, p=100, n=8, m=300, d=64, stride_q=64,
+                                        stride_k=64, metric=0, dtype=2, device=0, stream=0),
 }
 BAD = [  # (argument, value, message[, the one binding it is for]), else for every binding that takes the argument
     ("a", 0, "argument 'a' is a null pointer"),
@@ -108,7 +114,7 @@ BAD = [  # (argument, value, message[, the one binding it is for]), else for eve
     ("offset", 3, "argument 'offset' must be -1 or in"),
     ("offset", -1, "only the sigmoid loss allows"),
     ("cols_per_split", 100, "argument 'cols_per_split' must be a multiple of 128"),
-    ("splits", 2, "argument 'splits' must be ceil(. / c.*_per_split) = [13] "),
+    ("splits", 2, "argument 'splits' must be ceil(. / .*_per_split) = [13] "),
     ("r0", 4, "arguments 'r0' and 'c' must select rows inside"),
     ("parts", 0, "argument 'parts'"),
     ("z", 0, "argument 'z' is a null pointer"),
@@ -126,6 +132,26 @@ BAD = [  # (argument, value, message[, the one binding it is for]), else for eve
     ("stride_e", 60, "argument 'e': the row stride"),
     ("codes_per_split", 0, "argument 'codes_per_split' must be >= 1"),
     ("codes_per_split", 100, "argument 'codes_per_split' must be a multiple of 128"),
+    ("q", A + 4, "argument 'q' must be 16-byte aligned", "similarity_topk_emit"),  # 16-bit rows: cp.async
+    ("keys", 0, "argument 'keys' is a null pointer"),
+    ("threshold", 0, "argument 'threshold' is a null pointer"),
+    ("count", ST + 2, "argument 'count' must be 4-byte aligned"),
+    ("cols", 0, "argument 'cols' is a null pointer"),
+    ("scores", 0, "argument 'scores' is a null pointer"),
+    ("stride_q", 60, "argument 'q': the row stride"),
+    ("stride_k", 68, "argument 'keys': rows must start on 16-byte boundaries", "similarity_topk_emit"),
+    ("capacity", -1, "argument 'capacity' must be >= 0"),
+    ("keys_per_split", 0, "argument 'keys_per_split' must be >= 1"),
+    ("keys_per_split", 100, "argument 'keys_per_split' must be a multiple of 128"),
+    ("q", A + 1, "argument 'q' must be 2-byte aligned", "similarity_topk_pair_scores"),  # read element-wise
+    ("keys", B + 1, "argument 'keys' must be 2-byte aligned", "similarity_topk_pair_scores"),
+    ("stride_k", 60, "argument 'keys': the row stride"),
+    ("row", 0, "argument 'row' is a null pointer"),
+    ("col", P2 + 4, "argument 'col' must be 8-byte aligned"),  # int64 indices
+    ("out", OUT + 4, "argument 'out' must be 8-byte aligned", "similarity_topk_pair_scores"),  # float64
+    ("p", 0, "argument 'p' must be >= 1"),
+    ("metric", 3, "argument 'metric' must be a metric code: 0 (ip), 1 (cosine) or 2 (l2), got 3"),
+    ("metric", -1, "argument 'metric' must be a metric code"),
 ]
 
 
@@ -154,7 +180,8 @@ def test_tile_shapes(C):
     assert C.clip_loss_tile(codes["bfloat16"]) == C.clip_loss_tile(codes["float16"]) == (128, 128)
     assert C.clip_loss_tile(codes["float32"]) == (64, 64)
     assert all(C.codebook_lookup_tile(code) == (128, 128) for code in codes.values())  # fp32 runs on bf16 MMAs
-    for tile in (C.clip_loss_tile, C.codebook_lookup_tile):
+    assert all(C.similarity_topk_tile(code) == (128, 128) for code in codes.values())
+    for tile in (C.clip_loss_tile, C.codebook_lookup_tile, C.similarity_topk_tile):
         with pytest.raises(ValueError, match="argument 'dtype'"):
             tile(3)
 
@@ -187,6 +214,46 @@ def test_codebook_work_bytes(C):
         C.codebook_lookup_work_bytes(n=10, k=5, d=0, dtype=0)
     with pytest.raises(ValueError, match="too large"):
         C.codebook_lookup_work_bytes(n=2**40, k=2**40, d=2**20, dtype=0)
+
+
+def test_similarity_topk_emit_rules(C):
+    emit = CALLS["similarity_topk_emit"]
+    with pytest.raises(ValueError, match="'m' must be at most 2.31 - 1 .key indices are int32."):
+        C.similarity_topk_emit(**{**emit, "m": 2**31, "keys_per_split": 2**31, "splits": 1})
+    with pytest.raises(ValueError, match="arguments 'n' and 'capacity' are too large"):
+        C.similarity_topk_emit(**{**emit, "capacity": 2**62})
+    # float32 rows are read element by element (no 16-byte rule), through a scratch of bf16 pieces
+    fp32 = {**emit, "dtype": C.DTYPE_CODES["float32"], "q": A + 4, "stride_q": 67, "d": 67, "stride_k": 67}
+    with pytest.raises(ValueError, match="argument 'work' is a null pointer"):
+        C.similarity_topk_emit(**fp32)
+    need = C.similarity_topk_work_bytes(n=8, m=300, d=67, dtype=C.DTYPE_CODES["float32"])
+    assert need == C.codebook_lookup_work_bytes(n=8, k=300, d=67, dtype=C.DTYPE_CODES["float32"])
+    with pytest.raises(ValueError, match=f"argument 'work_size' must be at least .* = {need} for float32"):
+        C.similarity_topk_emit(**{**fp32, "work": G, "work_size": need - 1})
+    assert C.similarity_topk_work_bytes(n=8, m=300, d=67, dtype=C.DTYPE_CODES["bfloat16"]) == 0
+    with pytest.raises(ValueError, match="^vlfast._C.similarity_topk_work_bytes: argument 'm' must be >= 1"):
+        C.similarity_topk_work_bytes(n=8, m=0, d=67, dtype=0)
+    with pytest.raises(ValueError, match="arguments 'n', 'm', 'd' are too large: .n . m. rows"):
+        C.similarity_topk_work_bytes(n=2**40, m=2**40, d=2**20, dtype=0)
+    if NO_GPU:  # capacity 0 counts only: no slots, null cols and scores accepted (then: no device)
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            C.similarity_topk_emit(**{**emit, "capacity": 0, "cols": 0, "scores": 0})
+
+
+def test_similarity_topk_pair_scores_rules(C):
+    pairs = CALLS["similarity_topk_pair_scores"]
+    # rows read one element at a time: float32 rows need only 4-byte alignment, any stride >= d
+    fp32 = {**pairs, "dtype": C.DTYPE_CODES["float32"], "q": A + 4, "stride_q": 67, "d": 67, "stride_k": 67}
+    with pytest.raises(ValueError, match="argument 'q' must be 4-byte aligned"):
+        C.similarity_topk_pair_scores(**{**fp32, "q": A + 2})
+    with pytest.raises(ValueError, match="argument 'p' is too large"):
+        C.similarity_topk_pair_scores(**{**pairs, "p": 2**61})
+    with pytest.raises(ValueError, match="row offsets overflow 64 bits"):
+        C.similarity_topk_pair_scores(**{**pairs, "n": 2**40, "stride_q": 2**30})
+    if NO_GPU:  # then valid: only the device is missing
+        for valid in (fp32, {**pairs, "metric": 1}, {**pairs, "metric": 2, "dtype": 1, "stride_q": 65}):
+            with pytest.raises(RuntimeError, match="no usable CUDA device"):
+                C.similarity_topk_pair_scores(**valid)
 
 
 def test_negative_addresses_are_type_errors(C):
@@ -229,7 +296,7 @@ def test_valid_arguments_without_a_gpu_raise_runtime_error(C, fn):
         assert out.stdout.startswith(f"RuntimeError: vlfast._C.{fn}: no usable CUDA device"), out.stdout
         assert "the CUDA kernels need an NVIDIA GPU" in out.stdout
     else:  # made-up addresses are not device memory
-        assert out.stdout.startswith(f"ValueError: vlfast._C.{fn}: argument 'a' is not device memory"), out.stdout
+        assert re.match(rf"ValueError: vlfast\._C\.{fn}: argument '\w+' is not device memory", out.stdout), out.stdout
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the CPU-only machine's errors")
@@ -257,6 +324,17 @@ def test_codebook_lookup_impl_cuda_on_cpu_tensors_says_why():
         cuda.scan(x, x, ones, ones)
     with pytest.raises(ImplUnavailableError, match="impl='cuda'"):
         cuda.distances(x, x, torch.zeros(4, dtype=torch.int64), "l2")
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the CPU-only machine's errors")
+def test_similarity_topk_cuda_emit_on_cpu_tensors_says_why():
+    from vlfast.ops.similarity_topk import cuda
+    x, ones = torch.randn(4, 8), torch.ones(4)
+    with pytest.raises(ImplUnavailableError, match="vlfast.similarity_topk: impl='cuda' cannot run here"):
+        cuda.emit(x, x, ones, ones, ones, 8)
+    with pytest.raises(ImplUnavailableError, match="float64"):
+        cuda.emit(x.double(), x.double(), ones, ones, ones, 8)
+    assert cuda.why_not(torch.device("cpu"), torch.bfloat16) is not None
 
 
 def test_auto_takes_cuda_only_where_measured_fastest(monkeypatch):

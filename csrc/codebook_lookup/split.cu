@@ -39,11 +39,14 @@ void split_bf16x3(const char* fn, const float* src, std::int64_t rows, std::int6
   VLFAST_CHECK_LAUNCH(fn, "split_kernel");
 }
 
-std::int64_t checked_work_bytes(ArgCheck& v, DType t, std::int64_t n, std::int64_t k, std::int64_t d) {
-  v.positive("n", n).positive("k", k).positive("d", d);
+std::int64_t checked_work_bytes(ArgCheck& v, DType t, std::int64_t n, std::int64_t k, std::int64_t d,
+                                const char* k_name) {
+  v.positive("n", n).positive(k_name, k).positive("d", d);
   constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max() / 4;
+  const std::string kn = k_name;
   v.require(d <= kMax / kSplitPieces / 8 && n <= kMax - k && n + k <= kMax / (2 * split_stride(d)),
-            "arguments 'n', 'k', 'd' are too large: (n + k) rows of 3d bf16 would exceed 2^61 bytes");
+            "arguments 'n', '" + kn + "', 'd' are too large: (n + " + kn +
+                ") rows of 3d bf16 would exceed 2^61 bytes");
   if (t != DType::f32) return 0;
   return (n + k) * split_stride(d) * std::int64_t(sizeof(__nv_bfloat16));
 }

@@ -21,8 +21,10 @@ constexpr int kSplitPieces = 3;
 // scan's vector loads).
 std::int64_t split_stride(std::int64_t d);
 
-// work_bytes() for checks made by `v` (n, k, d >= 1 and not absurdly large: ValueError naming them).
-std::int64_t checked_work_bytes(ArgCheck& v, DType t, std::int64_t n, std::int64_t k, std::int64_t d);
+// work_bytes() for checks made by `v` (n, k, d >= 1 and not absurdly large: ValueError naming them;
+// `k_name` is the caller's name for k, "m" for similarity_topk's keys).
+std::int64_t checked_work_bytes(ArgCheck& v, DType t, std::int64_t n, std::int64_t k, std::int64_t d,
+                                const char* k_name = "k");
 
 // dst (rows, 3d), row stride split_stride(d) = the pieces of src (rows, d), row stride `stride`;
 // lo goes to piece `lo_piece` (2 for z, 1 for the codebook), hi to the other two. One launch.

@@ -71,13 +71,16 @@ struct MmaTile {
     }
   }
 
-  // Which tile row and column accumulator element acc[mi][ni][i] of this thread holds.
-  __device__ static int acc_row(int mi, int i) {
-    return (threadIdx.x >> 7) * 64 + mi * 16 + ((threadIdx.x & 31) >> 2) + (i >> 1) * 8;
+  // Which tile row and column accumulator element acc[mi][ni][i] of thread `tid` (this thread when
+  // omitted) holds.
+  __device__ static int acc_row(int mi, int i, unsigned tid) {
+    return (tid >> 7) * 64 + mi * 16 + ((tid & 31) >> 2) + (i >> 1) * 8;
   }
-  __device__ static int acc_col(int ni, int i) {
-    return ((threadIdx.x >> 5) & 3) * 32 + ni * 8 + (threadIdx.x & 3) * 2 + (i & 1);
+  __device__ static int acc_col(int ni, int i, unsigned tid) {
+    return ((tid >> 5) & 3) * 32 + ni * 8 + (tid & 3) * 2 + (i & 1);
   }
+  __device__ static int acc_row(int mi, int i) { return acc_row(mi, i, threadIdx.x); }
+  __device__ static int acc_col(int ni, int i) { return acc_col(ni, i, threadIdx.x); }
 
   // acc = this thread's share of the tile's inner products. Starts with a barrier (the caller's
   // previous reads of the shared memory are over) and ends with no copy in flight; a caller that

@@ -13,6 +13,15 @@ __device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// threadIdx.x, read by a volatile instruction that the compiler neither hoists nor merges. For code on
+// a rare path inside a hot loop: indices derived from threadIdx.x there would otherwise be computed
+// once before the loop and held in registers through all of it.
+__device__ __forceinline__ unsigned thread_index() {
+  unsigned tid;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
+  return tid;
+}
+
 // Copies 16 bytes global -> shared without staging in registers or L1. Only `bytes` (0..16) are
 // read; the rest of the destination is zero-filled, which pads ragged rows and feature tails.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {

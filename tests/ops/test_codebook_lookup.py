@@ -183,7 +183,7 @@ def test_empty_batch_and_no_gradient():
 def test_triton_splits_merge_with_ties(monkeypatch):
     """Many codebook splits; tied codes in different splits keep the lowest index."""
     tri = _triton_module()
-    monkeypatch.setattr(tri, "_MAX_BN", 32)
+    monkeypatch.setattr(tri, "MAX_BN", 32)
     z, e = random_case(20, 500, 16, torch.float32)
     e[[90, 300, 480]] = e[400].clone()
     z[:5] = e[400]

@@ -175,6 +175,25 @@ def codebook_lookup_variants(all_configs: bool = False):
                {"COSINE": cosine, "BR": 64, "BD": 64}, triton.Config({}, num_warps=4, num_stages=1))
 
 
+def similarity_topk_variants(all_configs: bool = False):
+    """The emit kernel on the codebook scan's config families (the same dims: narrow, masked, resident
+    and pipelined features; bf16x3 for fp32), with a row-wide ballot and atomics in its epilogue."""
+    import torch
+    import triton
+    from vlfast.ops.codebook_lookup import triton as scan
+    from vlfast.ops.similarity_topk import triton as K
+    for dtype, dims in CODEBOOK_DIMS:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        for d in dims:
+            for config in _listed(K.EMIT_CONFIGS, K.launch_key(torch_dtype, d), all_configs):
+                bk = scan._block_k({**config.kwargs, "D": d})
+                consts = dict(D=d, DOT_PRECISION=scan.dot_precision(torch_dtype), UPCAST=False, BK=bk,
+                              NUM_K=triton.cdiv(d, bk), EVEN_K=d % bk == 0, **config.kwargs)
+                sig = signature(K._emit_kernel, {"q_ptr": dtype, "k_ptr": dtype, "count_ptr": "i32",
+                                                 "cols_ptr": "i32"})
+                yield f"emit {dtype} D{d}", K._emit_kernel, sig, consts, config
+
+
 # Attention's head dims for every candidate: one per BLOCK_D family (64, 128, 256), and 96 for the
 # head dims between 64 and 128, whose defaults differ from 128's (test_attention_tuning checks).
 ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
@@ -287,7 +306,7 @@ def attention_decode_variants(all_configs: bool = False):
 # op -> its variants; every op with Triton kernels adds itself here
 VARIANTS = {"clip_loss": clip_loss_variants, "linear_cross_entropy": linear_cross_entropy_variants,
             "codebook_lookup": codebook_lookup_variants, "attention": attention_variants,
-            "attention_decode": attention_decode_variants}
+            "attention_decode": attention_decode_variants, "similarity_topk": similarity_topk_variants}
 
 
 def main(argv=None) -> None:

@@ -137,6 +137,16 @@ def _faiss(case: Case, device: torch.device) -> Contender:
     return Contender("faiss", run, describe=settings(index="IndexFlatIP, float32, built once"))
 
 
+def _kernel_description(module: str):
+    def describe() -> dict:  # the emit kernel's config, and the last call's fallback / re-scored counts
+        import importlib
+        return importlib.import_module(f"vlfast.ops.similarity_topk.{module}").describe()
+    return describe
+
+
+_DESCRIBE = {"triton": _kernel_description("triton"), "cuda": _kernel_description("cuda")}
+
+
 def contenders(case: Case, device: torch.device) -> list:
     def make_run(impl):
         def run(x: Inputs, mode: str) -> dict:
@@ -145,7 +155,7 @@ def contenders(case: Case, device: torch.device) -> list:
         return run
     tf32 = device.type == "cuda"
     blocks = "rows in blocks of <= 1 GiB of float32 scores"
-    return vlfast_contenders(implementation_status(device, case.dtype), device, make_run) + [
+    return vlfast_contenders(implementation_status(device, case.dtype), device, make_run, describe=_DESCRIBE) + [
         Contender("torch-matmul+topk", _matmul_topk(case.dtype), describe=settings(GEMM="input dtype", scores=blocks)),
         Contender("torch-fp32-matmul+topk[tf32 on CUDA]" if tf32 else "torch-fp32-matmul+topk",
                   _tf32(_matmul_topk(torch.float32)), describe=settings(GEMM="float32", allow_tf32=tf32, scores=blocks)),

@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[2] / "csrc"
 SOURCES = ["check.cpp", "build_info.cu", "clip_loss/args.cpp", "clip_loss/positive.cu", "clip_loss/stats.cu",
            "clip_loss/grad.cu", "codebook_lookup/split.cu", "codebook_lookup/scan.cu", "codebook_lookup/distances.cu",
-           "attention_decode/forward.cpp", "attention_decode/split.cu", "attention_decode/merge.cu", "bindings.cpp"]
+           "attention_decode/forward.cpp", "attention_decode/split.cu", "attention_decode/merge.cu",
+           "similarity_topk/emit.cu", "similarity_topk/pair_scores.cu", "bindings.cpp"]
 LAUNCH = re.compile(r"([\w:]+(?:<[^;()]*?>)?)<<<(.*?),\s*(.*?),\s*(.*?),\s*(.*?)>>>\(", re.S)
 
 

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 namespace vlfast::ptx {
+inline unsigned thread_index() { return threadIdx.x; }
 inline void cp_async_16(void* dst, const void* src, int bytes) {
   std::memset(dst, 0, 16);
   if (bytes) std::memcpy(dst, src, bytes);

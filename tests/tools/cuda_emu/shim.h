@@ -1,9 +1,9 @@
 // Runs vlfast's CUDA C++ sources on a CPU, for tests on machines without a GPU (build.py).
 //
-// Each block's threads are std::threads; __syncthreads is a barrier over them, a warp's shuffles
-// and the tensor-core instructions (ptx.cuh here) exchange values through per-warp barriers. The
-// CUDA runtime calls the sources make are stubs: one device, every pointer device memory, streams
-// ignored, launches synchronous. What it shows: the kernels' indexing, masking and math, and their
+// Each block's threads are std::threads; __syncthreads is a barrier over them, a warp's shuffles,
+// votes and the tensor-core instructions (ptx.cuh here) exchange values through per-warp barriers,
+// and atomics are std::atomic_ref's. The CUDA runtime calls the sources make are stubs: one device,
+// every pointer device memory, streams ignored, launches synchronous. What it shows: the kernels' indexing, masking and math, and their
 // host-side checks, give the right answers. What it cannot show: real asynchrony (cp.async is a
 // plain copy here), memory-model races, speed. Those need the GPU (tests/ops/*_gpu.py, gpu_check.sh).
 #pragma once
@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 #include <algorithm>
+#include <atomic>
+#include <bit>
 #include <stdexcept>
 
 #define __global__
@@ -88,6 +90,23 @@ T __shfl_xor_sync(unsigned, T v, int o) {
   uint64_t r = emu::slot((tid & ~31) | ((tid & 31) ^ o))[0]; emu::warp_sync();
   T out; std::memcpy(&out, &r, sizeof(T)); return out;
 }
+// Warp votes: every lane publishes its predicate, then reads all 32 (all lanes take part, as the
+// kernels call them with the full mask).
+inline unsigned __ballot_sync(unsigned, int pred) {
+  int tid = threadIdx.x; emu::slot(tid)[0] = pred != 0; emu::warp_sync();
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) r |= unsigned(emu::slot((tid & ~31) | l)[0] != 0) << l;
+  emu::warp_sync();
+  return r;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == 0xffffffffu; }
+inline int __popc(unsigned x) { return std::popcount(x); }
+inline int __ffs(int x) { return x == 0 ? 0 : std::countr_zero(unsigned(x)) + 1; }
+inline int __ffs(unsigned x) { return __ffs(int(x)); }
+// Atomics are atomic: a block's threads run at once (blocks one after another).
+template <typename T>
+T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 #define EMU_SMEM (emu::blk->smem.data())
 
 // --- CUDA runtime stubs (one device, every pointer "device memory") ---

@@ -27,7 +27,7 @@ from .splits import plan as split_plan
 
 _INTERPRET = triton_interpreting()
 # Codebook splits are multiples of the widest code tile, so every config tiles them exactly.
-_MAX_BN = 128
+MAX_BN = 128
 
 
 def _config(bm, bn, bk_max, warps, stages):
@@ -48,7 +48,7 @@ _FAMILIES = {
     "32-chunked": [_config(64, 64, 32, 4, 3), _config(64, 128, 32, 8, 3)],
 }
 # The interpreter: one small config (it is slow); D > 64 takes the chunked path there.
-_INTERPRETER = _config(32, 32, 64, 4, 1)
+INTERPRETER_CONFIG = _config(32, 32, 64, 4, 1)
 
 
 def family(element_size: int, d: int) -> str:
@@ -63,15 +63,20 @@ def launch_key(dtype: torch.dtype, d: int) -> tuple:
     return (str(dtype).replace("torch.", ""), dtype.itemsize, d)
 
 
-SCAN_CONFIGS = KernelConfigs("codebook_lookup.scan", lambda key: _FAMILIES[family(key[1], key[2])],
-                             interpreter=_INTERPRETER)
+def candidates(key: tuple) -> list:
+    """The configs of a launch_key, the default first (similarity_topk's emit kernel shares them)."""
+    return _FAMILIES[family(key[1], key[2])]
+
+
+SCAN_CONFIGS = KernelConfigs("codebook_lookup.scan", candidates,
+                             interpreter=INTERPRETER_CONFIG)
 
 
 def _block_k(args):
     return max(16, min(args["BK_MAX"], triton.next_power_of_2(args["D"])))
 
 
-_HEURISTICS = {"BK": _block_k,
+FEATURE_HEURISTICS = {"BK": _block_k,
                "NUM_K": lambda args: triton.cdiv(args["D"], _block_k(args)),
                "EVEN_K": lambda args: args["D"] % _block_k(args) == 0}
 
@@ -91,7 +96,39 @@ def _load_tile(base, ks, ok, D, KS_ON_ROWS: tl.constexpr, EVEN_K: tl.constexpr, 
     return x
 
 
-@triton.heuristics(_HEURISTICS)
+@triton.jit
+def row_block(z_rows, row_ok, D, UPCAST: tl.constexpr, BK: tl.constexpr, NUM_K: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    """The row block (BM, BK) that stays in registers when the features fit one piece (NUM_K == 1);
+    otherwise a placeholder that dot_tile ignores (it reloads the rows piece by piece)."""
+    if NUM_K == 1:
+        tile = _load_tile(z_rows, tl.arange(0, BK), row_ok, D, False, EVEN_K, UPCAST)
+    else:
+        tile = tl.zeros((1, 1), dtype=tl.float32)
+    return tile
+
+
+@triton.jit
+def dot_tile(z_tile, z_rows, row_ok, e_ptr, cols, col_ok, stride_e, D, DOT_PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NUM_K: tl.constexpr,
+             EVEN_K: tl.constexpr):
+    """(BM, BN) fp32 inner products of the row block with the codes `cols` (zero outside row_ok / col_ok):
+    one tl.dot against the resident z_tile, or a pipelined loop over BK-wide pieces of the features."""
+    ks = tl.arange(0, BK)
+    e_cols = e_ptr + cols.to(tl.int64)[None, :] * stride_e
+    if NUM_K == 1:
+        e_tile = _load_tile(e_cols, ks, col_ok, D, True, EVEN_K, UPCAST)
+        dot = tl.dot(z_tile, e_tile, input_precision=DOT_PRECISION)
+    else:
+        dot = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            z_part = _load_tile(z_rows + k0, ks, row_ok, D - k0, False, EVEN_K, UPCAST)
+            e_part = _load_tile(e_cols + k0, ks, col_ok, D - k0, True, EVEN_K, UPCAST)
+            dot = tl.dot(z_part, e_part, dot, input_precision=DOT_PRECISION)
+    return dot
+
+
+@triton.heuristics(FEATURE_HEURISTICS)
 @triton.jit
 def _scan_kernel(z_ptr, e_ptr, alpha_ptr, beta_ptr, best_ptr, second_ptr, index_ptr,
                  N, K, codes_per_split, stride_z, stride_e, D: tl.constexpr,
@@ -101,11 +138,9 @@ def _scan_kernel(z_ptr, e_ptr, alpha_ptr, beta_ptr, best_ptr, second_ptr, index_
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < N
-    ks = tl.arange(0, BK)
     lanes = tl.arange(0, BN)
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z
-    if NUM_K == 1:
-        z_tile = _load_tile(z_rows, ks, row_ok, D, False, EVEN_K, UPCAST)
+    z_tile = row_block(z_rows, row_ok, D, UPCAST, BK, NUM_K, EVEN_K)
     start = pid_s * codes_per_split
     end = tl.minimum(K, start + codes_per_split)
     best = tl.full((BM,), float("inf"), dtype=tl.float32)
@@ -114,16 +149,8 @@ def _scan_kernel(z_ptr, e_ptr, alpha_ptr, beta_ptr, best_ptr, second_ptr, index_
     for c0 in range(start, end, BN):
         cols = c0 + lanes
         col_ok = cols < end
-        e_cols = e_ptr + cols.to(tl.int64)[None, :] * stride_e
-        if NUM_K == 1:
-            e_tile = _load_tile(e_cols, ks, col_ok, D, True, EVEN_K, UPCAST)
-            dot = tl.dot(z_tile, e_tile, input_precision=DOT_PRECISION)
-        else:  # a pipelined inner loop over BK-wide pieces of the features
-            dot = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                z_part = _load_tile(z_rows + k0, ks, row_ok, D - k0, False, EVEN_K, UPCAST)
-                e_part = _load_tile(e_cols + k0, ks, col_ok, D - k0, True, EVEN_K, UPCAST)
-                dot = tl.dot(z_part, e_part, dot, input_precision=DOT_PRECISION)
+        dot = dot_tile(z_tile, z_rows, row_ok, e_ptr, cols, col_ok, stride_e, D, DOT_PRECISION, UPCAST,
+                       BM, BN, BK, NUM_K, EVEN_K)
         # Codes beyond the split get alpha 0, beta +inf: score +inf, never chosen.
         alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)
         beta = tl.load(beta_ptr + cols, mask=col_ok, other=float("inf"))
@@ -188,7 +215,7 @@ def scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Ten
     def scan_pass(config) -> tuple:
         """The scan on one config, into partial results sized for its row blocks."""
         row_blocks = triton.cdiv(n, config.kwargs["BM"])
-        splits, per_split = split_plan(row_blocks, k, z.device, _MAX_BN)
+        splits, per_split = split_plan(row_blocks, k, z.device, MAX_BN)
         best = _scratch.empty(splits, n, dtype=torch.float32, device=z.device)
         second = _scratch.empty(splits, n, dtype=torch.float32, device=z.device)
         index = torch.empty(splits, n, dtype=torch.int32, device=z.device)

@@ -1,8 +1,10 @@
 """vlfast.similarity_topk: the exact top-k of query-key similarities, for retrieval, without an N x M matrix.
 
 reference.py states the definition (float64 scores, ties to the lower index); torch_impl.py is the
-certified float32 filter with float64 re-scoring (the CPU path); streaming.py takes the keys a block at a
-time (from host memory to a GPU, overlapped) and merges the blocks exactly. GPU kernels are not written yet.
+certified float32 filter with float64 re-scoring (the CPU path); filter.py is the GPU kernels' algorithm
+(a tensor-core pass emits the keys near each row's top, certified, then float64 scores for those), whose
+emit step triton.py and cuda.py implement; streaming.py takes the keys a block at a time (from host
+memory to a GPU, overlapped) and merges the blocks exactly.
 """
 from __future__ import annotations
 
@@ -11,15 +13,28 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from ..._backends import availability, status
+from ..._backends import availability, status, triton_why_not_for
 from ..._dispatch import resolve_impl
+from . import cuda as _cuda
 from . import reference as _reference
 from . import streaming as _streaming
 from . import torch_impl as _torch_impl
 from .reference import METRICS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_IMPLS = {"reference": _reference.similarity_topk, "torch": _torch_impl.similarity_topk}
+
+
+def _triton_topk(*args):
+    from . import triton  # imported on first use: vlfast imports where triton does not
+    return triton.similarity_topk(*args)
+
+
+def _unit_feature_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+_IMPLS = {"reference": _reference.similarity_topk, "torch": _torch_impl.similarity_topk, "triton": _triton_topk,
+          "cuda": _cuda.similarity_topk}
 
 
 def _fail(message: str, exc=ValueError):
@@ -50,13 +65,13 @@ def _check(queries, keys, k, metric, key_block) -> None:
             _fail(f"{name} must be finite (no inf or NaN)")
 
 
-def _why_not(device: torch.device) -> dict:
-    return availability(lambda: "similarity_topk has no Triton kernel yet", lambda: "similarity_topk has no CUDA kernel yet")
+def _why_not(device: torch.device, dtype: torch.dtype) -> dict:
+    return availability(lambda: triton_why_not_for(device, dtype), lambda: _cuda.why_not(device, dtype))
 
 
 def implementation_status(device: Union[str, torch.device], dtype: torch.dtype = torch.bfloat16) -> dict:
-    """{impl: None if it can run inputs on `device`, else the reason} (for `vlfast info`)."""
-    return status(_why_not(torch.device(device)))
+    """{impl: None if it can run inputs on `device` of `dtype`, else the reason} (for `vlfast info`)."""
+    return status(_why_not(torch.device(device), dtype))
 
 
 @torch.no_grad()
@@ -69,10 +84,12 @@ def similarity_topk(queries: Tensor, keys: Tensor, k: int, *, metric: str = "ip"
     from 1 to M. No gradients. Keys may stay in host memory for queries on a GPU: they are streamed in
     blocks (pinned, the next block's copy overlapping the current search), so M is not bounded by GPU
     memory. key_block: rows of keys per block, merged exactly (0: all at once, or 256 MiB blocks when
-    streaming). impl: "auto" | "reference" | "torch".
+    streaming). impl: "auto" | "reference" | "torch" | "triton" | "cuda" (the kernels take float16,
+    bfloat16 and float32 on a GPU); an explicit choice raises if it cannot run.
     """
     _check(queries, keys, k, metric, key_block)
-    impl = resolve_impl("similarity_topk", impl, queries.device, _why_not(queries.device))
+    impl = resolve_impl("similarity_topk", impl, queries.device, _why_not(queries.device, queries.dtype))
+    queries, keys = _unit_feature_stride(queries), _unit_feature_stride(keys)
     if queries.shape[0] == 0:
         return (torch.empty(0, k, dtype=torch.int64, device=queries.device),
                 torch.empty(0, k, dtype=torch.float32, device=queries.device))

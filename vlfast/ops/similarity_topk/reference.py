@@ -27,7 +27,14 @@ def pair_scores(q: Tensor, keys: Tensor, metric: str) -> Tensor:
     dot = ordered_row_sums(q * keys)
     if metric == "ip":
         return dot
-    norms = ordered_row_sums(q * q).sqrt() * ordered_row_sums(keys * keys).sqrt()
+    return cosine_of_sums(dot, ordered_row_sums(q * q), ordered_row_sums(keys * keys))
+
+
+def cosine_of_sums(dot: Tensor, qq: Tensor, kk: Tensor) -> Tensor:
+    """The cosine from the ordered sums <q, k>, |q|^2, |k|^2 (float64, any shape): one function for every
+    path, because sqrt's last bit is the device library's (PyTorch's CPU sqrt is not always correctly
+    rounded), so the paths agree only through the same PyTorch ops."""
+    norms = qq.sqrt() * kk.sqrt()
     return torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0)
 
 

@@ -12,6 +12,8 @@ and the candidates' float64 operands a chunk at a time.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -74,12 +76,24 @@ def _candidates(s: Tensor, eps: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return row, col
 
 
-def _exact_among(q: Tensor, keys: Tensor, row: Tensor, col: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    """Top k of each of the R = q.shape[0] rows among its candidates (row, col), by the definition."""
+# (q, keys, row (P,), col (P,), metric) -> (P,) float64: reference.pair_scores(q[row], keys[col]), its bits
+PairScores = Callable[[Tensor, Tensor, Tensor, Tensor, str], Tensor]
+
+
+def gathered_pair_scores(q: Tensor, keys: Tensor, row: Tensor, col: Tensor, metric: str) -> Tensor:
+    """PairScores in PyTorch: the pairs' (P, D) float64 operands gathered a chunk at a time."""
     score = torch.empty(row.numel(), dtype=torch.float64, device=q.device)
-    step = max(1, PAIR_ELEMENTS // q.shape[1])  # the pairs' (P, D) float64 operands, a chunk at a time
+    step = max(1, PAIR_ELEMENTS // q.shape[1])
     for p0 in range(0, row.numel(), step):
         score[p0:p0 + step] = reference.pair_scores(q[row[p0:p0 + step]], keys[col[p0:p0 + step]], metric)
+    return score
+
+
+def exact_among(q: Tensor, keys: Tensor, row: Tensor, col: Tensor, k: int, metric: str,
+                pair_scores: PairScores = gathered_pair_scores) -> tuple[Tensor, Tensor]:
+    """Top k of each of the R = q.shape[0] rows among its candidates (row, col), by the definition
+    (pair_scores: the candidates' float64 scores)."""
+    score = pair_scores(q, keys, row, col, metric)
     # order: by row, then score descending, then column (stable sorts, last key first)
     order = torch.sort(-score, stable=True).indices
     order = order[torch.sort(row[order], stable=True).indices]
@@ -100,5 +114,5 @@ def similarity_topk(q: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Tenso
         rows = q[r0:r0 + step]
         s, eps = _filter(rows, k32, squares, key_max, metric)
         row, col = _candidates(s, eps, k)
-        index[r0:r0 + step], score[r0:r0 + step] = _exact_among(rows, keys, row, col, k, metric)
+        index[r0:r0 + step], score[r0:r0 + step] = exact_among(rows, keys, row, col, k, metric)
     return index, score
