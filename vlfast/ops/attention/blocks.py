@@ -91,7 +91,9 @@ def block_map(mask: Mask, sq: int, sk: int, bm: int, bn: int, device,
     hit = _CACHE.get(key)
     if hit is not None:
         refs, value = hit
-        if all(r() is t for r, t in zip(refs, (mask.span_ids, mask.key_valid)) if t is not None):
+        # refs hold only the tensors that are not None: pair them with those (pairing with both fields
+        # checked nothing when span_ids was None, and a new key_valid at a dead one's id got its plan)
+        if all(r() is t for r, t in zip(refs, [t for t in (mask.span_ids, mask.key_valid) if t is not None])):
             return value
     status = _status(mask, sq, sk, bm, bn, device, positions=positions)
     value = BlockMap(_lists(status), _lists(status.transpose(1, 2).contiguous()), mask.batch_size() is not None)

@@ -198,7 +198,9 @@ def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
     hit = _CACHE.get(key)
     if hit is not None:
         refs, value = hit
-        if all(r() is t for r, t in zip(refs, (mask.span_ids, mask.key_valid)) if t is not None):
+        # refs hold only the tensors that are not None: pair them with those (pairing with both fields
+        # checked nothing when span_ids was None, and a new key_valid at a dead one's id got its plan)
+        if all(r() is t for r, t in zip(refs, [t for t in (mask.span_ids, mask.key_valid) if t is not None])):
             return value
     grid = _dalle_grid(mask, sq, sk)
     # In bfloat16 / float16 the kernel's backward runs split tiles slower than one dense call (image
