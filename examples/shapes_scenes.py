@@ -7,7 +7,8 @@ scene's ground truth come
   - three kinds of instructions, with answers checkable against the truth:
       conversation   short questions about colour, shape, place and count ("what colour is the circle ?")
       description    a detailed description listing every shape with its size, colour and place
-      reasoning      relations between two shapes ("is the red circle left of the blue square ?" -> "yes")
+      reasoning      relations between two shapes ("is the red circle left of the blue square ?" -> "the red
+                     circle is in the top left and the blue square is in the middle , so yes")
 Every question has exactly one right answer, so held-out accuracy per kind can be measured.
 """
 from __future__ import annotations
@@ -87,7 +88,9 @@ def context(scene: list) -> str:
 
 
 def _relation(a: Shape, b: Shape, g: torch.Generator) -> tuple:
-    """A yes / no question about where a is relative to b, answered from their centres."""
+    """A yes / no question about where a is relative to b, decided by their centres. The answer reasons
+    step by step, as the recipe's complex-reasoning answers do: where each shape is, then the conclusion
+    ("the red circle is in the top left and the blue square is in the middle , so yes")."""
     (ax, ay), (bx, by) = a.centre, b.centre
     options = []
     if abs(ax - bx) > 0.1:
@@ -97,7 +100,8 @@ def _relation(a: Shape, b: Shape, g: torch.Generator) -> tuple:
     if not options:
         return None
     words, truth = options[int(torch.randint(len(options), (1,), generator=g))]
-    return f"is the {a.name} {words} the {b.name} ?", "yes" if truth else "no"
+    steps = f"the {a.name} is in the {a.place} and the {b.name} is in the {b.place}"
+    return f"is the {a.name} {words} the {b.name} ?", f"{steps} , so {'yes' if truth else 'no'}"
 
 
 def instructions(scene: list, g: torch.Generator) -> list:
@@ -127,6 +131,6 @@ def instructions(scene: list, g: torch.Generator) -> list:
 def vocabulary() -> list:
     """Every word the questions, answers and captions use (for a word tokenizer)."""
     words = {"where", "is", "the", "in", "how", "many", "shapes", "are", "there", "?", "what", "colour", "shape",
-             "one", "describe", "picture", "detail", ".", "a", "and", "left", "of", "above", "yes", "no"}
+             "one", "describe", "picture", "detail", ".", "a", "and", "left", "of", "above", "yes", "no", "so", ","}
     words |= set(NUMBERS) | set(SHAPES) | set(SIZES) | {w for name in (*COLOURS, *PLACES) for w in name.split()}
     return sorted(words)

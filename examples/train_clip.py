@@ -142,8 +142,9 @@ def zero_shot_accuracy(model: CLIP, tokenizer: WordTokenizer, images: torch.Tens
     return (predicted.cpu() == labels).float().mean().item()
 
 
-def plot_losses(losses: list, path: str) -> str:
-    """Writes the loss curve (raw and a moving average); returns a line saying what happened."""
+def plot_losses(losses: list, path: str, what: str = "CLIP", marks: tuple = ()) -> str:
+    """Writes the loss curve (raw and a moving average) of `what`, with a dashed line at each step in
+    marks (e.g. where a training stage starts); returns a line saying what happened."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -155,9 +156,11 @@ def plot_losses(losses: list, path: str) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(losses, alpha=0.35, label="loss")
     ax.plot(range(window - 1, window - 1 + len(smooth)), smooth, label=f"mean of {window} steps")
+    for step in marks:
+        ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("CLIP loss")
-    ax.set_title("vlfast CLIP on synthetic shapes")
+    ax.set_ylabel(f"{what} loss")
+    ax.set_title(f"vlfast {what} on synthetic shapes")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -161,7 +161,8 @@ class LossModule(torch.nn.Module):
 @torch.no_grad()
 def evaluate(model: LLaVA, scenes, tokens: Words, train_answers: dict, seed: int, device) -> dict:
     """{kind: (accuracy, chance, count)}: exact answers by greedy generation; chance answers every question
-    with the answer its template got most often in training."""
+    with the answer its template got most often in training. "conclusion": the reasoning answers' last
+    word alone (yes / no), against the most frequent last word."""
     g = torch.Generator().manual_seed(seed)
     right, chance, count = Counter(), Counter(), Counter()
     model.eval()
@@ -169,14 +170,21 @@ def evaluate(model: LLaVA, scenes, tokens: Words, train_answers: dict, seed: int
         for kind, question, answer in instructions(scene, g):
             prompt, _ = tokens.conversation([(f"<image>\n{question}", "")], model.config.tokens_per_image)
             prompt = prompt[:-1]  # the prompt ends at "ASSISTANT:" (the empty answer's </s> removed)
-            out, length = model.generate(scenes.images[i:i + 1].to(device), prompt[None].to(device), 24,
+            out, length = model.generate(scenes.images[i:i + 1].to(device), prompt[None].to(device), 32,
                                          stop_tokens=[tokens.ids["</s>"]])
             said = tokens.decode(out[0, :int(length[0])].tolist())
-            right[kind] += said == answer
-            chance[kind] += train_answers[_template(question)].most_common(1)[0][0] == answer \
-                if _template(question) in train_answers else 0
-            count[kind] += 1
-    return {k: (right[k] / count[k], chance[k] / count[k], count[k]) for k in KINDS if count[k]}
+            seen = train_answers.get(_template(question), Counter())
+            scored = [(kind, said, answer, seen)]
+            if kind == "reasoning":  # its conclusion alone: the last word, yes or no
+                last_words = Counter()
+                for a, c in seen.items():
+                    last_words[a.split()[-1]] += c
+                scored.append(("conclusion", said.split()[-1] if said else "", answer.split()[-1], last_words))
+            for name, got, want, counts in scored:
+                right[name] += got == want
+                chance[name] += bool(counts) and counts.most_common(1)[0][0] == want
+                count[name] += 1
+    return {k: (right[k] / count[k], chance[k] / count[k], count[k]) for k in (*KINDS, "conclusion") if count[k]}
 
 
 def _template(question: str) -> str:
@@ -215,7 +223,8 @@ def main(argv=None) -> dict:
             print(f"{kind:13s} {acc:6.1%} exact answers on {count} held-out questions (chance {chance:.1%})")
         print(f"{seconds:.0f} s in all")
         if args.plot:
-            print(train_clip.plot_losses(losses[1] + losses[2], args.plot))
+            print(train_clip.plot_losses(losses[1] + losses[2], args.plot, "LLaVA (stage 1, then 2)",
+                                         marks=(len(losses[1]),)))
     if owns_group:
         dist.destroy_process_group()
     return {"losses": losses, "accuracy": accuracy, "seconds": seconds, "model": model}

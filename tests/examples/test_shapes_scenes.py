@@ -68,7 +68,8 @@ def test_answers_follow_from_the_ground_truth():
                 a = next(s for s in scene if s.name == a_name)
                 b = next(s for s in scene if s.name == b_name)
                 axis = 0 if rel == "left of" else 1
-                assert answer == ("yes" if a.centre[axis] < b.centre[axis] else "no")
+                conclusion = "yes" if a.centre[axis] < b.centre[axis] else "no"
+                assert answer == f"the {a.name} is in the {a.place} and the {b.name} is in the {b.place} , so {conclusion}"
     assert kinds == set(m.KINDS)
 
 

@@ -81,6 +81,10 @@ class LLaVA(nn.Module):
         self.projector = Projector(config.vision.width * len(config.feature_layers), config.text.hidden_size,
                                    config.projector_bias)
         self.language_model = Llama(config.text)
+        with torch.no_grad():  # the tower's torch.empty tensors, as CLIP.init_weights sets them: never garbage
+            # (NaN, or a different value on each rank, which FSDP2's per-rank shards would keep)
+            nn.init.normal_(self.vision_tower.class_token, std=config.vision.width ** -0.5)
+            nn.init.normal_(self.vision_tower.pos_embed, std=config.vision.width ** -0.5)
 
     def set_training_stage(self, stage: int) -> None:
         """LLaVA's two-stage recipe in one call: stage 1 trains the projector only (captions); stage 2 the
