@@ -47,10 +47,11 @@ def test_matches_the_float64_top_k(dtype, metric, n, m, d, k):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("metric", METRICS)
 def test_sampled_thresholds(dtype, metric, monkeypatch):
-    """A sample of every 8th key sets the thresholds (as for M >= 4096 keys by default): still exact, and
-    on random data no row needs the fallback."""
+    """A sample of every 8th key sets the thresholds (as for M >= 4096 keys by default), scored in blocks
+    of rows: still exact, and on random data no row needs the fallback."""
     monkeypatch.setattr(topk_filter, "SAMPLE_MIN", 64)
     monkeypatch.setattr(topk_filter, "SAMPLE_FRACTION", 8)
+    monkeypatch.setattr(topk_filter, "SAMPLE_SCORES", 376 * 7)  # the sample scored 7 rows at a time
     assert topk_filter.sample_plan(3001, 10)[0] == 8
     g = torch.Generator().manual_seed(7)
     q, keys = torch.randn(40, 32, generator=g).to(dtype), torch.randn(3001, 32, generator=g).to(dtype)

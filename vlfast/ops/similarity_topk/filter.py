@@ -37,6 +37,7 @@ Emit = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int], tuple]
 SAMPLE_MIN = 4096  # keys in the threshold sample at least (all of them when M is smaller)
 SAMPLE_FRACTION = 64  # and M / 64 of them otherwise: 1.6 % of the main pass's work
 BUFFER_ELEMENTS = 1 << 25  # candidate slots per chunk of rows (256 MiB of cols + scores)
+SAMPLE_SCORES = 1 << 24  # the sample's scores per block of rows (64 MiB at fp32)
 U32 = 2.0 ** -24
 
 
@@ -96,17 +97,20 @@ def capacity(m: int, k: int) -> int:
 
 def thresholds(q: Tensor, keys: Tensor, terms: dict, eps: Tensor, k: int) -> Tensor:
     """t (R,) fp32 for rows q (R, D): the sample's j-th score, less 4 eps and its rounding margin
-    (a guess: certification does not rely on it)."""
+    (a guess: certification does not rely on it). The sample's scores a block of rows at a time."""
     stride, j = sample_plan(keys.shape[0], k)
     sample = keys[::stride]
-    # 16-bit GEMM output: rounded to 8 significant bits (2^-8 relative), hence the margin below
-    alpha = terms["alpha"][::stride]
-    dots = (q @ sample.T).float()
-    top = (dots * alpha + terms["beta"][::stride]).topk(j, dim=1)
-    guess = top.values[:, -1].double()
-    if q.element_size() == 2:  # a 16-bit GEMM's output keeps 8 or 11 bits: allow 2^-8 of the product
-        at = top.indices[:, -1:]
-        guess = guess - 2.0 ** -8 * (dots.gather(1, at) * alpha[at]).abs().squeeze(1).double()
+    alpha, beta = terms["alpha"][::stride], terms["beta"][::stride]
+    guess = torch.empty(q.shape[0], dtype=torch.float64, device=q.device)
+    step = max(1, SAMPLE_SCORES // sample.shape[0])
+    for r0 in range(0, q.shape[0], step):
+        dots = (q[r0:r0 + step] @ sample.T).float()
+        top = (dots * alpha + beta).topk(j, dim=1)
+        g = top.values[:, -1].double()
+        if q.element_size() == 2:  # a 16-bit GEMM's output keeps 8 or 11 bits: allow 2^-8 of the product
+            at = top.indices[:, -1:]
+            g = g - 2.0 ** -8 * (dots.gather(1, at) * alpha[at]).abs().squeeze(1).double()
+        guess[r0:r0 + step] = g
     # 4 eps: the guess and the kernel's score of the same key may differ by 2 eps (two fp32 GEMMs)
     return _round_down(guess - 4 * eps)
 
