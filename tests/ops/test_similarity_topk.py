@@ -108,3 +108,29 @@ def test_empty_queries():
 def test_bad_input_is_named(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         vlfast.similarity_topk(*args, **kwargs)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_exact_among_candidates(metric, skewed):
+    """The selection among candidate lists: per-row padded layout (PyTorch's broadcast scores, or a
+    kernel's flat ones scattered into it) and, when one row has far more candidates than the rest, the
+    flat layout: all equal a per-row sort by the definition's scores, then column; duplicates tie."""
+    from vlfast.ops.similarity_topk import reference, torch_impl
+    g = torch.Generator().manual_seed(11)
+    q, keys = torch.randn(6, 9, generator=g), torch.randn(200, 9, generator=g)
+    keys[50] = keys[10]
+    counts = [200 if skewed and i == 2 else 12 + i for i in range(6)]
+    lists = [torch.sort(torch.randperm(200, generator=g)[:c]).values for c in counts]
+    lists[0] = torch.unique(torch.cat([lists[0], torch.tensor([10, 50])]))
+    row = torch.cat([torch.full((len(c),), i) for i, c in enumerate(lists)])
+    col = torch.cat(lists)
+    k = 5
+    want_i, want_s = [], []
+    for i, c in enumerate(lists):
+        s = reference.pair_scores(q[i].expand(len(c), -1), keys[c], metric)
+        order = torch.sort(-s, stable=True).indices[:k]
+        want_i.append(c[order]), want_s.append(s[order])
+    for scorer in (None, torch_impl.gathered_pair_scores):
+        got_i, got_s = torch_impl.exact_among(q, keys, row, col, k, metric, scorer)
+        assert torch.equal(got_i, torch.stack(want_i)) and torch.equal(got_s, torch.stack(want_s))

@@ -22,7 +22,7 @@ buffers of a chunk of rows, never N x M.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -127,11 +127,11 @@ def _certified(count: Tensor, cols: Tensor, scores: Tensor, t: Tensor, eps: Tens
 
 
 def search(q: Tensor, keys: Tensor, k: int, metric: str, emit: Emit, c: float, products: int, stats: dict,
-           pair_scores: torch_impl.PairScores = torch_impl.gathered_pair_scores) -> tuple[Tensor, Tensor]:
+           pair_scores: Optional[torch_impl.PairScores] = None) -> tuple[Tensor, Tensor]:
     """(indices (N, k) int64, scores (N, k) float64), exactly reference.similarity_topk's, from a
     kernel's emit with dot error c and `products` products per feature, and the candidates' float64
-    scores from pair_scores (the definition's bits). stats gets the rows that took the torch path
-    ("fallback") and the candidates scored exactly ("rescored")."""
+    scores from pair_scores (the definition's bits; None: PyTorch's). stats gets the rows that took
+    the torch path ("fallback") and the candidates scored exactly ("rescored")."""
     n, d = q.shape
     m = keys.shape[0]
     terms = key_terms(keys, metric)

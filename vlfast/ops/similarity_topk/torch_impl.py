@@ -12,7 +12,7 @@ and the candidates' float64 operands a chunk at a time.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from . import reference
 
 CHUNK_ELEMENTS = 1 << 22  # float32 scores per block (16 MiB)
 PAIR_ELEMENTS = 1 << 21  # float64 elements per chunk of candidate pairs re-scored (16 MiB per operand)
+KEYS64_BYTES = 1 << 28  # keys up to this size in float64 are converted once for the re-scoring
 
 
 def _filter_keys(keys: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -89,18 +90,63 @@ def gathered_pair_scores(q: Tensor, keys: Tensor, row: Tensor, col: Tensor, metr
     return score
 
 
+def padded_pair_scores(q: Tensor, keys: Tensor, cols: Tensor, metric: str) -> Tensor:
+    """(R, W) float64: reference.pair_scores(q_i, keys[cols[i, w]]), the same bits, each row of q (R, D)
+    broadcast against its W candidates instead of gathered, a block of rows at a time."""
+    r, w = cols.shape
+    d = q.shape[1]
+    q64 = q.double()
+    # the keys converted once where the candidates outnumber them and that is small (256 MiB), else
+    # each block's gathered rows
+    once = r * w > keys.shape[0] and keys.numel() * 8 <= KEYS64_BYTES
+    source = keys.double() if once else keys
+    qq = reference.ordered_row_sums(q64 * q64) if metric == "cosine" else None
+    out = torch.empty(r, w, dtype=torch.float64, device=q.device)
+    step = max(1, PAIR_ELEMENTS // max(1, w * d))
+    for r0 in range(0, r, step):
+        qb, kb = q64[r0:r0 + step, None, :], source[cols[r0:r0 + step]].double()  # (b, 1, D), (b, W, D)
+        if metric == "l2":
+            block = -reference.ordered_row_sums(((qb - kb) ** 2).view(-1, d))
+        else:
+            block = reference.ordered_row_sums((qb * kb).view(-1, d))
+            if metric == "cosine":
+                norms_q = qq[r0:r0 + step, None].expand(-1, w).reshape(-1)
+                block = reference.cosine_of_sums(block, norms_q, reference.ordered_row_sums((kb * kb).view(-1, d)))
+        out[r0:r0 + step] = block.view(-1, w)
+    return out
+
+
 def exact_among(q: Tensor, keys: Tensor, row: Tensor, col: Tensor, k: int, metric: str,
-                pair_scores: PairScores = gathered_pair_scores) -> tuple[Tensor, Tensor]:
-    """Top k of each of the R = q.shape[0] rows among its candidates (row, col), by the definition
-    (pair_scores: the candidates' float64 scores)."""
-    score = pair_scores(q, keys, row, col, metric)
-    # order: by row, then score descending, then column (stable sorts, last key first)
-    order = torch.sort(-score, stable=True).indices
-    order = order[torch.sort(row[order], stable=True).indices]
-    counts = torch.bincount(row, minlength=q.shape[0])
+                pair_scores: Optional[PairScores] = None) -> tuple[Tensor, Tensor]:
+    """Top k of each of the R = q.shape[0] rows among its candidates (row, col), by the definition.
+    (row, col) are row-major with each row's columns ascending, at least k per row; pair_scores gives
+    their float64 scores (None: PyTorch's, here). Candidates are laid out (R, W), W the most any row
+    has, and sorted per row; when a few rows have far more than the rest (near-ties past a filter's
+    headroom), flat instead, so that the layout never holds R x M."""
+    r = q.shape[0]
+    counts = torch.bincount(row, minlength=r)
     starts = torch.cumsum(counts, 0) - counts
-    pick = order[(starts[:, None] + torch.arange(k, device=q.device)).reshape(-1)]
-    return col[pick].view(-1, k), score[pick].view(-1, k)
+    width = int(counts.max())
+    if r * width > 2 * row.numel():
+        score = (pair_scores or gathered_pair_scores)(q, keys, row, col, metric)
+        # order: by row, then score descending, then column (stable sorts, last key first)
+        order = torch.sort(-score, stable=True).indices
+        order = order[torch.sort(row[order], stable=True).indices]
+        pick = order[(starts[:, None] + torch.arange(k, device=q.device)).reshape(-1)]
+        return col[pick].view(-1, k), score[pick].view(-1, k)
+    slot = torch.arange(row.numel(), device=q.device) - starts[row]
+    cols = torch.zeros(r, width, dtype=torch.int64, device=q.device)
+    cols[row, slot] = col
+    valid = torch.zeros(r, width, dtype=torch.bool, device=q.device)
+    valid[row, slot] = True
+    if pair_scores is None:
+        score = padded_pair_scores(q, keys, cols, metric)  # the padding scores key 0, masked below
+    else:
+        score = torch.zeros(r, width, dtype=torch.float64, device=q.device)
+        score[row, slot] = pair_scores(q, keys, row, col, metric)
+    score = score.masked_fill(~valid, -float("inf"))
+    order = torch.sort(-score, dim=1, stable=True).indices[:, :k]  # equal scores keep the lower column first
+    return cols.gather(1, order), score.gather(1, order)
 
 
 def similarity_topk(q: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
