@@ -115,9 +115,9 @@ run bench 600 bash -c "set -o pipefail; VLFAST_AUTOTUNE=\${VLFAST_AUTOTUNE:-0} p
 # (vlfast/_launch_configs.py): every Triton kernel times its candidate configs on the first call of
 # each key, and each row's "config" records the winner and every candidate's ms. Evidence for
 # changing a kernel's default in the code; there is no table to fill. TUNE_OPS (default: attention
-# clip_loss codebook_lookup) and BENCH_SIZE fit it to the budget; how much fits one call is not yet measured.
+# clip_loss codebook_lookup similarity_topk) and BENCH_SIZE fit it to the budget; how much fits one call is not yet measured.
 if [[ " ${SECTIONS:-} " == *" tune "* ]]; then
-    run tune 540 bash -c "set -o pipefail; VLFAST_AUTOTUNE=1 python3 -m vlfast bench \${TUNE_OPS:-attention clip_loss codebook_lookup} \
+    run tune 540 bash -c "set -o pipefail; VLFAST_AUTOTUNE=1 python3 -m vlfast bench \${TUNE_OPS:-attention clip_loss codebook_lookup similarity_topk} \
         \${BENCH_SIZE:-} --json '$OUT/bench-autotune.json' 2>&1 | tee '$OUT/bench-autotune.log'"
 fi
 
