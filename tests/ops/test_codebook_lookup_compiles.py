@@ -2,29 +2,19 @@
 pipelined code tiles, no spills, shared memory within each GPU's limit: what the interpreter cannot
 check. The compiles run in a subprocess, because the interpreter (on in this test session) replaces
 @triton.jit functions; Triton's cache shares them with tests/ops/test_triton_compiles.py."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from ..tools.triton_aot import compile_in_child
 
 pytest.importorskip("triton")
 pytestmark = [pytest.mark.triton, pytest.mark.aot]
-ROOT = Path(__file__).resolve().parents[2]
 # Largest dynamic shared memory of one block: H100/H200 (sm_90) and A100 (sm_80).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-m", "tests.tools.triton_aot", "--json", "--op", "codebook_lookup"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return compile_in_child("--op", "codebook_lookup")
 
 
 def test_every_variant_compiles(compiled):

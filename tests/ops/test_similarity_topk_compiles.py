@@ -2,28 +2,21 @@
 (wgmma on Hopper), pipelined key tiles, no spills, shared memory within each GPU's limit: what the
 interpreter cannot check. The compiles run in a subprocess, because the interpreter (on in this test
 session) replaces @triton.jit functions."""
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from ..tools.triton_aot import ROOT, child_env, compile_in_child
+
 pytest.importorskip("triton")
 pytestmark = [pytest.mark.triton, pytest.mark.aot]
-ROOT = Path(__file__).resolve().parents[2]
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # largest dynamic shared memory of a block
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-m", "tests.tools.triton_aot", "--json", "--op", "similarity_topk"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return compile_in_child("--op", "similarity_topk")
 
 
 def test_every_variant_compiles(compiled):
@@ -60,10 +53,8 @@ for metric in (0, 1, 2):
 
 def test_pair_scores_compile_without_fused_multiply_adds():
     """The float64 re-scoring must round each product and each sum as PyTorch does: no fma in its PTX."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-c", PAIR_SCORE_PTX], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-c", PAIR_SCORE_PTX], env=child_env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines()]
     assert len(rows) == 3, out.stdout

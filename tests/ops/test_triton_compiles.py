@@ -1,27 +1,17 @@
 """vlfast's Triton kernels compile for sm_90a and sm_80 on this CPU-only machine, with tensor
 cores and pipelined loads: what the interpreter cannot check. The compiles run in a subprocess,
 because the interpreter (on in this test session) replaces @triton.jit functions."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from ..tools.triton_aot import compile_in_child
 
 pytest.importorskip("triton")
 pytestmark = [pytest.mark.triton, pytest.mark.aot]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-m", "tests.tools.triton_aot", "--json"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return compile_in_child()
 
 
 def test_every_variant_compiles(compiled):

@@ -6,8 +6,11 @@ no pipelining); by hand, `python -m tests.tools.triton_aot` prints the table for
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +96,25 @@ def compile_kernel(kernel, sig: dict, constexprs: dict, capability: int = 90, nu
     tma = ptx.count("cp.async.bulk.tensor")
     return CompiledInfo(compiled.metadata.shared, regs, spills, ptx.count("wgmma.mma_async"),
                         ptx.count("mma.sync"), ptx.count("cp.async") - tma, tma)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env() -> dict:
+    """The environment for a child process that compiles: TRITON_INTERPRET unset (the interpreter, on
+    in a CPU test session, replaces @triton.jit functions) and the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def compile_in_child(*args: str) -> list:
+    """The rows of `python -m tests.tools.triton_aot --json *args`, compiled in a child process."""
+    out = subprocess.run([sys.executable, "-m", "tests.tools.triton_aot", "--json", *args], env=child_env(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def _listed(configs, key, all_configs: bool) -> list:
