@@ -1,25 +1,19 @@
 """The codebook scan compiles for sm_90a and sm_80 as designed, on a machine without a GPU: tensor-core
 mma.sync and cp.async in its code, and no register spills at two blocks per SM (128 registers), which
 its 8 x 8 fragments per thread plus a running best/second per row only just fit. ptxas -v says so."""
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None)
+from .tools.nvcc import NVCC, ROOT, compile_source
+
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 SCAN = ROOT / "csrc" / "codebook_lookup" / "scan.cu"
 
 
 def _nvcc(*args: str, source: Path = SCAN) -> str:
-    out = subprocess.run([NVCC, "-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", *args, str(source)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout + out.stderr
+    return compile_source(source, *args)
 
 
 def test_scan_kernel_fits_registers_on_sm90a_and_sm80(tmp_path):

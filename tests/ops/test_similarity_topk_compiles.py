@@ -21,13 +21,14 @@ def compiled():
 
 def test_every_variant_compiles(compiled):
     failures = [r for r in compiled if "error" in r]
-    assert len(compiled) == 14 and not failures, failures
+    assert len(compiled) == 20 and not failures, failures  # 7 emit + 3 pair-score variants x 2 architectures
 
 
 def test_tensor_cores_pipelined_loads_and_no_spills(compiled):
     for r in compiled:
-        assert r["async_copies"] > 0, f"key tiles are not pipelined: {r}"
-        assert (r["wgmma"] if r["capability"] == 90 else r["mma_sync"]) > 0, f"no tensor cores: {r}"
+        if r["variant"].startswith("emit"):
+            assert r["async_copies"] > 0, f"key tiles are not pipelined: {r}"
+            assert (r["wgmma"] if r["capability"] == 90 else r["mma_sync"]) > 0, f"no tensor cores: {r}"
         assert r["shared_bytes"] <= SHARED_LIMIT[r["capability"]], f"too much shared memory: {r}"
         if r["spill_bytes"] is not None:
             assert r["spill_bytes"] == 0, f"register spills: {r}"

@@ -4,26 +4,20 @@ vote and atomics in its epilogue, and no register spills at two blocks per SM (1
 the tile's 64 fp32 inner products per thread and its rows' 8 thresholds only just fit. ptxas -v says so.
 The candidates' float64 scorer (pair_scores.cu) must give the definition's bits: its PTX rounds every
 f64 product and sum on its own (no fma.rn.f64, even at nvcc's default -fmad=true), without spills."""
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None)
+from ..tools.nvcc import NVCC, ROOT, compile_source
+
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 EMIT = ROOT / "csrc" / "similarity_topk" / "emit.cu"
 PAIR_SCORES = ROOT / "csrc" / "similarity_topk" / "pair_scores.cu"
 
 
 def _nvcc(*args: str, source: Path = EMIT) -> str:
-    out = subprocess.run([NVCC, "-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", *args, str(source)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout + out.stderr
+    return compile_source(source, *args)
 
 
 def test_emit_kernel_fits_registers_on_sm90a_and_sm80(tmp_path):

@@ -176,21 +176,31 @@ def linear_cross_entropy_variants(all_configs: bool = False):
 CODEBOOK_DIMS = (("bf16", (8, 100, 256, 512)), ("fp16", (64,)), ("fp32", (64, 256)))
 
 
+def _feature_tiled(kernel, configs, launch_key, label: str, pointers: dict, all_configs: bool):
+    """Variants of a kernel on the codebook scan's main loop (row_block / dot_tile: BK, NUM_K, EVEN_K
+    from D) for each dtype and D of CODEBOOK_DIMS; pointers names the pointers typed by the inputs'
+    dtype ("in") or fixed ones (e.g. "i32")."""
+    import torch
+    import triton
+    from vlfast.ops.codebook_lookup import triton as scan
+    for dtype, dims in CODEBOOK_DIMS:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        sig = signature(kernel, {name: dtype if kind == "in" else kind for name, kind in pointers.items()})
+        for d in dims:
+            for config in _listed(configs, launch_key(torch_dtype, d), all_configs):
+                bk = scan._block_k({**config.kwargs, "D": d})
+                consts = dict(D=d, DOT_PRECISION=scan.dot_precision(torch_dtype), UPCAST=False, BK=bk,
+                              NUM_K=triton.cdiv(d, bk), EVEN_K=d % bk == 0, **config.kwargs)
+                yield f"{label} {dtype} D{d}", kernel, sig, consts, config
+
+
 def codebook_lookup_variants(all_configs: bool = False):
     """The codebook scan for each config family (D = 8: narrow rows; 100: masked features; 256: a
     resident row block; 512: a pipelined feature loop) and input width, and the distance kernel."""
-    import torch
     import triton
     from vlfast.ops.codebook_lookup import triton as K
-    for dtype, dims in CODEBOOK_DIMS:
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        for d in dims:
-            for config in _listed(K.SCAN_CONFIGS, K.launch_key(torch_dtype, d), all_configs):
-                bk = K._block_k({**config.kwargs, "D": d})
-                consts = dict(D=d, DOT_PRECISION=K.dot_precision(torch_dtype), UPCAST=False, BK=bk,
-                              NUM_K=triton.cdiv(d, bk), EVEN_K=d % bk == 0, **config.kwargs)
-                sig = signature(K._scan_kernel, {"z_ptr": dtype, "e_ptr": dtype, "index_ptr": "i32"})
-                yield f"scan {dtype} D{d}", K._scan_kernel, sig, consts, config
+    yield from _feature_tiled(K._scan_kernel, K.SCAN_CONFIGS, K.launch_key, "scan",
+                              {"z_ptr": "in", "e_ptr": "in", "index_ptr": "i32"}, all_configs)
     for dtype, cosine in (("bf16", False), ("fp32", True)):
         sig = signature(K._distance_kernel, {"z_ptr": dtype, "e_ptr": dtype, "index_ptr": "i64"})
         yield (f"distance {dtype} {'cosine' if cosine else 'l2'}", K._distance_kernel, sig,
@@ -199,21 +209,17 @@ def codebook_lookup_variants(all_configs: bool = False):
 
 def similarity_topk_variants(all_configs: bool = False):
     """The emit kernel on the codebook scan's config families (the same dims: narrow, masked, resident
-    and pipelined features; bf16x3 for fp32), with a row-wide ballot and atomics in its epilogue."""
-    import torch
+    and pipelined features; bf16x3 for fp32), with a row-wide ballot and atomics in its epilogue; and
+    the float64 pair-score kernel for each metric."""
     import triton
-    from vlfast.ops.codebook_lookup import triton as scan
     from vlfast.ops.similarity_topk import triton as K
-    for dtype, dims in CODEBOOK_DIMS:
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        for d in dims:
-            for config in _listed(K.EMIT_CONFIGS, K.launch_key(torch_dtype, d), all_configs):
-                bk = scan._block_k({**config.kwargs, "D": d})
-                consts = dict(D=d, DOT_PRECISION=scan.dot_precision(torch_dtype), UPCAST=False, BK=bk,
-                              NUM_K=triton.cdiv(d, bk), EVEN_K=d % bk == 0, **config.kwargs)
-                sig = signature(K._emit_kernel, {"q_ptr": dtype, "k_ptr": dtype, "count_ptr": "i32",
-                                                 "cols_ptr": "i32"})
-                yield f"emit {dtype} D{d}", K._emit_kernel, sig, consts, config
+    yield from _feature_tiled(K._emit_kernel, K.EMIT_CONFIGS, K.launch_key, "emit",
+                              {"q_ptr": "in", "k_ptr": "in", "count_ptr": "i32", "cols_ptr": "i32"}, all_configs)
+    for dtype, metric in (("bf16", "ip"), ("fp32", "cosine"), ("fp16", "l2")):  # the float64 pair scores
+        sig = signature(K._pair_score_kernel, {"q_ptr": dtype, "k_ptr": dtype, "row_ptr": "i64", "col_ptr": "i64",
+                                               "out_ptr": "fp64"})
+        yield (f"pair-score {dtype} {metric}", K._pair_score_kernel, sig,
+               {"METRIC": K._METRIC_CODES[metric], "BP": 128}, triton.Config({}, num_warps=4, num_stages=1))
 
 
 # Attention's head dims for every candidate: one per BLOCK_D family (64, 128, 256), and 96 for the
