@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vlfast import masks
-from vlfast.generation import KVCache, filter_logits, generate, sample
+from vlfast.generation import KVCache, filter_logits, generate, last_positions, sample
 from vlfast.nn import SelfAttention
 
 VOCAB, DIM, HEADS, KV_HEADS, LAYERS = 37, 32, 4, 2, 2
@@ -29,6 +29,22 @@ class TinyLM(nn.Module):
             x = x + attn(x, masks.causal(), cache=None if cache is None else cache.layer(i))
             x = x + mlp(x)
         return self.head(x)
+
+
+class TinyLMLast(TinyLM):
+    """TinyLM taking the loop's `last` keyword: logits only at each row's last prompt position."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, tokens, cache=None, last=None):
+        self.seen.append(None if last is None else last.tolist())
+        x = self.embed(tokens)
+        for i, (attn, mlp) in enumerate(zip(self.attn, self.mlp)):
+            x = x + attn(x, masks.causal(), cache=None if cache is None else cache.layer(i))
+            x = x + mlp(x)
+        return self.head(last_positions(x, last))
 
 
 def _cache(model, batch, max_len, page_size=None):
@@ -180,3 +196,45 @@ def test_bad_cache_sizes_are_named():
         model = TinyLM()
         prompt, lengths = _prompts()
         generate(model, prompt, _cache(model, 2, 16), 2, prompt_lengths=lengths)
+
+
+def test_a_model_taking_last_computes_logits_at_the_prompt_ends_only():
+    prompt, lengths = _prompts()
+    model = TinyLMLast()
+    got, _ = generate(model, prompt, _cache(model, 3, 16), 4, prompt_lengths=lengths)
+    want, _ = generate(TinyLM(), prompt, _cache(model, 3, 16), 4, prompt_lengths=lengths)
+    assert torch.equal(got, want)
+    assert model.seen == [[4, 0, 8], None, None, None]  # the prompt step, then one token per row
+
+
+def _rows(cache, x, layer):
+    """Row b's slots of x (cache.k or cache.v) in position order: (B, Hkv, max_len, D)."""
+    if cache.block_table is None:
+        return x[layer]
+    pages = x[layer][cache.block_table.long()]  # (B, n, Hkv, page, D)
+    return pages.permute(0, 2, 1, 3, 4).reshape(pages.shape[0], pages.shape[2], -1, pages.shape[4])
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_the_cache_holds_zeros_past_every_row(page_size):
+    """KVCache's promise to attention_decode (finite_tail): the padding a ragged prompt wrote, and what a
+    step wrote past an advance that took fewer tokens, is zeroed; reset() zeroes everything."""
+    model = TinyLM()
+    prompt, lengths = _prompts()
+    cache = _cache(model, 3, 16, page_size)
+    generate(model, prompt, cache, 3, prompt_lengths=lengths)
+    filled = cache.seqlens.tolist()
+    assert filled == [5 + 2, 1 + 2, 9 + 2]  # the last token drawn is not stepped
+    for x in (cache.k, cache.v):
+        for layer in range(LAYERS):
+            rows = _rows(cache, x, layer)
+            for row, n in enumerate(filled):
+                assert (rows[row, :, :n] != 0).any(dim=-1).all() and not rows[row, :, n:].any()
+    with torch.no_grad():  # a step of 2 tokens, advanced by 1: the second is zeroed
+        model(torch.ones(3, 2, dtype=torch.int64), cache)
+        cache.advance(1)
+    for row, n in enumerate(filled):
+        rows = _rows(cache, cache.k, 0)
+        assert rows[row, :, n].any() and not rows[row, :, n + 1:].any()
+    cache.reset()
+    assert not cache.k.any() and not cache.v.any() and not cache.seqlens.any()

@@ -84,6 +84,28 @@ def test_packed_self_attention_matches_padded(impl):
         torch.testing.assert_close(packed[cu[i]:cu[i + 1]], alone, **tol)
 
 
+@pytest.mark.parametrize("positions", [None, "shifted", "per-row"])
+def test_a_precomputed_rotation_equals_the_positions(positions):
+    """rotation=rotary.rotation(positions) (what a model computes once for all its layers) gives what the
+    layer gives from the positions, for (S,) and (B, S) positions; packed too."""
+    torch.manual_seed(0)
+    mod = SelfAttention(32, 4, num_kv_heads=2, rotary=True, impl="reference").double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    pos = {None: torch.arange(9), "shifted": torch.arange(9) + 7,
+           "per-row": torch.stack([torch.arange(9), torch.arange(9) + 3])}[positions]
+    want = mod(x, M.causal(), positions=None if positions is None else pos)
+    got = mod(x, M.causal(), rotation=mod.rotary.rotation(pos, torch.float64))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    packed_pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4])
+    want = mod(x[0], M.causal(), cu_seqlens=cu, max_seqlen=5)
+    got = mod(x[0], M.causal(), cu_seqlens=cu, max_seqlen=5, rotation=mod.rotary.rotation(packed_pos, torch.float64,
+                                                                                          packed=True))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no rotary embedding"):
+        SelfAttention(32, 4).double()(x, rotation=mod.rotary.rotation(pos, torch.float64))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cross_attention_with_padded_context(impl):
     torch.manual_seed(0)

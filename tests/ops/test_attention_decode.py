@@ -80,11 +80,13 @@ def _check(got, want, dtype, what=""):
     torch.testing.assert_close(got.double(), want, rtol=tol[0], atol=tol[1], msg=lambda m: f"{what}: {m}")
 
 
-def _run_and_check(impl, q, k, v, lengths, g, layout="contiguous", mask=None, num_splits=0):
+def _run_and_check(impl, q, k, v, lengths, g, layout="contiguous", mask=None, num_splits=0, finite_tail=False):
+    if finite_tail:  # what the caller promises: every slot past a row's length finite (here 0)
+        k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
     kc, vc, table = _layout(k, v, layout, g)
     with torch.no_grad():
         out, lse = vlfast.attention_decode(q, kc, vc, lengths, block_table=table, mask=mask, num_splits=num_splits,
-                                           return_lse=True, impl=impl)
+                                           return_lse=True, finite_tail=finite_tail, impl=impl)
     keys = [k[row, :, :n] for row, n in enumerate(lengths.tolist())]
     values = [v[row, :, :n] for row, n in enumerate(lengths.tolist())]
     want_out, want_lse = _oracle(q, keys, values, lengths.tolist(), mask)
@@ -141,7 +143,7 @@ def _masks(s_max, b):
     spans = torch.full((s_max,), -1, dtype=torch.int32)
     spans[2:9] = 0
     spans[12:20] = 1
-    spans_b = torch.stack([spans, spans.roll(3)])[:b]
+    spans_b = torch.stack([spans.roll(3 * row) for row in range(b)])
     valid = torch.rand(b, s_max, generator=g) > 0.3
     return {"none": None, "causal": masks.causal(), "window": masks.sliding_window(5),
             "spans": masks.spans(spans), "spans-per-row": masks.spans(spans_b),
@@ -157,6 +159,17 @@ def test_every_mask_kind(impl, kind):
     plus the window on some rows, 1 row leaves the first queries before position 0)."""
     q, k, v, lengths, g = _case(2, 2, 1, 3, 16, 34, [34, 2], seed=11)
     _run_and_check(impl, q, k, v, lengths, g, "paged-16", _masks(34, 2)[kind])
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged-16"])
+@pytest.mark.parametrize("sq", [1, 3])
+@pytest.mark.parametrize("kind", list(_masks(34, 4)))
+def test_finite_tails_are_read_masked(impl, layout, sq, kind):
+    """finite_tail=True (KVCache's): the slots past the lengths hold 0 and the torch path reads them under
+    the mask instead of copying the rows; rows of 0, fewer than Sq, and all the keys."""
+    q, k, v, lengths, g = _case(4, 4, 2, sq, 16, 34, [34, 2, 0, 17], seed=13)
+    _run_and_check(impl, q, k, v, lengths, g, layout, _masks(34, 4)[kind], finite_tail=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -217,7 +230,7 @@ def test_opcheck():
     q, k, v, lengths, g = _case(2, 4, 2, 2, 16, 24, [24, 5])
     k_new, v_new = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
     torch.library.opcheck(kv_cache_append, (k.nan_to_num(), v.nan_to_num(), k_new, v_new, lengths - 1, None, True))
-    args = (q, k, v, lengths, 0, None, True, 0, None, [0, 0, 0, 0, 0], None, 0.25, 0, "torch", True)
+    args = (q, k, v, lengths, 0, None, True, 0, None, [0, 0, 0, 0, 0], None, 0.25, 0, "torch", True, False)
     torch.library.opcheck(attention_decode_op, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -7,6 +7,9 @@
 
 Every layer of a step appends at the same positions, so seqlens moves once per step, by the tokens each
 row took in (a (B,) tensor for prompts of different lengths, or an int). Static shapes, no host sync.
+Every slot past a row's length holds 0 (what a step wrote there, e.g. a right-padded prompt's padding,
+is zeroed when the cache advances by less), so attention reads those slots masked, without copying the
+rows to clear them (attention_decode's finite_tail).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._written = 0  # the new tokens per row of the last attend, at seqlens
 
     @property
     def batch(self) -> int:
@@ -55,19 +59,42 @@ class KVCache:
                impl: str = "auto") -> Tensor:
         """q (B, Hq, S_new, D), k_new / v_new (B, Hkv, S_new, D) -> (B, Hq, S_new, D): the new keys and
         values written at seqlens, then attention over each row's seqlens + S_new keys."""
+        self._written = k_new.shape[2] if isinstance(k_new, Tensor) and k_new.dim() == 4 else 0
         return attention_decode(q, self.k[layer], self.v[layer], self.seqlens, k_new=k_new, v_new=v_new,
-                                block_table=self.block_table, mask=mask, check_lengths=False, impl=impl)
+                                block_table=self.block_table, mask=mask, check_lengths=False, finite_tail=True,
+                                impl=impl)
 
     def layer(self, index: int) -> "LayerCache":
         """Layer `index`'s view, for vlfast.nn.SelfAttention(..., cache=...)."""
         return LayerCache(self, index)
 
     def advance(self, tokens: Union[int, Tensor]) -> None:
-        """seqlens += tokens (an int, or (B,) per row), after a step's last layer."""
+        """seqlens += tokens (an int, or (B,) per row), after a step's last layer; what the step wrote
+        past a row's new length (the padding of a shorter prompt) is zeroed."""
         self.seqlens += torch.as_tensor(tokens, dtype=torch.int32, device=self.seqlens.device)
+        if not (isinstance(tokens, int) and tokens == self._written):
+            past = self._past()
+            self.k.masked_fill_(past, 0)
+            self.v.masked_fill_(past, 0)
+        self._written = 0
 
     def reset(self) -> None:
+        """Empties every row (and zeroes the keys and values)."""
         self.seqlens.zero_()
+        self.k.zero_()
+        self.v.zero_()
+        self._written = 0
+
+    def _past(self) -> Tensor:
+        """bool, broadcasting over self.k: the slots at or past their row's length."""
+        b = self.batch
+        if self.block_table is None:
+            positions = torch.arange(self.k.shape[3], device=self.seqlens.device)
+            return (positions >= self.seqlens[:, None])[None, :, None, :, None]  # (1, B, 1, max_len, 1)
+        per_row, page = self.block_table.shape[1], self.k.shape[3]
+        positions = torch.arange(per_row * page, device=self.seqlens.device).view(per_row, page)
+        past = positions >= self.seqlens[:, None, None]  # (B, per_row, page): row b's pages are b * n .. b * n + n - 1
+        return past.view(b * per_row, page)[None, :, None, :, None]
 
 
 class LayerCache:

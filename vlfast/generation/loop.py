@@ -2,12 +2,15 @@
 
 A model is a callable model(tokens (B, S_new) int64, cache) -> logits (B, S_new, V): its attention layers
 call cache.attend(layer, ...) and take their positions from cache.positions(S_new); the loop advances the
-cache after each call. Prompts are right-padded (B, S) with their lengths; the padding is written into
+cache after each call. A model that also takes a keyword `last` ((B,) int64 or None) gets, on the prompt
+step, each row's last prompt position, and returns only the logits there, (B, 1, V) (last_positions): the
+loop reads no others, and the LM head then runs on B positions instead of B x S. Prompts are right-padded (B, S) with their lengths; the padding is written into
 the cache but never attended (each row's length stops before it) and the first generated token
 overwrites it.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -18,6 +21,20 @@ from .sampling import check_sampling, sample
 
 # logits_processor(step, tokens so far (B, step), logits (B, V)) -> logits (B, V)
 LogitsProcessor = Callable[[int, Tensor, Tensor], Tensor]
+
+
+def last_positions(hidden: Tensor, last: Optional[Tensor]) -> Tensor:
+    """hidden (B, S, H) -> (B, 1, H) at each row's position last[b] (all of it when last is None)."""
+    if last is None:
+        return hidden
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last][:, None]
+
+
+def _takes_last(model: Callable) -> bool:
+    try:  # a module's call signature is (*args, **kwargs): read its forward's
+        return "last" in inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model).parameters
+    except (TypeError, ValueError):  # a callable without a readable signature
+        return False
 
 
 def _check(prompt: Tensor, prompt_lengths: Tensor, max_new_tokens: int, cache: KVCache, cfg_scale) -> None:
@@ -75,9 +92,12 @@ def generate(model: Callable[[Tensor, KVCache], Tensor], prompt: Tensor, cache: 
     lengths = torch.zeros(b, dtype=torch.int64, device=device)
     rows = torch.arange(b, device=device)
 
-    logits = model(prompt.long(), cache)  # (B, S, V): the prompt, padding included
+    final = prompt_lengths.long() - 1
+    if _takes_last(model):
+        last = model(prompt.long(), cache, last=final)[:, 0]  # (B, V) at each prompt's last token
+    else:
+        last = model(prompt.long(), cache)[rows, final]  # from (B, S, V): the prompt, padding included
     cache.advance(prompt_lengths.to(torch.int32))
-    last = logits[rows, prompt_lengths.long() - 1]
     for step in range(max_new_tokens):
         if logits_processor is not None:
             last = logits_processor(step, tokens[:, :step], last)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import masks
-from ..generation import KVCache, generate as generate_tokens
+from ..generation import KVCache, generate as generate_tokens, last_positions
 from ..nn import SelfAttention
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from ._config import check_positive
@@ -150,9 +150,11 @@ class DALLE(nn.Module):
         return self.loss(text, image)
 
     # --- sampling -----------------------------------------------------------------------------------
-    def step(self, tokens: Tensor, cache: KVCache, text: Optional[Tensor] = None) -> Tensor:
+    def step(self, tokens: Tensor, cache: KVCache, text: Optional[Tensor] = None,
+             last: Optional[Tensor] = None) -> Tensor:
         """Image-token logits (B, S, image_vocab): for the padded text prompt (text given; tokens ignored),
-        or for image tokens (B, S) appended at the cache's positions."""
+        or for image tokens (B, S) appended at the cache's positions; (B, 1, image_vocab) at the positions
+        last (B,) when given."""
         c = self.config
         if text is not None:
             x = self.text_embed(text) + self.text_pos
@@ -160,7 +162,7 @@ class DALLE(nn.Module):
             x = self.embed_image(tokens, cache.seqlens - c.text_len)
         for i, (block, mask) in enumerate(zip(self.blocks, self.masks)):
             x = block(x, mask, cache=cache.layer(i))
-        return self.image_head(self.ln_f(x))
+        return self.image_head(self.ln_f(last_positions(x, last)))
 
     @torch.no_grad()
     def generate(self, text: Tensor, num_images: int = 1, *, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -180,8 +182,8 @@ class DALLE(nn.Module):
                         dtype=p.dtype, device=p.device)
         first = {"text": prompt}
 
-        def step(tokens: Tensor, cache: KVCache) -> Tensor:
-            return self.step(tokens, cache, text=first.pop("text", None))
+        def step(tokens: Tensor, cache: KVCache, last: Optional[Tensor] = None) -> Tensor:
+            return self.step(tokens, cache, text=first.pop("text", None), last=last)
 
         tokens, _ = generate_tokens(step, prompt, cache, c.image_len, temperature=temperature, top_k=top_k,
                                     top_p=top_p, cfg_scale=cond_scale, generator=generator, sync_every=0)

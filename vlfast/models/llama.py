@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import masks
-from ..generation import KVCache, generate as generate_tokens
+from ..generation import KVCache, generate as generate_tokens, last_positions
 from ..nn import LlamaRotaryEmbedding, RMSNorm, SelfAttention
+from ..nn.attention import packed_positions
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from ._config import check_positive
 
@@ -104,8 +105,9 @@ class Llama(nn.Module):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
-        rotary = LlamaRotaryEmbedding(c.dim_per_head, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
-        self.layers = nn.ModuleList(DecoderLayer(c, rotary) for _ in range(c.num_layers))
+        # one rotary embedding (no parameters) for every layer: its rotation is computed once per forward
+        self.rotary = LlamaRotaryEmbedding(c.dim_per_head, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+        self.layers = nn.ModuleList(DecoderLayer(c, self.rotary) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
@@ -146,19 +148,27 @@ class Llama(nn.Module):
         if cache is not None:
             if attention_mask is not None or cu_seqlens is not None:
                 raise ValueError("with a cache, pass neither attention_mask nor cu_seqlens (the cache holds the lengths)")
+            rotation = self._rotation(x, cache.positions(x.shape[1]) if positions is None else positions)
             for i, layer in enumerate(self.layers):
-                x = layer(x, mask, cache=cache.layer(i), positions=positions)
+                x = layer(x, mask, cache=cache.layer(i), rotation=rotation)
             return self.norm(x)
         if attention_mask is not None:
             if attention_mask.shape != x.shape[:2]:
                 raise ValueError(f"attention_mask must be {tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}")
             mask = mask & masks.key_padding(attention_mask.to(device=x.device, dtype=torch.bool))
-        attend = dict(positions=positions)
+        if positions is None:  # 0..S-1, or restarting at each packed sequence
+            positions = torch.arange(x.shape[1], device=x.device) if cu_seqlens is None else \
+                packed_positions(cu_seqlens, x.shape[0])
+        attend = dict(rotation=self._rotation(x, positions, packed=cu_seqlens is not None))
         if cu_seqlens is not None:
             attend.update(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         for layer in self.layers:
             x = layer(x, mask, **attend)
         return self.norm(x)
+
+    def _rotation(self, x: Tensor, positions: Tensor, packed: bool = False) -> tuple[Tensor, Tensor]:
+        """The rotary (cos, sin) of positions, shared by every layer of this forward."""
+        return self.rotary.rotation(positions, torch.float64 if x.dtype == torch.float64 else torch.float32, packed)
 
     def forward(self, input_ids: Optional[Tensor] = None, **kwargs) -> Tensor:
         """Logits (B, S, V) (float32 math as the head's dtype gives it): hidden_states' arguments."""
@@ -181,9 +191,10 @@ class Llama(nn.Module):
                                     ignore_index=IGNORE_INDEX)
 
     # --- generation -------------------------------------------------------------------------------------
-    def step(self, tokens: Tensor, cache: KVCache) -> Tensor:
-        """One generation step: tokens (B, S_new) -> logits (B, S_new, V); the caller advances the cache."""
-        return self(tokens, cache=cache)
+    def step(self, tokens: Tensor, cache: KVCache, last: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """One generation step: tokens (B, S_new) -> logits (B, S_new, V), or (B, 1, V) at the positions
+        last (B,); the caller advances the cache. kwargs: hidden_states' (inputs_embeds, span_ids)."""
+        return self.lm_head(last_positions(self.hidden_states(tokens, cache=cache, **kwargs), last))
 
     def new_cache(self, batch: int, max_len: int, page_size: Optional[int] = None) -> KVCache:
         p = self.embed.weight

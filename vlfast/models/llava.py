@@ -170,10 +170,10 @@ class LLaVA(nn.Module):
         spans = self.span_ids(input_ids, max_len)
         prompt = {"embeds": self.embed(input_ids, pixel_values)}
 
-        def step(tokens: Tensor, cache: KVCache) -> Tensor:
+        def step(tokens: Tensor, cache: KVCache, last: Optional[Tensor] = None) -> Tensor:
             embeds = prompt.pop("embeds", None)  # the prompt's merged embeddings, once
             if embeds is not None:
-                return lm(inputs_embeds=embeds, cache=cache, span_ids=spans)
-            return lm(tokens, cache=cache, span_ids=spans)
+                return lm.step(None, cache, last, inputs_embeds=embeds, span_ids=spans)
+            return lm.step(tokens, cache, last, span_ids=spans)
 
         return generate_tokens(step, input_ids, cache, max_new_tokens, prompt_lengths=prompt_lengths, **sampling)

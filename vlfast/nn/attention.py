@@ -62,35 +62,51 @@ class SelfAttention(nn.Module):
             self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
 
     def forward(self, x: Tensor, mask: Optional[Mask] = None, *, positions: Optional[Tensor] = None,
-                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                cache: Optional["LayerCache"] = None) -> Tensor:
+                rotation: Optional[tuple[Tensor, Tensor]] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None, cache: Optional["LayerCache"] = None) -> Tensor:
         """cache: this layer's view of a vlfast.generation.KVCache (cache.layer(i)): x (B, S_new, dim) are
         new tokens, their keys and values go into the cache and they attend to everything before them
-        (mask in cache positions; positions default to the cache's)."""
+        (mask in cache positions; positions default to the cache's). rotation: self.rotary.rotation(positions,
+        ...) computed once by the model for all its layers (then positions is not read)."""
         _check_features("SelfAttention", "x", x, self.qkv.in_features)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        if cache is not None:
-            q, k, v = _heads(q, self.num_heads), _heads(k, self.num_kv_heads), _heads(v, self.num_kv_heads)
-            if self.rotary is not None:
-                positions = cache.positions(x.shape[1]) if positions is None else positions
-                q, k = self.rotary(q, positions), self.rotary(k, positions)
-            out = cache.attend(q, k, v, mask, impl=self.impl)
-            return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
-        if cu_seqlens is not None:  # packed (T, dim)
+        if cu_seqlens is not None and cache is None:  # packed (T, dim)
             q, k, v = (t.view(t.shape[0], -1, self.head_dim) for t in (q, k, v))
-            if self.rotary is not None:
-                if positions is None:  # positions restart at each sequence
-                    starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1])
-                    positions = torch.arange(x.shape[0], device=x.device) - starts
-                q, k = self.rotary(q, positions), self.rotary(k, positions)
+            if self.rotary is not None and rotation is None and positions is None:
+                positions = packed_positions(cu_seqlens, x.shape[0])
+            q, k = self._rotate(q, k, positions, rotation, packed=True)
             out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mask=mask, impl=self.impl)
             return self.out(out.reshape(out.shape[0], -1))
         q, k, v = _heads(q, self.num_heads), _heads(k, self.num_kv_heads), _heads(v, self.num_kv_heads)
-        if self.rotary is not None:
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-        out = attention(q, k, v, mask=mask, impl=self.impl)
+        if cache is not None:
+            if self.rotary is not None and rotation is None and positions is None:
+                positions = cache.positions(x.shape[1])
+            q, k = self._rotate(q, k, positions, rotation)
+            out = cache.attend(q, k, v, mask, impl=self.impl)
+        else:
+            q, k = self._rotate(q, k, positions, rotation)
+            out = attention(q, k, v, mask=mask, impl=self.impl)
         return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+    def _rotate(self, q: Tensor, k: Tensor, positions: Optional[Tensor], rotation, packed: bool = False):
+        """q and k rotated by one (cos, sin), computed here from positions (default 0..S-1) unless given."""
+        if self.rotary is None:
+            if rotation is not None:
+                raise ValueError("SelfAttention: a rotation was passed but this layer has no rotary embedding")
+            return q, k
+        if rotation is None:
+            if positions is None:
+                positions = torch.arange(q.shape[-2], device=q.device)
+            ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+            rotation = self.rotary.rotation(positions, ct, packed)
+        return self.rotary.apply(q, rotation), self.rotary.apply(k, rotation)
+
+
+def packed_positions(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(T,) positions restarting at 0 at each packed sequence's start."""
+    starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1])
+    return torch.arange(total, device=cu_seqlens.device) - starts
 
 
 class CrossAttention(nn.Module):

@@ -33,21 +33,30 @@ class RotaryEmbedding(nn.Module):
         angles = positions.to(torch.float64)[..., None] * inv_freq
         return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
+    def rotation(self, positions: Tensor, dtype: torch.dtype, packed: bool = False) -> tuple[Tensor, Tensor]:
+        """(cos, sin) in `dtype`, shaped to broadcast against x: (1, 1, S, D/2) for positions (S,) or
+        (B, 1, S, D/2) for (B, S), against x (B, H, S, D); packed (T, 1, D/2) against x (T, H, D). A model
+        computes it once per forward and every layer rotates with it (apply)."""
+        cos, sin = self.cos_sin(positions, dtype)
+        if packed:
+            return cos[:, None], sin[:, None]
+        return (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
+
+    @staticmethod
+    def apply(x: Tensor, rotation: tuple[Tensor, Tensor]) -> Tensor:
+        """x rotated by rotation = (cos, sin) from rotation(), in their dtype, returned in x's dtype."""
+        cos, sin = rotation
+        x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
     def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         """x (B, H, S, D) (or (T, H, D) packed, with positions (T,)); positions default to 0..S-1."""
-        seq_axis = -2 if x.dim() == 4 else 0
+        packed = x.dim() != 4
         if positions is None:
-            positions = torch.arange(x.shape[seq_axis], device=x.device)
+            positions = torch.arange(x.shape[0 if packed else -2], device=x.device)
         # the rotation in float32 / float64
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = self.cos_sin(positions, ct)
-        if x.dim() == 4:  # (B?, S, D/2) -> broadcast over heads
-            cos, sin = (t[None, None] if t.dim() == 2 else t[:, None] for t in (cos, sin))
-        else:  # packed (T, H, D): (T, D/2) -> (T, 1, D/2)
-            cos, sin = cos[:, None], sin[:, None]
-        x1, x2 = x.to(ct).chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype)
+        return self.apply(x, self.rotation(positions, ct, packed))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}"

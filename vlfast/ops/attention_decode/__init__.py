@@ -71,7 +71,7 @@ def _triton_forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_
 def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, new_tokens: int,
                         block_table: Optional[Tensor], causal: bool, window: int, span_ids: Optional[Tensor],
                         dalle: list[int], key_valid: Optional[Tensor], scale: float, num_splits: int,
-                        impl: str, check: bool) -> tuple[Tensor, Tensor]:
+                        impl: str, check: bool, finite_tail: bool) -> tuple[Tensor, Tensor]:
     """(out like q, lse (B, Hq, Sq) natural log, float32 / float64) over L_b = cache_seqlens + new_tokens."""
     bounds = None
     if check:
@@ -84,7 +84,7 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, 
         if impl == "reference":
             return _reference.forward(q, k_cache, v_cache, lengths, block_table, mask, scale)
         if impl == "torch":
-            return _torch.forward(q, k_cache, v_cache, lengths, block_table, mask, scale, bounds)
+            return _torch.forward(q, k_cache, v_cache, lengths, block_table, mask, scale, bounds, finite_tail)
         if impl == "cuda":
             return _cuda.forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_splits)
         return _triton_forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_splits)
@@ -97,7 +97,7 @@ attention_decode_op = torch.library.custom_op("vlfast::attention_decode", _decod
 
 @attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, new_tokens, block_table, causal, window, span_ids, dalle, key_valid,
-      scale, num_splits, impl, check):
+      scale, num_splits, impl, check, finite_tail):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_reference.compute_dtype(q.dtype))
 
 
@@ -258,7 +258,8 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
                      k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
                      block_table: Optional[Tensor] = None, mask: Optional[Mask] = None,
                      scale: Optional[float] = None, num_splits: int = 0, return_lse: bool = False,
-                     check_lengths: bool = True, impl: str = "auto") -> Union[Tensor, tuple[Tensor, Tensor]]:
+                     check_lengths: bool = True, finite_tail: bool = False,
+                     impl: str = "auto") -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of Sq new queries per row against a KV cache: q (B, Hq, Sq, D) -> (B, Hq, Sq, D).
 
     k_cache / v_cache: (B, Hkv, S_max, D), any strides with unit head_dim stride (a (B, S_max, Hkv, D)
@@ -271,6 +272,9 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     log-sum-exp (B, Hq, Sq), float32 (-inf for a query that keeps no key, whose output is 0).
     check_lengths: check cache_seqlens against the capacity and the pages they use (one host sync); a
     caller that guarantees them (vlfast.generation.KVCache) passes False, so a step never waits on the host.
+    finite_tail: the caller guarantees that every cache slot past a row's L_b holds a finite value
+    (KVCache keeps them zero); the torch path then reads them masked instead of copying the rows to zero
+    them (a masked key still multiplies its value by 0, and 0 x NaN is NaN). The kernels never read them.
     """
     _check_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
     mask = _check_mask(mask, q.shape[0], q.device)
@@ -289,5 +293,5 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     q = q if q.stride(-1) == 1 else q.contiguous()
     out, lse = (attention_decode_op if compiling else _decode)(q, k_cache, v_cache, cache_seqlens, new_tokens,
                                                                block_table, *_mask_parts(mask), scale, num_splits,
-                                                               impl, bool(check_lengths))
+                                                               impl, bool(check_lengths), bool(finite_tail))
     return (out, lse) if return_lse else out

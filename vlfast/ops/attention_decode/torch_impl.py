@@ -42,63 +42,84 @@ def _matmul_softmax(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
     return torch.matmul(p, v.to(ct)).to(q.dtype), lse[..., 0]
 
 
-def _keep(mask: Optional[Mask], lengths: Tensor, sq: int, group: int, longest: int, uniform: bool) -> Tensor:
-    """(B or 1, G Sq or 1, L) bool: the pairs kept. With one length for every row and no per-row mask
-    part, one (1, ., L) matrix serves the batch (all True for no mask, or causal with Sq = 1)."""
+def _plain(mask: Optional[Mask]) -> bool:
+    """No mask, or a causal one alone: row b's query i keeps the keys up to its position L_b - Sq + i."""
+    return mask is None or (mask.causal and mask.window is None and mask.span_ids is None and mask.dalle is None
+                            and mask.key_valid is None)
+
+
+def _keep(mask: Optional[Mask], lengths: Tensor, sq: int, group: int, longest: int,
+          uniform: bool) -> Optional[Tensor]:
+    """(B or 1, G Sq or 1, L) bool: the pairs kept, or None when every pair of the (B, L) rows is. With one
+    length for every row and no per-row mask part, one (1, ., L) matrix serves the batch."""
     device = lengths.device
-    p_k = torch.arange(longest, device=device)[None, None, :]
-    if uniform and (mask is None or (mask.causal and mask.window is None and mask.span_ids is None
-                                     and mask.dalle is None and mask.key_valid is None)):
-        if mask is None or sq == 1:
-            return torch.ones(1, 1, longest, dtype=torch.bool, device=device)
+    p_k = torch.arange(longest, device=device)
+    if _plain(mask) and (mask is None or sq == 1):  # every key below L_b
+        return None if uniform else (p_k < lengths[:, None])[:, None, :]
+    if uniform and _plain(mask):
         p_q = (torch.arange(group * sq, device=device) % sq)[None, :, None] + (longest - sq)
         return p_k <= p_q
-    if uniform and mask is not None and mask.batch_size() is None:  # every row keeps the same pairs
+    if uniform and mask.batch_size() is None:  # every row keeps the same pairs
         lengths = lengths[:1]
     lengths = lengths.long()[:, None, None]
     p_q = (torch.arange(group * sq, device=device) % sq)[None, :, None] + (lengths - sq)  # (B, G Sq, 1)
     keep = p_k < lengths
-    if mask is not None:
-        batch = torch.arange(lengths.shape[0], device=device)[:, None, None] if mask.batch_size() else None
-        keep = keep & mask.allowed(p_q, p_k, batch)
-    return keep
+    batch = torch.arange(lengths.shape[0], device=device)[:, None, None] if mask.batch_size() else None
+    return keep & mask.allowed(p_q, p_k, batch)
+
+
+def _keeps_a_key(mask: Optional[Mask], shortest: int, sq: int) -> bool:
+    """True when every query is sure to keep a key: its own position, which is >= 0 once L_b >= Sq, under
+    no mask, causal, a window or spans (DALL-E's layers and key padding can rule every key out)."""
+    return shortest >= max(sq, 1) and (mask is None or (mask.dalle is None and mask.key_valid is None))
+
+
+def bounds_of(lengths: Tensor) -> tuple[int, int]:
+    """(shortest, longest) of lengths (B,): one host read (a list on a CPU, where that is cheapest)."""
+    if lengths.numel() == 0:
+        return 0, 0
+    if lengths.device.type == "cpu":
+        values = lengths.tolist()
+        return min(values), max(values)
+    return tuple(int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())
 
 
 def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Optional[Tensor],
-            mask: Optional[Mask], scale: float, bounds: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+            mask: Optional[Mask], scale: float, bounds: Optional[tuple[int, int]] = None,
+            finite_tail: bool = False) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) in the compute dtype); lengths (B,) = L_b;
-    bounds: (shortest, longest) L_b when the caller has read them already."""
+    bounds: (shortest, longest) L_b when the caller has read them already; finite_tail: the caller
+    guarantees finite values in every slot past a row's length (none is copied to zero it)."""
     b, hq, sq, d = q.shape
     ct = compute_dtype(q.dtype)
-    if bounds is None:
-        bounds = tuple(int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist()) if b else (0, 0)
-    shortest, longest = bounds
+    shortest, longest = bounds_of(lengths) if bounds is None else bounds
     if longest == 0:  # no keys anywhere
         return torch.zeros_like(q), torch.full((b, hq, sq), float("-inf"), dtype=ct, device=q.device)
     k = _dense_rows(k_cache, block_table, longest)
     v = _dense_rows(v_cache, block_table, longest)
     hkv = k.shape[1]
     group = hq // hkv
-    keep = _keep(mask, lengths, sq, group, longest, shortest == longest)
-    if shortest < longest:
+    uniform = shortest == longest
+    if not uniform and not finite_tail:
         # Slots past a row's length hold whatever the cache held (NaN in a fresh torch.empty); a
         # masked score still multiplies its value by 0, so they are zeroed (in the gathered copy of
         # a paged cache; a copy of a contiguous one).
         past = (torch.arange(longest, device=q.device) >= lengths[:, None])[:, None, :, None]  # (B, 1, L, 1)
         k, v = (x.masked_fill_(past, 0) if block_table is not None else x.masked_fill(past, 0) for x in (k, v))
-    kept_all = bool(keep.all())
-    if not kept_all and keep.shape[0] == 1:
+    keep = _keep(mask, lengths, sq, group, longest, uniform)
+    if keep is not None and keep.shape[0] == 1:
         # One pattern for the batch (DALL-E's sparse layers, windows): read only the keys some query keeps.
         cols = keep[0].any(dim=0).nonzero()[:, 0]
         if cols.numel() < SKIP_BELOW * longest:
             k, v, keep = k.index_select(2, cols), v.index_select(2, cols), keep[:, :, cols]
-            kept_all = bool(keep.all())
-    bias = None if kept_all else \
-        torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))[:, None]
+            keep = None if bool(keep.all()) else keep
+    # -inf where a pair is ruled out: (B or 1, 1, G Sq or 1, L), broadcast over the KV heads
+    bias = None if keep is None else \
+        torch.full(keep.shape, float("-inf"), dtype=q.dtype, device=q.device).masked_fill_(keep, 0.0)[:, None]
     qg = q.reshape(b, hkv, group * sq, d)  # a KV head's group of query heads, stacked
     out, lse = (_FLASH if q.device.type == "cpu" else _matmul_softmax)(qg, k, v, attn_mask=bias, scale=scale)
     lse = lse.to(ct)
-    if not kept_all:
+    if keep is not None and not _keeps_a_key(mask, shortest, sq):
         empty = ~keep.any(dim=-1)[:, None]  # (B or 1, 1, G Sq or 1): rows that keep no key give 0, lse -inf
         out = out.masked_fill(empty[..., None], 0.0)
         lse = lse.masked_fill(empty, float("-inf"))
