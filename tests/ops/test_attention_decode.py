@@ -172,6 +172,18 @@ def test_finite_tails_are_read_masked(impl, layout, sq, kind):
     _run_and_check(impl, q, k, v, lengths, g, layout, _masks(34, 4)[kind], finite_tail=True)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "paged-16"])
+@pytest.mark.parametrize("sq,hq", [(1, 2), (3, 2), (3, 4)])
+@pytest.mark.parametrize("length", [34, 19, 3])
+@pytest.mark.parametrize("kind", ["causal", "window", "spans", "dalle-row", "dalle-column", "dalle-conv"])
+def test_one_length_for_every_row_under_a_batch_wide_mask(layout, sq, hq, length, kind):
+    """The torch path's cached per-mask bias (every row the same length, a mask without per-row parts):
+    the bias rows of the queries' positions, the keys read from the first kept to the last; GQA groups
+    with Sq > 1; rows whose first queries keep nothing (DALL-E's layers at the grid's start)."""
+    q, k, v, lengths, g = _case(2, hq, 2, sq, 16, 34, [length, length], seed=length * 10 + sq)
+    _run_and_check("torch", q, k, v, lengths, g, layout, _masks(34, 2)[kind])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_equals_vlfast_attention_over_the_same_keys(impl):
     q, k, v, lengths, g = _case(3, 4, 2, 4, 16, 40, [40, 17, 5], seed=5)

@@ -15,11 +15,11 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 @pytest.fixture(params=["dense", "tiled"])
 def plan(request, monkeypatch):
     """Small masks run as one call with a dense mask; "tiled" forces the tiled plans at any size."""
-    torch_impl._CACHE.clear()
+    torch_impl._PLANS.clear()
     if request.param == "tiled":
         monkeypatch.setattr(torch_impl, "DENSE_MAX_PAIRS", 0)
     yield request.param
-    torch_impl._CACHE.clear()
+    torch_impl._PLANS.clear()
 
 
 @pytest.mark.parametrize("kind,p", MASK_CASES, ids=lambda x: str(x))

@@ -72,7 +72,7 @@ class KVCache:
         """seqlens += tokens (an int, or (B,) per row), after a step's last layer; what the step wrote
         past a row's new length (the padding of a shorter prompt) is zeroed."""
         self.seqlens += torch.as_tensor(tokens, dtype=torch.int32, device=self.seqlens.device)
-        if not (isinstance(tokens, int) and tokens == self._written):
+        if not isinstance(tokens, int) or tokens < self._written:
             past = self._past()
             self.k.masked_fill_(past, 0)
             self.v.masked_fill_(past, 0)

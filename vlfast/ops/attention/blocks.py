@@ -9,7 +9,6 @@ per mask and shape: a model reuses one mask object across its layers and the bac
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,9 +16,9 @@ import torch
 from torch import Tensor
 
 from ...masks import Mask
+from ..mask_cache import MaskCache
 
-_CACHE: dict = {}
-_CACHE_LIMIT = 64
+_MAPS = MaskCache()
 
 
 @dataclass
@@ -78,23 +77,14 @@ def _status(mask: Mask, sq: int, sk: int, bm: int, bn: int, device, q_len: Optio
     return status
 
 
-def _tensor_key(t: Optional[Tensor]):
-    return None if t is None else (id(t), tuple(t.shape), t._version, str(t.device))
-
-
 def block_map(mask: Mask, sq: int, sk: int, bm: int, bn: int, device,
               positions: Optional[Tensor] = None) -> BlockMap:
     """The block map of `mask` for the dense layout, cached per mask contents and shape. positions:
     see _status (a permuted layout is a function of the mask and shape, so it is not a cache key)."""
-    key = (mask.causal, mask.window, mask.dalle, _tensor_key(mask.span_ids), _tensor_key(mask.key_valid),
-           sq, sk, bm, bn, str(device), positions is not None)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        refs, value = hit
-        # refs hold only the tensors that are not None: pair them with those (pairing with both fields
-        # checked nothing when span_ids was None, and a new key_valid at a dead one's id got its plan)
-        if all(r() is t for r, t in zip(refs, [t for t in (mask.span_ids, mask.key_valid) if t is not None])):
-            return value
+    def compute() -> BlockMap:
+        status = _status(mask, sq, sk, bm, bn, device, positions=positions)
+        return BlockMap(_lists(status), _lists(status.transpose(1, 2).contiguous()), mask.batch_size() is not None)
+    return _MAPS.get(mask, (sq, sk, bm, bn, str(device), positions is not None), compute)
     status = _status(mask, sq, sk, bm, bn, device, positions=positions)
     value = BlockMap(_lists(status), _lists(status.transpose(1, 2).contiguous()), mask.batch_size() is not None)
     if len(_CACHE) >= _CACHE_LIMIT:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,7 +36,8 @@ from torch import Tensor
 
 from ...masks import DALLE_KINDS, Mask
 from . import reference as _reference
-from .blocks import _status, _tensor_key
+from ..mask_cache import MaskCache
+from .blocks import _status
 
 LOG2E = 1.4426950408889634
 BLOCK = 128  # queries / keys per block of the generic plan
@@ -49,8 +49,7 @@ BLOCK = 128  # queries / keys per block of the generic plan
 DENSE_MAX_PAIRS = 640 * 640
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-_CACHE: dict = {}
-_CACHE_LIMIT = 64
+_PLANS = MaskCache()
 
 
 @dataclass
@@ -193,15 +192,10 @@ def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
     if (mask.causal and sq == sk and mask.window is None and mask.span_ids is None and mask.dalle is None
             and mask.key_valid is None):
         return _one_call_plan(True, sq, sk)
-    key = (mask.causal, mask.window, mask.dalle, _tensor_key(mask.span_ids), _tensor_key(mask.key_valid),
-           sq, sk, dtype, str(device))
-    hit = _CACHE.get(key)
-    if hit is not None:
-        refs, value = hit
-        # refs hold only the tensors that are not None: pair them with those (pairing with both fields
-        # checked nothing when span_ids was None, and a new key_valid at a dead one's id got its plan)
-        if all(r() is t for r, t in zip(refs, [t for t in (mask.span_ids, mask.key_valid) if t is not None])):
-            return value
+    return _PLANS.get(mask, (sq, sk, dtype, str(device)), lambda: _new_plan(mask, sq, sk, dtype, device))
+
+
+def _new_plan(mask: Mask, sq: int, sk: int, dtype, device) -> Plan:
     grid = _dalle_grid(mask, sq, sk)
     # In bfloat16 / float16 the kernel's backward runs split tiles slower than one dense call (image
     # prefix 8x1060x1060, P=576: three tiles 26 ms vs dense 21.6 ms; float32: 26 vs 34 ms); the
@@ -209,17 +203,12 @@ def _plan(mask: Optional[Mask], sq: int, sk: int, dtype, device) -> Plan:
     dense = sq * sk <= DENSE_MAX_PAIRS or (grid is None and dtype in (torch.bfloat16, torch.float16))
     prefix = _prefix_len(mask, sq, sk) if not dense else None
     if dense:
-        value = _dense_plan(mask, sq, sk, dtype, device)
-    elif grid is not None:
-        value = _grid_plan(*grid, sk, device)
-    elif prefix is not None:
-        value = _prefix_plan(prefix, sk)
-    else:
-        value = _block_plan(mask, sq, sk, dtype, device)
-    if len(_CACHE) >= _CACHE_LIMIT:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = ([weakref.ref(t) for t in (mask.span_ids, mask.key_valid) if t is not None], value)
-    return value
+        return _dense_plan(mask, sq, sk, dtype, device)
+    if grid is not None:
+        return _grid_plan(*grid, sk, device)
+    if prefix is not None:
+        return _prefix_plan(prefix, sk)
+    return _block_plan(mask, sq, sk, dtype, device)
 
 
 # --- forward and backward over a plan ----------------------------------------------------------------

@@ -68,18 +68,17 @@ def _triton_forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_
     return triton.forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_splits)
 
 
-def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, new_tokens: int,
-                        block_table: Optional[Tensor], causal: bool, window: int, span_ids: Optional[Tensor],
-                        dalle: list[int], key_valid: Optional[Tensor], scale: float, num_splits: int,
-                        impl: str, check: bool, finite_tail: bool) -> tuple[Tensor, Tensor]:
+def _decode_masked(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, new_tokens: int,
+                   block_table: Optional[Tensor], mask: Optional[Mask], scale: float, num_splits: int, impl: str,
+                   check: bool, finite_tail: bool) -> tuple[Tensor, Tensor]:
     """(out like q, lse (B, Hq, Sq) natural log, float32 / float64) over L_b = cache_seqlens + new_tokens."""
     bounds = None
     if check:
-        bounds = _check_lengths(cache_seqlens, new_tokens, k_cache, block_table, dalle,
-                                (("span_ids", span_ids), ("key_padding", key_valid)))
+        dalle = list(mask.dalle) if mask is not None and mask.dalle else None
+        per_token = () if mask is None else (("span_ids", mask.span_ids), ("key_padding", mask.key_valid))
+        bounds = _check_lengths(cache_seqlens, new_tokens, k_cache, block_table, dalle, per_token)
     # (an add is a kernel launch: a decode step without new tokens reads the lengths as they are)
     lengths = cache_seqlens + new_tokens if new_tokens or not cache_seqlens.is_contiguous() else cache_seqlens
-    mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention_decode"):
         if impl == "reference":
             return _reference.forward(q, k_cache, v_cache, lengths, block_table, mask, scale)
@@ -88,6 +87,16 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, 
         if impl == "cuda":
             return _cuda.forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_splits)
         return _triton_forward(q, k_cache, v_cache, lengths, block_table, mask, scale, num_splits)
+
+
+def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, new_tokens: int,
+            block_table: Optional[Tensor], causal: bool, window: int, span_ids: Optional[Tensor], dalle: list[int],
+            key_valid: Optional[Tensor], scale: float, num_splits: int, impl: str, check: bool,
+            finite_tail: bool) -> tuple[Tensor, Tensor]:
+    """_decode_masked with the mask as the op's schema takes it (its parts)."""
+    return _decode_masked(q, k_cache, v_cache, cache_seqlens, new_tokens, block_table,
+                          _mask_from(causal, window, span_ids, dalle, key_valid), scale, num_splits, impl, check,
+                          finite_tail)
 
 
 # The torch.library ops are what compiled graphs see; eager calls go straight to the Python bodies (the
@@ -291,7 +300,10 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
                                                     bool(check_lengths))
         new_tokens = k_new.shape[2]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    out, lse = (attention_decode_op if compiling else _decode)(q, k_cache, v_cache, cache_seqlens, new_tokens,
-                                                               block_table, *_mask_parts(mask), scale, num_splits,
-                                                               impl, bool(check_lengths), bool(finite_tail))
+    if compiling:
+        out, lse = attention_decode_op(q, k_cache, v_cache, cache_seqlens, new_tokens, block_table, *_mask_parts(mask),
+                                       scale, num_splits, impl, bool(check_lengths), bool(finite_tail))
+    else:
+        out, lse = _decode_masked(q, k_cache, v_cache, cache_seqlens, new_tokens, block_table, mask, scale,
+                                  num_splits, impl, bool(check_lengths), bool(finite_tail))
     return (out, lse) if return_lse else out

@@ -7,17 +7,47 @@ one additive (B, 1, G Sq, L) bias. Accumulation is float32 (float64 for float64 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ...masks import Mask
+from ..mask_cache import MaskCache
 from .reference import compute_dtype
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # Gather the kept keys when fewer than this fraction of them are kept (the copy costs a fraction of a pass).
 SKIP_BELOW = 0.75
+# A mask that keeps the same pairs in every row gets its (S_max, S_max) bias built once, up to this S_max.
+PATTERN_MAX_POSITIONS = 2048
+_PATTERNS = MaskCache(limit=16)
+
+
+@dataclass
+class Pattern:
+    """A batch-wide mask over cache positions 0 .. S_max - 1: the additive bias, and per query position
+    its first kept key, one past its last, and how many it keeps (host lists: a step reads them without
+    a device op)."""
+    bias: Tensor        # (S_max, S_max) in q's dtype: 0 kept, -inf not
+    first: list         # S_max where a query keeps no key
+    end: list
+    count: list
+
+
+def pattern(mask: Mask, s_max: int, dtype: torch.dtype, device) -> Pattern:
+    """The mask's Pattern over a cache of s_max positions (mask.batch_size() must be None), cached."""
+    def compute() -> Pattern:
+        pos = torch.arange(s_max, device=device)
+        keep = mask.allowed(pos[:, None], pos[None, :])  # (S_max, S_max)
+        bias = torch.full(keep.shape, float("-inf"), dtype=dtype, device=device).masked_fill_(keep, 0.0)
+        count = keep.sum(dim=1)
+        kept = count > 0
+        first = torch.where(kept, keep.byte().argmax(dim=1), s_max)
+        end = torch.where(kept, s_max - keep.flip(1).byte().argmax(dim=1), 0)
+        return Pattern(bias, first.tolist(), end.tolist(), count.tolist())
+    return _PATTERNS.get(mask, (s_max, dtype, str(device)), compute)
 
 
 def _dense_rows(cache: Tensor, block_table: Optional[Tensor], longest: int) -> Tensor:
@@ -25,10 +55,11 @@ def _dense_rows(cache: Tensor, block_table: Optional[Tensor], longest: int) -> T
     if block_table is None:
         return cache[:, :, :longest]
     page = cache.shape[2]
-    pages = block_table[:, : -(-longest // page)].long()  # (B, n)
-    rows = cache[pages]  # (B, n, Hkv, page, D)
-    b, n, hkv, _, d = rows.shape
-    return rows.permute(0, 2, 1, 3, 4).reshape(b, hkv, n * page, d)[:, :, :longest]
+    pages = block_table[:, : -(-longest // page)]  # (B, n)
+    b, n = pages.shape
+    # index_select copies whole pages (twice as fast as advanced indexing here), then one permuting copy
+    rows = cache.index_select(0, pages.reshape(-1)).view(b, n, *cache.shape[1:])  # (B, n, Hkv, page, D)
+    return rows.permute(0, 2, 1, 3, 4).reshape(b, cache.shape[1], n * page, cache.shape[3])[:, :, :longest]
 
 
 def _matmul_softmax(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float):
@@ -52,10 +83,12 @@ def _keep(mask: Optional[Mask], lengths: Tensor, sq: int, group: int, longest: i
           uniform: bool) -> Optional[Tensor]:
     """(B or 1, G Sq or 1, L) bool: the pairs kept, or None when every pair of the (B, L) rows is. With one
     length for every row and no per-row mask part, one (1, ., L) matrix serves the batch."""
+    if _plain(mask) and (mask is None or sq == 1) and uniform:  # every key below L_b, and L_b the same
+        return None
     device = lengths.device
     p_k = torch.arange(longest, device=device)
-    if _plain(mask) and (mask is None or sq == 1):  # every key below L_b
-        return None if uniform else (p_k < lengths[:, None])[:, None, :]
+    if _plain(mask) and (mask is None or sq == 1):
+        return (p_k < lengths[:, None])[:, None, :]
     if uniform and _plain(mask):
         p_q = (torch.arange(group * sq, device=device) % sq)[None, :, None] + (longest - sq)
         return p_k <= p_q
@@ -100,6 +133,11 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_
     hkv = k.shape[1]
     group = hq // hkv
     uniform = shortest == longest
+    s_max = k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
+    if uniform and longest >= sq and not _plain(mask) and mask.batch_size() is None and s_max <= PATTERN_MAX_POSITIONS:
+        pat = pattern(mask, s_max, q.dtype, q.device)
+        if all(pat.first[p] < longest for p in range(longest - sq, longest)):  # every query keeps a key
+            return _forward_pattern(q, k, v, pat, longest, scale)
     if not uniform and not finite_tail:
         # Slots past a row's length hold whatever the cache held (NaN in a fresh torch.empty); a
         # masked score still multiplies its value by 0, so they are zeroed (in the gathered copy of
@@ -124,3 +162,26 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_
         out = out.masked_fill(empty[..., None], 0.0)
         lse = lse.masked_fill(empty, float("-inf"))
     return out.reshape(b, hq, sq, d), lse.reshape(b, hq, sq)
+
+
+def _forward_pattern(q: Tensor, k: Tensor, v: Tensor, pat: Pattern, length: int,
+                     scale: float) -> tuple[Tensor, Tensor]:
+    """forward for rows that all hold `length` keys, k / v (B, Hkv, length, D), under a batch-wide mask
+    under which every query keeps a key: its bias rows sliced from the Pattern, and the keys read only from the first any query keeps to one
+    past the last (a view)."""
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    ct = compute_dtype(q.dtype)
+    rows = range(length - sq, length)  # the queries' positions; each keeps a key below length
+    lo = min(pat.first[p] for p in rows)
+    hi = min(max(pat.end[p] for p in rows), length)
+    whole = all(pat.first[p] == lo and pat.end[p] == hi and pat.count[p] == hi - lo for p in rows)
+    bias = None
+    if not whole:
+        bias = pat.bias[length - sq:length, lo:hi]  # (Sq, keys): a view
+        bias = (bias.repeat(group, 1) if group > 1 and sq > 1 else bias)[None, None]
+    qg = q.reshape(b, hkv, group * sq, d)
+    out, lse = (_FLASH if q.device.type == "cpu" else _matmul_softmax)(qg, k[:, :, lo:hi], v[:, :, lo:hi],
+                                                                       attn_mask=bias, scale=scale)
+    return out.reshape(b, hq, sq, d), lse.to(ct).reshape(b, hq, sq)
