@@ -380,7 +380,7 @@ def test_emulated_decode_opcheck(decode_on_cpu):
     from .ops.test_attention_decode import _case
     q, k, v, lengths, g = _case(2, 4, 2, 2, 16, 24, [24, 5])
     args = (q, k.nan_to_num(), v.nan_to_num(), lengths, 0, None, True, 0, None, [0, 0, 0, 0, 0], None, 0.25, 0,
-            "cuda", True)
+            "cuda", True, False)
     torch.library.opcheck(attention_decode_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
