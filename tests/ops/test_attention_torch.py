@@ -109,6 +109,18 @@ def test_varlen_matches_per_sequence_attention(plan):
     check_varlen_per_sequence("torch", [5, 0, 1, 40, 33, 7, 3], [5, 0, 1, 40, 33, 12, 0])
 
 
+@pytest.mark.parametrize("lengths", [[5, 7, 1, 6, 0, 4], [9, 9], [3, 8, 8, 2, 7]])
+def test_packed_self_attention_runs_padded_in_one_call(plan, lengths, monkeypatch):
+    """Packed sequences with the same query and key lengths, no mask or causal, and little padding run as
+    one padded batch (torch_impl._padding): out and every gradient against float64 per sequence, a
+    zero-length sequence included; the padded layout is really taken for those masks."""
+    taken = []
+    padding = torch_impl._padding
+    monkeypatch.setattr(torch_impl, "_padding", lambda *a: taken.append(padding(*a)) or taken[-1])
+    check_varlen_per_sequence("torch", lengths, lengths)
+    assert sum(x is not None for x in taken) == 4  # none and causal, forward and backward; spans run per sequence
+
+
 def test_block_sparse_masks_skip_tiles():
     """Past DENSE_MAX_PAIRS, DALL-E row / column layers and an image prefix run few more (query, key)
     pairs than the mask keeps (counting is_causal tiles as half)."""
