@@ -4,9 +4,9 @@ A model is a callable model(tokens (B, S_new) int64, cache) -> logits (B, S_new,
 call cache.attend(layer, ...) and take their positions from cache.positions(S_new); the loop advances the
 cache after each call. A model that also takes a keyword `last` ((B,) int64 or None) gets, on the prompt
 step, each row's last prompt position, and returns only the logits there, (B, 1, V) (last_positions): the
-loop reads no others, and the LM head then runs on B positions instead of B x S. Prompts are right-padded (B, S) with their lengths; the padding is written into
-the cache but never attended (each row's length stops before it) and the first generated token
-overwrites it.
+loop reads no others, and the LM head then runs on B positions instead of B x S. Prompts are right-padded
+(B, S) with their lengths; the padding is written into the cache but never attended (each row's length
+stops before it) and the first generated token overwrites it.
 """
 from __future__ import annotations
 

@@ -148,7 +148,8 @@ class Llama(nn.Module):
         if cache is not None:
             if attention_mask is not None or cu_seqlens is not None:
                 raise ValueError("with a cache, pass neither attention_mask nor cu_seqlens (the cache holds the lengths)")
-            rotation = self._rotation(x, cache.positions(x.shape[1]) if positions is None else positions)
+            positions = cache.positions(x.shape[1]) if positions is None else positions
+            rotation = self.rotary.rotation(positions, x.dtype)
             for i, layer in enumerate(self.layers):
                 x = layer(x, mask, cache=cache.layer(i), rotation=rotation)
             return self.norm(x)
@@ -159,16 +160,12 @@ class Llama(nn.Module):
         if positions is None:  # 0..S-1, or restarting at each packed sequence
             positions = torch.arange(x.shape[1], device=x.device) if cu_seqlens is None else \
                 packed_positions(cu_seqlens, x.shape[0])
-        attend = dict(rotation=self._rotation(x, positions, packed=cu_seqlens is not None))
+        attend = dict(rotation=self.rotary.rotation(positions, x.dtype, packed=cu_seqlens is not None))
         if cu_seqlens is not None:
             attend.update(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         for layer in self.layers:
             x = layer(x, mask, **attend)
         return self.norm(x)
-
-    def _rotation(self, x: Tensor, positions: Tensor, packed: bool = False) -> tuple[Tensor, Tensor]:
-        """The rotary (cos, sin) of positions, shared by every layer of this forward."""
-        return self.rotary.rotation(positions, torch.float64 if x.dtype == torch.float64 else torch.float32, packed)
 
     def forward(self, input_ids: Optional[Tensor] = None, **kwargs) -> Tensor:
         """Logits (B, S, V) (float32 math as the head's dtype gives it): hidden_states' arguments."""

@@ -98,8 +98,7 @@ class SelfAttention(nn.Module):
         if rotation is None:
             if positions is None:
                 positions = torch.arange(q.shape[-2], device=q.device)
-            ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-            rotation = self.rotary.rotation(positions, ct, packed)
+            rotation = self.rotary.rotation(positions, q.dtype, packed)
         return self.rotary.apply(q, rotation), self.rotary.apply(k, rotation)
 
 

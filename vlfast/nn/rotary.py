@@ -34,10 +34,11 @@ class RotaryEmbedding(nn.Module):
         return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
     def rotation(self, positions: Tensor, dtype: torch.dtype, packed: bool = False) -> tuple[Tensor, Tensor]:
-        """(cos, sin) in `dtype`, shaped to broadcast against x: (1, 1, S, D/2) for positions (S,) or
+        """(cos, sin) for rotating tensors of `dtype` (held in float64 for float64, else float32), shaped to
+        broadcast against x: (1, 1, S, D/2) for positions (S,) or
         (B, 1, S, D/2) for (B, S), against x (B, H, S, D); packed (T, 1, D/2) against x (T, H, D). A model
         computes it once per forward and every layer rotates with it (apply)."""
-        cos, sin = self.cos_sin(positions, dtype)
+        cos, sin = self.cos_sin(positions, torch.float64 if dtype == torch.float64 else torch.float32)
         if packed:
             return cos[:, None], sin[:, None]
         return (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
@@ -54,9 +55,7 @@ class RotaryEmbedding(nn.Module):
         packed = x.dim() != 4
         if positions is None:
             positions = torch.arange(x.shape[0 if packed else -2], device=x.device)
-        # the rotation in float32 / float64
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return self.apply(x, self.rotation(positions, ct, packed))
+        return self.apply(x, self.rotation(positions, x.dtype, packed))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}"

@@ -20,6 +20,7 @@ from ..attention import _check_scale, _mask_from, _mask_parts
 from . import cuda as _cuda
 from . import reference as _reference
 from . import torch_impl as _torch
+from .reference import capacity
 
 FN = "attention_decode"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -111,11 +112,6 @@ def _(q, k_cache, v_cache, cache_seqlens, new_tokens, block_table, causal, windo
 
 
 # --- validation and dispatch ----------------------------------------------------------------------------
-
-def capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
-    """Positions a row of the cache holds: S_max, or max_pages x page for a paged cache."""
-    return k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
-
 
 def _check_lengths(cache_seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],
                    dalle: Optional[list] = None, per_token: tuple = ()) -> tuple[int, int]:

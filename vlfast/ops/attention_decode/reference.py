@@ -25,6 +25,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
+    """Positions a row of the cache holds: S_max, or max_pages x page for a paged cache."""
+    return k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
+
+
 def cache_rows(cache: Tensor, b: int, length: int, block_table: Optional[Tensor]) -> Tensor:
     """Row b's first `length` keys (or values) as (Hkv, length, D)."""
     if block_table is None:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ...masks import Mask
 from ..mask_cache import MaskCache
-from .reference import compute_dtype
+from .reference import capacity, compute_dtype
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # Gather the kept keys when fewer than this fraction of them are kept (the copy costs a fraction of a pass).
@@ -133,8 +133,9 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_
     hkv = k.shape[1]
     group = hq // hkv
     uniform = shortest == longest
-    s_max = k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
-    if uniform and longest >= sq and not _plain(mask) and mask.batch_size() is None and s_max <= PATTERN_MAX_POSITIONS:
+    s_max = capacity(k_cache, block_table)
+    batch_wide = not _plain(mask) and mask.batch_size() is None
+    if uniform and longest >= sq and batch_wide and s_max <= PATTERN_MAX_POSITIONS:
         pat = pattern(mask, s_max, q.dtype, q.device)
         if all(pat.first[p] < longest for p in range(longest - sq, longest)):  # every query keeps a key
             return _forward_pattern(q, k, v, pat, longest, scale)
@@ -167,8 +168,8 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_
 def _forward_pattern(q: Tensor, k: Tensor, v: Tensor, pat: Pattern, length: int,
                      scale: float) -> tuple[Tensor, Tensor]:
     """forward for rows that all hold `length` keys, k / v (B, Hkv, length, D), under a batch-wide mask
-    under which every query keeps a key: its bias rows sliced from the Pattern, and the keys read only from the first any query keeps to one
-    past the last (a view)."""
+    under which every query keeps a key: its bias rows sliced from the Pattern, and the keys read only
+    from the first any query keeps to one past the last (a view)."""
     b, hq, sq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
