@@ -152,3 +152,50 @@ def test_a_failing_contender_or_reference_becomes_a_row_and_the_run_goes_on():
     assert by["a", "absent"]["status"] == "skipped" and by["a", "absent"]["message"] == "not installed"
     assert by["b", "fine"]["status"] == "ok" and by["b", "fine"]["error"] is None
     assert by["b", "fine"]["error_note"] == "fp64 reference failed: ValueError: no reference here"
+
+
+def _row(impl, ms, error, case="c", mode="fwd", status="ok", **errors):
+    return {"op": "op", "case": case, "dtype": "float32", "mode": mode, "impl": impl, "status": status, "ms": ms,
+            "error": error, "errors": {"out": error, **errors}}
+
+
+def test_ratios_take_the_fastest_correct_peer():
+    """vlfast's fastest correct row over the fastest correct peer; a peer off by more than 2 %, with a wrong
+    index or other tokens, a NaN error (saved as the string "nan") or no error at all is not correct."""
+    from vlfast.bench import report
+    rows = [_row("vlfast-torch", 2.0, 1e-6), _row("vlfast-reference", 1.0, 0.5),
+            _row("fast-but-off", 0.5, 0.03), _row("fast-wrong-index", 0.6, 1e-6, index_mismatch=0.01),
+            _row("nan", 0.7, "nan"), _row("unchecked", 0.8, None), _row("right", 4.0, 1e-5),
+            _row("failed", None, None, status="error"),
+            _row("vlfast-torch", 3.0, 1e-6, case="d"), _row("wrong-tokens", 1.0, 0.0, case="d", tokens=0.5)]
+    by = {r["case"]: r for r in report.ratios(rows)}
+    assert by["c"]["impl"] == "vlfast-torch" and by["c"]["peer"] == "right" and by["c"]["ratio"] == 0.5
+    assert set(by["c"]["wrong_peers"]) == {"fast-but-off", "fast-wrong-index", "nan", "unchecked"}
+    assert by["d"]["peer"] is None and by["d"]["ratio"] is None and by["d"]["wrong_peers"] == ["wrong-tokens"]
+    table = report.ratio_table(rows)
+    assert "| op | c | fwd | torch 2.00 | right 4.00 (fast-but-off, fast-wrong-index, nan, unchecked: wrong) | 0.50 |" \
+        in table
+    assert "| op | d | fwd | torch 3.00 | none correct (wrong-tokens wrong) | — |" in table
+
+
+def test_bench_ratios_reads_a_saved_run(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([_row("vlfast-torch", 1.0, 0.0), _row("peer", 2.0, 0.0)]))
+    out = _run("-m", "vlfast", "bench", "--ratios", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "| op | c | fwd | torch 1.00 | peer 2.00 | 0.50 |" in out.stdout
+    assert _run("-m", "vlfast", "bench", "clip_loss", "--ratios", str(path)).returncode != 0
+    path.write_text(json.dumps({"not": "rows"}))
+    bad = _run("-m", "vlfast", "bench", "--ratios", str(path))
+    assert bad.returncode != 0 and "expected the JSON list of rows" in bad.stderr
+
+
+def test_cpu_contenders_are_timed_in_turns():
+    """On a CPU every contender of a case and mode runs once per round, in a rotated order."""
+    from vlfast.bench.common import MAX_ROUNDS, MIN_ROUNDS, measure_interleaved
+    calls = []
+    ms = measure_interleaved({name: (lambda n=name: calls.append(n)) for name in "abc"})
+    assert set(ms) == set("abc") and all(t >= 0 for t in ms.values())
+    rounds = len(calls) // 3
+    assert MIN_ROUNDS <= rounds <= MAX_ROUNDS and len(calls) == 3 * rounds
+    assert calls[3:6] == ["b", "c", "a"]  # the second round starts one later

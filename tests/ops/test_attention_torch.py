@@ -268,3 +268,26 @@ def test_expanded_upstream_gradient_with_a_non_finite_value():
     out = attention(q, k, v, mask=M.causal(), impl="torch")
     grads = torch.autograd.grad(out, (q, k, v), torch.full((1,), float("nan")).expand(out.shape))
     assert all(g.isnan().all() for g in grads)
+
+
+def test_backward_after_a_finite_forward_checks_only_the_upstream_gradient(monkeypatch):
+    """The forward's finiteness check of q, k, v travels to the backward of the same autograd node, which
+    then reads only do (autograd's saved tensors cannot change in between); a NaN there still gives the
+    reference's NaN pattern. Through the op (no forward verdict) the backward checks all five."""
+    checked = []
+    finite = torch_impl._finite
+    monkeypatch.setattr(torch_impl, "_finite", lambda *xs: checked.append(len(xs)) or finite(*xs))
+    q, k, v, do = make_qkv(1, 2, 2, 21, 21, 16, torch.float32)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.autograd.grad(attention(*leaves, mask=M.causal(), impl="torch"), leaves, do)
+    assert checked == [3, 1]
+    checked.clear()
+    out, lse2 = attention_forward(q, k, v, None, None, 21, 21, True, 0, None, [0] * 5, None, 0.25, "torch")
+    attention_backward(do, q, k, v, out, lse2, None, None, 21, 21, True, 0, None, [0] * 5, None, 0.25, "torch")
+    assert checked == [3, 5]
+    do[0, 1, 17, 5] = float("nan")
+    got, want = ({name: x.isnan() for name, x in run_vlfast(q.to(t), k.to(t), v.to(t), do.to(t), M.causal(),
+                                                              impl).items()}
+                 for t, impl in ((torch.float32, "torch"), (torch.float64, "reference")))
+    for name in NAMES:
+        assert torch.equal(got[name], want[name]), name

@@ -5,7 +5,8 @@
 Peers in the same run (each only where it runs; the summary lists the rest):
   sdpa-flash / sdpa-cudnn / sdpa-efficient   is_causal for causal masks, else a dense boolean mask; GQA by
                                              enable_gqa=True
-  sdpa-math (CPU)                            the same through PyTorch's math path
+  sdpa (CPU)                                 the same, SDPA choosing its CPU kernel (the fused flash kernel
+                                             where it applies, which vlfast's impl="torch" calls too)
   flex                                       torch.compile(flex_attention) with a block mask from an analytic
                                              mask_mod per mask kind (keep_rule; CPU: VLFAST_BENCH_CPU_FLEX=1)
 The oracle is a float64 explicit softmax with the bench's own dense mask (keep_rule), not vlfast's code.
@@ -274,7 +275,7 @@ def contenders(case: Case, device: torch.device) -> list:
             peers.append(Contender(f"sdpa-{backend.split('_')[0].lower()}", _runner(_sdpa(backend))))
         peers.append(Contender("flex[compiled, analytic mask_mod]", _runner(_flex_fn(case))))
     else:
-        peers.append(Contender("sdpa-math[dense bool mask; is_causal for causal]", _runner(_sdpa(None))))
+        peers.append(Contender("sdpa[dense bool mask; is_causal for causal]", _runner(_sdpa(None))))
         peers.append(_cpu_flex(case))
     return _vlfast(case, device) + peers
 

@@ -26,6 +26,10 @@ DO_BENCH_BELOW_MS = 50.0
 # Time spent timing one contender beyond its first measured call (ms).
 TIMING_BUDGET_MS = 1000.0
 MAX_REPS = 9
+# On a CPU the contenders of one case and mode are timed in turns (measure_interleaved): a shared
+# machine's load drifts over seconds and moved whole rows by up to 2x when each was timed alone. Short
+# calls get more rounds, as their medians are the noisiest.
+MIN_ROUNDS, MAX_ROUNDS = 5, 41
 
 
 @dataclass
@@ -111,6 +115,19 @@ def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, Optiona
     if device.type == "cpu":
         peak = cpu_peak_bytes(fn)
     return statistics.median(times), peak
+
+
+def measure_interleaved(fns: dict) -> dict:
+    """{name: median ms} of warmed-up CPU calls, timed in rounds that call every fn once, each round
+    in a rotated order; rounds as TIMING_BUDGET_MS per fn allows, within [MIN_ROUNDS, MAX_ROUNDS]."""
+    names = list(fns)
+    times = {n: [_timed_call(fns[n], torch.device("cpu"))[0]] for n in names}
+    per_round = sum(t[0] for t in times.values())
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TIMING_BUDGET_MS * len(names) // max(per_round, 1e-3))))
+    for r in range(1, rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(_timed_call(fns[n], torch.device("cpu"))[0])
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -63,6 +63,15 @@ def write_json(rows: list, path: str) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str) -> list:
+    """The rows of a run saved with --json."""
+    rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"op", "case", "impl", "status"} <= set(r)
+                                             for r in rows):
+        raise ValueError(f"{path}: expected the JSON list of rows that `python -m vlfast bench --json` writes")
+    return rows
+
+
 def _fmt(x, spec: str) -> str:
     if x is None:
         return "-"
@@ -100,6 +109,61 @@ def summary(rows: list) -> str:
         return "skipped: none"
     return "skipped:\n" + "\n".join(f"  {impl}: {why} ({len(c)} case{'s' * (len(c) > 1)})"
                                     for (impl, why), c in seen.items())
+
+
+# "Correct" for the ratio table: within 2 % of float64 in every output and gradient, no index (codebook
+# code, top-k entry) other than float64's, and the same greedy tokens as float64 / the peer's reference.
+CORRECT_WITHIN = 0.02
+MUST_BE_ZERO = ("index_mismatch", "tokens")
+CORRECT_RULE = "correct = within 2 % of float64, no wrong index, the same greedy tokens"
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)  # a saved run keeps NaN / inf as strings
+
+
+def correct(row: dict) -> bool:
+    if row["status"] != "ok" or not _number(row["ms"]) or not _number(row["error"]):
+        return False
+    errors = row.get("errors") or {}
+    return row["error"] <= CORRECT_WITHIN and all(errors.get(k, 0) == 0 for k in MUST_BE_ZERO)
+
+
+def ratios(rows: list) -> list:
+    """Per (op, case, dtype, mode): vlfast's fastest correct row against the fastest correct peer.
+
+    Returns dicts {op, case, dtype, mode, impl, ms, peer, peer_ms, wrong_peers, ratio}; peer is None
+    when no peer is correct (wrong_peers names them), and ratio is None then."""
+    groups = {}
+    for r in rows:
+        if r["status"] == "ok" and r["ms"] is not None:
+            groups.setdefault((r["op"], r["case"], r["dtype"], r["mode"]), []).append(r)
+    out = []
+    for (op, case, dtype, mode), rs in groups.items():
+        ours = sorted((r for r in rs if r["impl"].startswith("vlfast-") and correct(r)), key=lambda r: r["ms"])
+        peers = [r for r in rs if not r["impl"].startswith("vlfast-")]
+        if not ours or not peers:
+            continue
+        good = sorted((r for r in peers if correct(r)), key=lambda r: r["ms"])
+        best = good[0] if good else None
+        out.append({"op": op, "case": case, "dtype": dtype, "mode": mode, "impl": ours[0]["impl"],
+                    "ms": ours[0]["ms"], "peer": best and best["impl"], "peer_ms": best and best["ms"],
+                    "wrong_peers": [r["impl"] for r in peers if not correct(r)],
+                    "ratio": best and ours[0]["ms"] / best["ms"]})
+    return out
+
+
+def ratio_table(rows: list) -> str:
+    """The ratios as a Markdown table (the README's CPU table is this, for one quick run)."""
+    lines = ["| op | case | mode | vlfast, ms | fastest correct peer, ms | ratio |", "|---|---|---|---|---|---|"]
+    for r in ratios(rows):
+        wrong = f" ({', '.join(r['wrong_peers'])}: wrong)" if r["wrong_peers"] and r["peer"] else ""
+        peer = (f"{r['peer']} {r['peer_ms']:.2f}{wrong}" if r["peer"]
+                else f"none correct ({', '.join(r['wrong_peers'])} wrong)")
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "—"
+        ours = r["impl"][len("vlfast-"):]
+        lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {ours} {r['ms']:.2f} | {peer} | {ratio} |")
+    return "\n".join(lines)
 
 
 def plot(rows: list, path: str) -> Optional[str]:

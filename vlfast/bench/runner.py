@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vlfast.bench import report
-from vlfast.bench.common import compare, free_memory, measure, synchronize, worst
+from vlfast.bench.common import (compare, cpu_peak_bytes, free_memory, measure, measure_interleaved, synchronize,
+                                 worst)
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +43,11 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: grouped bars per case, log-scale ms")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
+    p.add_argument("--ratios", metavar="PATH", help="run nothing: print the ratio table of the rows saved in PATH "
+                                                    "(a --json file)")
     args = p.parse_args(argv)
+    if args.ratios and (args.ops or args.json or args.plot):
+        p.error("--ratios reads a saved run; it takes no ops, --json or --plot")
     unknown = [op for op in args.ops if op not in ops]
     if unknown:
         p.error(f"unknown op{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
@@ -63,17 +68,60 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0]}"[:300] if lines else type(e).__name__
 
 
-def _time_one(contender, inputs, mode, ref, device, compare_fn=compare) -> dict:
-    """One contender in one mode: errors from a first (warm-up) call, then time and memory."""
+def _checked(contender, inputs, mode, ref, device, compare_fn=compare) -> dict:
+    """One contender in one mode, untimed: errors from a first (warm-up) call."""
     try:
         outputs = contender.run(inputs, mode)
         synchronize(device)
         errors = compare_fn(outputs, ref) if ref is not None else {}
         del outputs
-        ms, peak = measure(lambda: contender.run(inputs, mode), device)
-        return {"status": "ok", "ms": ms, "peak_bytes": peak, "errors": errors}
+        return {"status": "ok", "errors": errors}
     except Exception as e:  # out of memory, a peer's own limits, a bug: record it and go on
         return {"status": "error", "message": _describe(e)}
+
+
+def _timed(contender, inputs, mode, device) -> dict:
+    """Time and memory of one checked contender alone (GPU: do_bench or a few synchronised runs)."""
+    try:
+        ms, peak = measure(lambda: contender.run(inputs, mode), device)
+        return {"ms": ms, "peak_bytes": peak}
+    except Exception as e:
+        return {"status": "error", "message": _describe(e)}
+
+
+def _timed_in_turns(runs: list, inputs) -> list:
+    """[{ms, peak_bytes}] for CPU (contender, mode) pairs of one mode, timed in turns (measure_interleaved)."""
+    try:
+        ms = measure_interleaved({i: (lambda c=c, m=m: c.run(inputs, m)) for i, (c, m) in enumerate(runs)})
+    except Exception:  # one failing now (it passed its check) spoils the turns: time each alone
+        return [_timed(c, inputs, m, torch.device("cpu")) for c, m in runs]
+    return [{"ms": ms[i], "peak_bytes": cpu_peak_bytes(lambda: c.run(inputs, m))} for i, (c, m) in enumerate(runs)]
+
+
+def _time_case(runs: list, inputs, ref, device, compare_fn, progress, label) -> list:
+    """[result] per (contender, mode) in runs: checked one by one, then timed (CPU: each mode's
+    contenders in turns)."""
+    results = []
+    for c, m in runs:
+        progress.set_postfix_str(label(c, m))
+        results.append(_checked(c, inputs, m, ref, device, compare_fn))
+        free_memory(device)
+    ok = [i for i, r in enumerate(results) if r["status"] == "ok"]
+    # groups timed together: each mode's contenders in turns on a CPU, one at a time on a GPU
+    groups = ([[i for i in ok if runs[i][1] == mode] for mode in dict.fromkeys(runs[i][1] for i in ok)]
+              if device.type == "cpu" else [[i] for i in ok])
+    for group in groups:
+        if device.type == "cpu":
+            timings = _timed_in_turns([runs[i] for i in group], inputs)
+        else:
+            timings = [_timed(runs[group[0]][0], inputs, runs[group[0]][1], device)]
+        for i, timing in zip(group, timings):
+            results[i].update(timing)
+            if runs[i][0].describe is not None and results[i]["status"] == "ok":
+                results[i]["config"] = runs[i][0].describe()  # e.g. the launch configs its last call chose
+        free_memory(device)
+    progress.update(len(runs))
+    return results
 
 
 def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -> None:
@@ -110,15 +158,11 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
         except Exception as e:
             ref, how = None, f"fp64 reference failed: {_describe(e)}"
         free_memory(device)
-        for c, m in runnable:
-            progress.set_postfix_str(f"{case.name} {c.name} {m}")
-            result = _time_one(c, inputs, m, ref, device, getattr(module, "compare", compare))
-            progress.update()
-            free_memory(device)
+        results = _time_case(runnable, inputs, ref, device, getattr(module, "compare", compare), progress,
+                             lambda c, m: f"{case.name} {c.name} {m}")
+        for (c, m), result in zip(runnable, results):
             errors = result.get("errors", {})
             flops = module.flops(case, m)
-            if c.describe is not None and result["status"] == "ok":
-                result["config"] = c.describe()
             moved = module.bytes_read(case) if hasattr(module, "bytes_read") else None
             generated = module.tokens_generated(case) if hasattr(module, "tokens_generated") else None
             row(c.name, m, **result, error=worst(errors), error_ref=how if ref is not None else None,
@@ -133,6 +177,9 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.ratios:
+        print(report.ratio_table(report.read_json(args.ratios)))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     meta = report.metadata_fields(device)
@@ -150,6 +197,7 @@ def main(argv=None) -> int:
         start = len(rows)
         run_op(op, module, device, size, meta, emit)
         print(f"\n{op}\n{report.table(rows[start:])}\n{report.summary(rows[start:])}")
+    print(f"\nvlfast / fastest correct peer ({report.CORRECT_RULE}):\n{report.ratio_table(rows)}")
     if args.json:
         report.write_json(rows, args.json)  # also when there are no rows
         print(f"rows written to {args.json}")

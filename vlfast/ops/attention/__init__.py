@@ -58,27 +58,35 @@ def _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale):
     return triton, triton.Problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
 
 
-def _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid, scale, impl):
-    """What vlfast::attention_forward runs (see it for the arguments)."""
+def _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid, scale, impl,
+                  verdict=None):
+    """What vlfast::attention_forward runs (see it for the arguments); verdict: a dict for impl="torch"'s
+    forward on a dense batch to note whether its inputs were finite."""
     if cu_q is not None:  # here, not in attention_varlen: op bodies are not traced, so the syncs keep graphs whole
         _check_packed_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k, dalle)
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention.fwd"):
         if impl == "reference":
             return _forward_with(_reference, q, k, v, cu_q, cu_k, mask, scale)
+        if impl == "torch" and cu_q is None:
+            return _torch.forward(q, k, v, mask, scale, verdict)
         if impl == "torch":
-            return _forward_with(_torch, q, k, v, cu_q, cu_k, mask, scale)
+            return _torch.forward_varlen(q, k, v, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
         return module.forward(problem)
 
 
 def _backward_body(do, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid,
-                   scale, impl):
-    """What vlfast::attention_backward runs (see it for the arguments)."""
+                   scale, impl, inputs_finite=False):
+    """What vlfast::attention_backward runs (see it for the arguments); inputs_finite: impl="torch"'s
+    forward made out from these q, k, v (autograd's saved tensors) and found them finite."""
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention.bwd"):
-        if impl == "torch":  # takes do in any layout (autograd's is often expanded): no copy here
-            return _backward_with(_torch, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
+        # impl="torch" takes do in any layout (autograd's is often expanded): no copy here
+        if impl == "torch" and cu_q is None:
+            return _torch.backward(do, q, k, v, out, lse2, mask, scale, inputs_finite)
+        if impl == "torch":
+            return _torch.backward_varlen(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
         do = do.contiguous()
         if impl == "reference":
             return _backward_with(_reference, do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
@@ -140,9 +148,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, d_out, _d_lse):
     q, k, v, out, lse2, cu_q, cu_k, span_ids, key_valid = ctx.saved_tensors
     max_q, max_k, causal, window, dalle, scale, impl = ctx.params
-    run = _backward_body if _eager(d_out, q, k, v, out) else attention_backward
-    dq, dk, dv = run(d_out, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid,
-                     scale, impl)
+    args = (d_out, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid, scale,
+            impl)
+    if not _eager(d_out, q, k, v, out):
+        dq, dk, dv = attention_backward(*args)
+    else:
+        dq, dk, dv = _backward_body(*args, inputs_finite=getattr(ctx, "inputs_finite", False))
     return (dq, dk, dv) + (None,) * 11
 
 
@@ -155,8 +166,10 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse2 = _forward_body(*inputs)
+        verdict = {}  # impl="torch": whether the inputs were finite, so the backward checks only d_out
+        out, lse2 = _forward_body(*inputs, verdict=verdict)
         _setup_context(ctx, inputs, (out, lse2))
+        ctx.inputs_finite = verdict.get("finite", False)
         return out
 
     @staticmethod

@@ -274,7 +274,8 @@ def _unpermuted(x: Tensor, perm: Optional[Tensor]) -> Tensor:
 
 
 def _laid_out_like(x: Tensor, like: Tensor) -> Tensor:
-    """x with the strides of torch.empty_like(like), as the op's fake kernel promises for out."""
+    """x with the strides of torch.empty_like(like), as the op's fake kernel promises for out (the
+    kernel's own out is so already)."""
     if x.stride() == like.stride():
         return x
     return x.contiguous() if like.is_contiguous() else torch.empty_like(like).copy_(x)
@@ -359,12 +360,19 @@ def _backward_plan(do, q, k, v, out, lse, plan: Plan, scale: float) -> tuple[Ten
     return dq, dk, dv
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float) -> tuple[Tensor, Tensor]:
-    """(out (B, H, Sq, D), lse2 (B, H, Sq)) as reference.forward gives them."""
+def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float,
+            verdict: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Sq, D), lse2 (B, H, Sq)) as reference.forward gives them. verdict: a dict that gets
+    "finite": True when q, k and v hold no NaN or inf (backward(..., inputs_finite=True) may then skip
+    its checks of q, k, v and out). The check reads the inputs: the kernel's outputs do not show
+    every NaN (it drops NaN scores in some shapes)."""
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     if not _usable(q) or sq == 0 or sk == 0 or not _finite(q, k, v):
-        return _reference.forward(q, k, v, mask, scale)
+        out, lse2 = _reference.forward(q, k, v, mask, scale)
+        return _laid_out_like(out, q), lse2
+    if verdict is not None:
+        verdict["finite"] = True
     plan = _plan(mask, sq, sk, q.dtype, q.device)
     group = h // k.shape[1]
     if group == 1 and plan.perm is None and plan.empty is None and _single(plan):  # the usual case, lean
@@ -383,11 +391,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float)
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, mask: Optional[Mask],
-             scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for upstream do, as reference.backward gives them."""
+             scale: float, inputs_finite: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) for upstream do, as reference.backward gives them. inputs_finite: out is this module's
+    forward of q, k, v (autograd's saved tensors, unchanged since) and its verdict was "finite", so only
+    do needs the check."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    if not _usable(q) or sq == 0 or sk == 0 or not _finite(do, out, q, k, v):
+    if not _usable(q) or sq == 0 or sk == 0 or not (_finite(do) if inputs_finite else _finite(do, out, q, k, v)):
         # the kernel's backward would give NaN dq on a fully masked row whose q is NaN (the spec: 0)
         grads = _reference.backward(do, q, k, v, out, lse2, mask, scale)
         return tuple(_as_grad(g, x) for g, x in zip(grads, (q, k, v)))
