@@ -131,3 +131,29 @@ def test_best_two_is_the_minimum_its_index_and_the_runner_up(k):
     assert torch.equal(scores.gather(1, index[:, None])[:, 0], best)  # a tied row still names a minimal code
     if k > 1:
         assert (~unique[:40]).any() and unique[40:].all()
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0], ids=["centred", "offset100"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scan_scores_lie_within_the_certified_error(dtype, metric, offset):
+    """The scan's best and second scores are within eps_i (the bound certification trusts, with beta
+    summed inside the float32 GEMM for l2) of the float64 scores of the same codes, also where ||e||^2
+    dominates (an offset of 100); the check the certifier's soundness rests on."""
+    from vlfast.ops.codebook_lookup import certify
+    z, e = random_case(700, 300, 48, dtype, offset=offset)
+    terms = certify.codebook_terms(e, metric)
+    best, second, index = torch_impl._scan(z, e, terms["alpha"], terms["beta"])
+    in_dot = metric == "l2" and dtype != torch.bfloat16
+    eps = certify.score_error(torch.linalg.vector_norm(z, dim=1, dtype=torch.float64), terms, z.shape[1],
+                              torch_impl.dot_error(z.shape[1] + in_dot), metric, beta_in_dot=in_dot)
+    z64, e64 = z.double(), e.double()
+    if metric == "l2":
+        exact = (e64 ** 2).sum(1)[None, :] - 2 * z64 @ e64.T
+    else:
+        exact = -(z64 @ e64.T) / e64.norm(dim=1)[None, :]
+    chosen = exact.gather(1, index[:, None])[:, 0]
+    runner_up = exact.scatter(1, index[:, None], float("inf")).amin(dim=1)
+    assert ((best.double() - chosen).abs() <= eps).all()
+    assert ((second.double() - runner_up).abs() <= eps).all()
+    assert (eps < 1e-2 * (exact.abs().amax(dim=1) + 1)).all()  # and the bound is not vacuous

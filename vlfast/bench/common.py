@@ -29,7 +29,7 @@ MAX_REPS = 9
 # On a CPU the contenders of one case and mode are timed in turns (measure_interleaved): a shared
 # machine's load drifts over seconds and moved whole rows by up to 2x when each was timed alone. Short
 # calls get more rounds, as their medians are the noisiest.
-MIN_ROUNDS, MAX_ROUNDS = 5, 41
+MIN_ROUNDS, MAX_ROUNDS = 3, 41
 
 
 @dataclass

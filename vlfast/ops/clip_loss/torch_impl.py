@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ... import _workspace
 from .reference import compute_dtype
 
 # Elements of one chunk buffer (16 MiB at float32); tests shrink it to force several chunks.
@@ -65,21 +65,10 @@ def _softplus(x: Tensor) -> Tensor:
     return F.softplus(x, threshold=40.0)
 
 
-_workspace = threading.local()
-
-
 def _chunk_buffer(name: str, rows: int, m: int, dtype: torch.dtype, device) -> Tensor:
     """A (rows, M) scratch buffer of the backward ("g": G; "tmp": bf16 only), kept per thread between
-    calls (one chunk at most, CHUNK_ELEMENTS, each).
-
-    Allocating and freeing it on every call let the C library hand the pages back to the system and
-    fault them in again (measured here: ~5000 page faults a call at 2048 x 2048, a few ms).
-    """
-    held = getattr(_workspace, name, None)
-    if held is None or held.numel() < rows * m or held.dtype != dtype or held.device != torch.device(device):
-        held = torch.empty(rows * m, dtype=dtype, device=device)
-        setattr(_workspace, name, held)
-    return held[: rows * m].view(rows, m)
+    calls (one chunk at most, CHUNK_ELEMENTS, each; see vlfast._workspace)."""
+    return _workspace.buffer(f"clip_loss.{name}", rows * m, dtype, device).view(rows, m)
 
 
 def _chunk_rows(m: int) -> int:

@@ -82,12 +82,15 @@ def codebook_terms(e: Tensor, metric: str) -> dict:
             "max_alpha": alpha64.abs().max(), "finite": torch.isfinite(e).all()}
 
 
-def score_error(norm_z: Tensor, terms: dict, d: int, c: float, metric: str, products: int = 1) -> Tensor:
+def score_error(norm_z: Tensor, terms: dict, d: int, c: float, metric: str, products: int = 1,
+                beta_in_dot: bool = False) -> Tensor:
     """eps_i (N,) float64: a bound on |scan score - exact score| for every code, plus the definition's
-    own float64 error; inf where fp32 could overflow (derivation in the module docstring)."""
+    own float64 error; inf where fp32 could overflow (derivation in the module docstring).
+    beta_in_dot (l2): the scan sums beta~ as one more term of its dot product <[z, 1], [-2 e, beta~]>
+    (c then covers D + 1 terms), so the sum's error also scales |beta~| <= (1 + u) E^2: c E^2 more."""
     big_e = terms["max_norm"]
     if metric == "l2":
-        relative = (2 * c + 4 * U32) * norm_z * big_e + 4 * U32 * big_e ** 2
+        relative = (2 * c + 4 * U32) * norm_z * big_e + (4 * U32 + c * beta_in_dot) * big_e ** 2
         definition = (d + 3) * 2.0 ** -52 * (norm_z + big_e) ** 2
         scale, peak = 2.0, big_e ** 2 + 2 * norm_z * big_e * (1 + c)
     else:
@@ -111,9 +114,9 @@ Distances = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 
 
 def lookup(z: Tensor, e: Tensor, metric: str, scan: Scan, distances: Distances, c: float,
-           products: int = 1) -> tuple:
+           products: int = 1, beta_in_dot: bool = False) -> tuple:
     """(indices (N,) int64, distances (N,) float32, rows re-scored) from a scan with dot error c and
-    `products` products per feature (see score_error).
+    `products` products per feature (see score_error, also for beta_in_dot).
 
     scan(z, e, alpha, beta) -> (best (N,) fp32, second (N,) fp32, index (N,) int);
     distances(z, e, index, metric) -> (N,) float32 by the definition. One host sync.
@@ -121,7 +124,8 @@ def lookup(z: Tensor, e: Tensor, metric: str, scan: Scan, distances: Distances, 
     terms = codebook_terms(e, metric)
     best, second, index = scan(z, e, terms["alpha"], terms["beta"])
     norm_z = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
-    uncertain = ~certain_rows(best, second, score_error(norm_z, terms, z.shape[1], c, metric, products))
+    uncertain = ~certain_rows(best, second, score_error(norm_z, terms, z.shape[1], c, metric, products,
+                                                        beta_in_dot))
     count, finite = torch.stack([uncertain.sum(), terms["finite"].long()]).tolist()
     if not finite:
         reference.check_finite("codebook", e)

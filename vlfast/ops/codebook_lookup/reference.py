@@ -27,6 +27,10 @@ from torch import Tensor
 
 # Elements of one float64 work chunk: bounds extra memory (64 MiB) whatever N and K are.
 CHUNK_ELEMENTS = 1 << 23
+# Rows x D elements of one chunk of chosen_distances: its float64 temporaries (a few per chunk) stay at
+# 512 KiB, which the C library keeps in its heap; 64 MiB ones were handed back to the system and
+# faulted in again on every call (10k page faults, ~2 ms of a 5 ms lookup at 4096 x 64).
+PAIR_CHUNK_ELEMENTS = 1 << 16
 METRICS = ("l2", "cosine")
 U64 = 2.0 ** -53  # float64 unit roundoff
 
@@ -103,7 +107,7 @@ def chosen_distances(z: Tensor, e: Tensor, index: Tensor, metric: str) -> Tensor
     """float32 distances (N,) of each row to its chosen code, by the definition."""
     n, d = z.shape
     out = torch.empty(n, dtype=torch.float32, device=z.device)
-    step = _row_chunk(d)
+    step = max(1, PAIR_CHUNK_ELEMENTS // max(1, d))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         out[r0:r1] = spec_distances(z[r0:r1], e[index[r0:r1]], metric).float()

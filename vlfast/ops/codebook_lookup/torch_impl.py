@@ -1,11 +1,11 @@
 """Exact codebook lookup as a composition of PyTorch's own kernels: impl="torch", the CPU fast path.
 
-A float32 GEMM scan (torch.addmm / mm on chunks of rows, then two row minima) gives each row's best
-score, its index and the second-best score; certify.py's bound on the scan's error keeps the rows
+A float32 GEMM scan (torch.mm on chunks of rows, the score's constants folded into the GEMM's operands;
+then two row minima) gives each row's best score, its index and the second-best score; certify.py's bound on the scan's error keeps the rows
 whose gap proves the pick, and re-scores the others exactly (reference.exact_indices, float64).
 bf16 / fp16 inputs are upcast to float32 (their products are then exact); bf16 ones take oneDNN's
 bf16 GEMM mode (exact products, float32 accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms). Extra memory: one
-(rows x K) float32 chunk of CHUNK_ELEMENTS plus O((N + K) D).
+(rows x K) float32 chunk of CHUNK_ELEMENTS, kept per thread between calls, plus O((N + K) D).
 
 Shapes: z (N, D), e (K, D) -> indices (N,) int64, distances (N,) float32.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ... import _workspace
 from ..clip_loss.torch_impl import bf16_valued_fp32_gemms
 from . import certify, reference
 
@@ -48,7 +49,7 @@ def _best_two(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     lane_min = scores[:, :groups * lanes].view(r, groups, lanes).amin(dim=1)  # (R, lanes)
     if groups * lanes < k:
         lane_min = torch.cat([lane_min, scores[:, groups * lanes:]], dim=1)  # (R, lanes + tail)
-    lane = lane_min.argmin(dim=1)  # (R,)
+    lane = lane_min.min(dim=1).indices  # (R,); min with indices runs faster than argmin on a CPU
     g = torch.arange(groups, device=scores.device)
     cols = g * lanes + lane[:, None]  # (R, groups): the lane's codes; a tail code sits at g = groups - 1
     inside = scores.gather(1, cols)
@@ -61,28 +62,42 @@ def _best_two(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """best (N,) fp32, second (N,) fp32 (inf when K = 1), index (N,) of s = alpha_j <z_i, e_j> + beta_j."""
-    n, k = z.shape[0], e.shape[0]
-    # l2: alpha = -2 folds into the codebook exactly and beta into the GEMM (addmm: one rounding,
-    # as certify.py assumes); cosine: the GEMM, then one rounded multiply by alpha.
+    n, (k, d) = z.shape[0], e.shape
     l2 = bool((alpha == -2).all())
-    e32 = e.float() * -2 if l2 else e.float()
+    bf16 = z.dtype == torch.bfloat16
+    # float32 / float16, l2: s = <[z, 1], [-2 e, beta]>, one GEMM over D + 1 features (alpha = -2 folds
+    # into the codebook exactly; lookup's error bound counts beta as the extra term): an addmm would
+    # first copy beta into every row of the output, a pass as long as the GEMM's own writes.
+    # Cosine: s = <z, alpha e>, alpha folded into the codebook (rounded once: the bound is unchanged).
+    # bfloat16: the bf16-mode GEMM, then beta added / alpha multiplied in float32 (never rounded to bf16).
+    if bf16:
+        codes = e.float() * -2 if l2 else e.float()
+    elif l2:
+        codes = torch.cat([e.float() * -2, beta[:, None]], dim=1)
+    else:
+        codes = e.float() * alpha[:, None]
     best = torch.empty(n, dtype=torch.float32, device=z.device)
     second = torch.empty(n, dtype=torch.float32, device=z.device)
     index = torch.empty(n, dtype=torch.int64, device=z.device)
     step = max(1, CHUNK_ELEMENTS // max(1, k))
-    buf = torch.empty(min(step, n), k, dtype=torch.float32, device=z.device)
+    # kept between calls (vlfast._workspace): a fresh 16 MiB chunk cost ~4 ms of page faults a call
+    buf = _workspace.buffer("codebook_lookup.scores", min(step, n) * k, torch.float32, z.device).view(-1, k)
+    rows_in = None
+    if l2 and not bf16:  # [z, 1] per chunk: the column of ones stays
+        rows_in = torch.ones(min(step, n), d + 1, dtype=torch.float32, device=z.device)
     for r0 in range(0, n, step):
         c = min(step, n - r0)
-        zc = z[r0:r0 + c].float()
-        if z.dtype == torch.bfloat16:
-            with bf16_valued_fp32_gemms(True):  # exact products, float32 sums, float32 result
-                scores = torch.mm(zc, e32.T, out=buf[:c])
-            # beta added outside the bf16-mode GEMM, so it is never rounded to bf16
-            scores.add_(beta) if l2 else scores.mul_(alpha)
-        elif l2:
-            scores = torch.addmm(beta, zc, e32.T, out=buf[:c])
+        if rows_in is not None:
+            zc = rows_in[:c]
+            zc[:, :d] = z[r0:r0 + c]
         else:
-            scores = torch.mm(zc, e32.T, out=buf[:c]).mul_(alpha)
+            zc = z[r0:r0 + c].float()
+        if bf16:
+            with bf16_valued_fp32_gemms(True):  # exact products, float32 sums, float32 result
+                scores = torch.mm(zc, codes.T, out=buf[:c])
+            scores.add_(beta) if l2 else scores.mul_(alpha)
+        else:
+            scores = torch.mm(zc, codes.T, out=buf[:c])
         rows = slice(r0, r0 + c)
         best[rows], second[rows], index[rows] = _best_two(scores)
     return best, second, index
@@ -93,5 +108,7 @@ def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     if z.dtype == torch.float64 or torch.get_float32_matmul_precision() != "highest":
         # float64 inputs, or float32 GEMMs allowed to drop precision (bf16 / tf32): no float32 bound holds.
         return reference.lookup(z, e, metric)
-    index, dist, _ = certify.lookup(z, e, metric, _scan, reference.chosen_distances, dot_error(z.shape[1]))
+    beta_in_dot = metric == "l2" and z.dtype != torch.bfloat16  # _scan's GEMM sums D + 1 terms
+    index, dist, _ = certify.lookup(z, e, metric, _scan, reference.chosen_distances,
+                                    dot_error(z.shape[1] + beta_in_dot), beta_in_dot=beta_in_dot)
     return index, dist

@@ -1,0 +1,22 @@
+"""vlfast._workspace: per-thread scratch buffers reused between calls."""
+import threading
+
+import torch
+
+from vlfast import _workspace
+
+
+def test_a_buffer_is_reused_grown_and_kept_per_thread():
+    a = _workspace.buffer("test.a", 100, torch.float32, "cpu")
+    assert a.shape == (100,) and a.dtype == torch.float32
+    assert _workspace.buffer("test.a", 50, torch.float32, "cpu").data_ptr() == a.data_ptr()  # smaller: reused
+    grown = _workspace.buffer("test.a", 200, torch.float32, "cpu")
+    assert grown.numel() == 200 and grown.data_ptr() != a.data_ptr()
+    assert _workspace.buffer("test.a", 200, torch.float64, "cpu").dtype == torch.float64  # other dtype: new
+    assert _workspace.buffer("test.b", 200, torch.float64, "cpu").data_ptr() != \
+        _workspace.buffer("test.a", 200, torch.float64, "cpu").data_ptr()  # names never share
+    other = []
+    t = threading.Thread(target=lambda: other.append(_workspace.buffer("test.a", 200, torch.float64, "cpu")))
+    t.start()
+    t.join()
+    assert other[0].data_ptr() != _workspace.buffer("test.a", 200, torch.float64, "cpu").data_ptr()
