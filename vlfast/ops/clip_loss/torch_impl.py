@@ -11,8 +11,9 @@ When one chunk holds every row the forward keeps that chunk behind its stats, in
 (autograd saves stats for the backward): E and h for float32 / float64 softmax, whose gradient is
 E * (alpha_i + v_i k_j), else the products a @ b^T. The backward then skips the logits GEMM.
 Extra memory: at most three chunk buffers of CHUNK_ELEMENTS each plus O((N + M) D); never N x M
-unless that fits one chunk. The backward's G buffer (and bf16's second one) stays allocated per thread
-between calls (_chunk_buffer): at most one chunk each.
+unless that fits one chunk. The scratch chunks (the forward's logits when not kept, the backward's G,
+products and bf16's second buffer) stay allocated per thread between calls (_chunk_buffer): at most
+one chunk each.
 
 Shapes: a (N, D), b (M, D), scale / bias 0-d, stats (3, N) as in reference.py.
 """
@@ -66,8 +67,9 @@ def _softplus(x: Tensor) -> Tensor:
 
 
 def _chunk_buffer(name: str, rows: int, m: int, dtype: torch.dtype, device) -> Tensor:
-    """A (rows, M) scratch buffer of the backward ("g": G; "tmp": bf16 only), kept per thread between
-    calls (one chunk at most, CHUNK_ELEMENTS, each; see vlfast._workspace)."""
+    """A (rows, M) scratch buffer ("logits": the forward's chunk when not kept; the backward's "g": G,
+    "dot": recomputed products, "tmp": bf16 only), kept per thread between calls (one chunk at most,
+    CHUNK_ELEMENTS, each; see vlfast._workspace)."""
     return _workspace.buffer(f"clip_loss.{name}", rows * m, dtype, device).view(rows, m)
 
 
@@ -150,7 +152,7 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     step = _chunk_rows(m)
     stats, (kept_h, kept_dot, kept_e) = _stats_and_kept(n, m, ct, a.device, planes, keep=step >= n)
     # the logits' (or E's) buffer; the products go to kept_dot when kept, else here too
-    buf = kept_e if kept_e is not None else torch.empty(min(step, n), m, dtype=ct, device=a.device)
+    buf = kept_e if kept_e is not None else _chunk_buffer("logits", min(step, n), m, ct, a.device)
 
     def products(r0: int, c: int, out: Optional[Tensor] = None) -> Tensor:
         """a[r0:r0 + c] @ b^T (C, M) into out, else the kept chunk (one chunk), else buf."""
@@ -206,7 +208,8 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
             t = torch.add(bias_c, products(r0, c), alpha=s_num, out=buf[:c])
         if offset >= 0:  # softplus(-z) at the positive, softplus(z) elsewhere
             _positives(t, r0, offset).neg_()
-        stats[1, r0:r0 + c] = F.softplus(t).sum(dim=1)
+        # softplus in place (F.softplus's threshold 20): a fresh chunk-sized result faulted its pages in
+        stats[1, r0:r0 + c] = torch._C._nn.softplus(t, 1, 20, out=t).sum(dim=1)
     return stats[1].clone(), stats
 
 
@@ -283,7 +286,7 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     rows = min(step, n)
     # features in the compute dtype: bf16 ones only feed a recomputed chunk's products
     a_c, b_c = (a.to(ct), b.to(ct)) if kept is None or not bf16_gemms else (None, None)
-    dot_buf = torch.empty(rows, m, dtype=ct, device=a.device) if kept is None else None
+    dot_buf = _chunk_buffer("dot", rows, m, ct, a.device) if kept is None else None
     g_buf = _chunk_buffer("g", rows, m, ct, a.device)
     tmp_buf = _chunk_buffer("tmp", rows, m, ct, a.device) if bf16_gemms else None
     for r0 in range(0, n, step):
