@@ -30,6 +30,7 @@ MAX_REPS = 9
 # machine's load drifts over seconds and moved whole rows by up to 2x when each was timed alone. Short
 # calls get more rounds, as their medians are the noisiest.
 MIN_ROUNDS, MAX_ROUNDS = 3, 41
+TURNS_BUDGET_MS = 500.0  # per contender: the quick CPU run stays under 2 minutes
 
 
 @dataclass
@@ -119,11 +120,11 @@ def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, Optiona
 
 def measure_interleaved(fns: dict) -> dict:
     """{name: median ms} of warmed-up CPU calls, timed in rounds that call every fn once, each round
-    in a rotated order; rounds as TIMING_BUDGET_MS per fn allows, within [MIN_ROUNDS, MAX_ROUNDS]."""
+    in a rotated order; rounds as TURNS_BUDGET_MS per fn allows, within [MIN_ROUNDS, MAX_ROUNDS]."""
     names = list(fns)
     times = {n: [_timed_call(fns[n], torch.device("cpu"))[0]] for n in names}
     per_round = sum(t[0] for t in times.values())
-    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TIMING_BUDGET_MS * len(names) // max(per_round, 1e-3))))
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TURNS_BUDGET_MS * len(names) // max(per_round, 1e-3))))
     for r in range(1, rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             times[n].append(_timed_call(fns[n], torch.device("cpu"))[0])
