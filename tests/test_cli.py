@@ -199,3 +199,26 @@ def test_cpu_contenders_are_timed_in_turns():
     rounds = len(calls) // 3
     assert MIN_ROUNDS <= rounds <= MAX_ROUNDS and len(calls) == 3 * rounds
     assert calls[3:6] == ["b", "c", "a"]  # the second round starts one later
+
+
+def test_gpu_contenders_are_timed_one_at_a_time(monkeypatch):
+    """Off the CPU each checked contender is timed alone (measure: do_bench on a GPU), right after which
+    its describe() is recorded; a failed check is not timed."""
+    from vlfast.bench import runner
+    from vlfast.bench.common import Contender
+    timed = []
+    monkeypatch.setattr(runner, "measure", lambda fn, device: (timed.append(fn()) or 2.0, 7))
+
+    def broken(x, mode):
+        raise RuntimeError("no")
+
+    runs = [(Contender("a", lambda x, m: "a", describe=lambda: {"last": timed[-1]}), "fwd"),
+            (Contender("b", broken), "fwd"), (Contender("c", lambda x, m: "c"), "fwd")]
+    from types import SimpleNamespace
+    progress = SimpleNamespace(set_postfix_str=lambda *a: None, update=lambda n: None)
+    results = runner._time_case(runs, None, None, torch.device("meta"), lambda out, ref: {}, progress,
+                                lambda c, m: c.name)
+    assert timed == ["a", "c"]
+    assert results[0] == {"status": "ok", "errors": {}, "ms": 2.0, "peak_bytes": 7, "config": {"last": "a"}}
+    assert results[1]["status"] == "error" and "ms" not in results[1]
+    assert results[2]["ms"] == 2.0 and "config" not in results[2]
