@@ -1,11 +1,12 @@
 """Exact codebook lookup as a composition of PyTorch's own kernels: impl="torch", the CPU fast path.
 
-A float32 GEMM scan (torch.mm on chunks of rows, the score's constants folded into the GEMM's operands;
-then two row minima) gives each row's best score, its index and the second-best score; certify.py's bound on the scan's error keeps the rows
-whose gap proves the pick, and re-scores the others exactly (reference.exact_indices, float64).
-bf16 / fp16 inputs are upcast to float32 (their products are then exact); bf16 ones take oneDNN's
-bf16 GEMM mode (exact products, float32 accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms). Extra memory: one
-(rows x K) float32 chunk of CHUNK_ELEMENTS, kept per thread between calls, plus O((N + K) D).
+A float32 GEMM scan (torch.mm on chunks of rows, the score's constants folded into the GEMM's
+operands; then two row minima) gives each row's best score, its index and the second-best score;
+certify.py's bound on the scan's error keeps the rows whose gap proves the pick, and re-scores the
+others exactly (reference.exact_indices, float64). bf16 / fp16 inputs are upcast to float32 (their
+products are then exact); bf16 ones take oneDNN's bf16 GEMM mode (exact products, float32
+accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms). Extra memory: one (rows x K) float32 chunk
+of CHUNK_ELEMENTS, kept per thread between calls, plus O((N + K) D).
 
 Shapes: z (N, D), e (K, D) -> indices (N,) int64, distances (N,) float32.
 """
