@@ -187,7 +187,11 @@ def test_bench_ratios_reads_a_saved_run(tmp_path):
     assert _run("-m", "vlfast", "bench", "clip_loss", "--ratios", str(path)).returncode != 0
     path.write_text(json.dumps({"not": "rows"}))
     bad = _run("-m", "vlfast", "bench", "--ratios", str(path))
-    assert bad.returncode != 0 and "expected the JSON list of rows" in bad.stderr
+    assert bad.returncode == 2 and "expected the JSON list of rows" in bad.stderr and "Traceback" not in bad.stderr
+    path.write_text("not json")
+    assert _run("-m", "vlfast", "bench", "--ratios", str(path)).returncode == 2
+    missing = _run("-m", "vlfast", "bench", "--ratios", str(tmp_path / "absent.json"))
+    assert missing.returncode == 2 and "absent.json" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_cpu_contenders_are_timed_in_turns():

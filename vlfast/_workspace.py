@@ -2,7 +2,7 @@
 
 Allocating and freeing a chunk of several MiB on every call lets the C library hand its pages back to
 the system and fault them in again on the next call: ~1 us a 4 KiB page here, so ~4 ms for a 16 MiB
-score chunk, as much as the GEMM that fills it (measured: codebook lookup 4096 x 1024 x 64, 4700 page
+score chunk, about twice the GEMM that fills it (measured: codebook lookup 4096 x 1024 x 64, 4700 page
 faults a call; clip_loss backward 2048 x 2048, ~5000). Each named buffer holds at most one chunk, so
 the memory kept is bounded by the ops' chunk sizes; a buffer never leaves the op that asked for it.
 """

@@ -178,7 +178,12 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.ratios:
-        print(report.ratio_table(report.read_json(args.ratios)))
+        try:
+            rows = report.read_json(args.ratios)
+        except (OSError, ValueError) as e:  # a missing file, not JSON, not a run's rows
+            print(f"python -m vlfast bench --ratios: {e}", file=sys.stderr)
+            return 2
+        print(report.ratio_table(rows))
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
