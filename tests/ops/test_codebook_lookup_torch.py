@@ -115,6 +115,24 @@ def test_ordered_row_sums_are_the_definitions_ordered_sum_bit_for_bit(d):
         assert not torch.equal(x.flip(1).cumsum(1)[:, -1], loop)
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_chosen_distances_are_the_definitions_bits(dtype, metric, monkeypatch):
+    """The CPU distances (scratch buffers, chunks of rows) give spec_distances' bits, rounded once to
+    float32: zero rows and codes included, over several chunks and a short last one."""
+    from vlfast.ops.codebook_lookup import reference
+    monkeypatch.setattr(reference, "PAIR_CHUNK_ELEMENTS", 7 * 37)
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(53, 37, generator=g) * 5 + 2).to(dtype)
+    e = torch.randn(11, 37, generator=g).to(dtype)
+    z[4], e[2] = 0, 0
+    index = torch.randint(0, 11, (53,), generator=g)
+    index[4:7] = 2
+    got = reference.chosen_distances(z, e, index, metric)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, reference.spec_distances(z, e[index], metric).float())
+
+
 @pytest.mark.parametrize("k", [1, 2, 31, 32, 33, 70, 1024, 1057])
 def test_best_two_is_the_minimum_its_index_and_the_runner_up(k):
     """The two-level (lane) minimum against a sort: best, second and, on rows without a tie at the
@@ -122,6 +140,8 @@ def test_best_two_is_the_minimum_its_index_and_the_runner_up(k):
     g = torch.Generator().manual_seed(k)
     scores = torch.randn(257, k, generator=g)
     scores[:40] = torch.randint(0, 4, (40, k), generator=g).float()  # many exact ties
+    scores[40, -1] = -10.0  # a winner among the last K mod 32 codes (lanes of one code) where there are some
+    torch_impl._best_two(torch.randn(300, k + 5, generator=g))  # the scratch buffers held from another shape
     best, second, index = torch_impl._best_two(scores.clone())
     ordered = scores.sort(dim=1).values
     assert torch.equal(best, ordered[:, 0])

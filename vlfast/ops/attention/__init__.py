@@ -59,9 +59,10 @@ def _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale):
 
 
 def _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid, scale, impl,
-                  verdict=None):
+                  verdict=None, need_lse=True):
     """What vlfast::attention_forward runs (see it for the arguments); verdict: a dict for impl="torch"'s
-    forward on a dense batch to note whether its inputs were finite."""
+    forward on a dense batch to note whether its inputs were finite; need_lse=False: the caller drops lse2
+    (impl="torch" may then return None for it)."""
     if cu_q is not None:  # here, not in attention_varlen: op bodies are not traced, so the syncs keep graphs whole
         _check_packed_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k, dalle)
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
@@ -69,7 +70,7 @@ def _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, d
         if impl == "reference":
             return _forward_with(_reference, q, k, v, cu_q, cu_k, mask, scale)
         if impl == "torch" and cu_q is None:
-            return _torch.forward(q, k, v, mask, scale, verdict)
+            return _torch.forward(q, k, v, mask, scale, verdict, need_lse)
         if impl == "torch":
             return _torch.forward_varlen(q, k, v, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
@@ -183,7 +184,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *rest) -> Tensor:
         return attention_forward(q, k, v, *rest)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, *rest)
-    return _forward_body(q, k, v, *rest)[0]
+    return _forward_body(q, k, v, *rest, need_lse=False)[0]
 
 
 # --- validation and dispatch -------------------------------------------------------------------------

@@ -254,7 +254,7 @@ def _finite(*xs: Tensor) -> bool:
 
 
 def _usable(q: Tensor) -> bool:
-    return q.device.type == "cpu" and q.shape[-1] > 0
+    return q.is_cpu and q.shape[-1] > 0
 
 
 def _expand_kv(x: Tensor, group: int) -> Tensor:
@@ -361,11 +361,12 @@ def _backward_plan(do, q, k, v, out, lse, plan: Plan, scale: float) -> tuple[Ten
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float,
-            verdict: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+            verdict: Optional[dict] = None, need_lse: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """(out (B, H, Sq, D), lse2 (B, H, Sq)) as reference.forward gives them. verdict: a dict that gets
     "finite": True when q, k and v hold no NaN or inf (backward(..., inputs_finite=True) may then skip
     its checks of q, k, v and out). The check reads the inputs: the kernel's outputs do not show
-    every NaN (it drops NaN scores in some shapes)."""
+    every NaN (it drops NaN scores in some shapes). need_lse=False: lse2 may be None (the usual case
+    skips its copy to base 2, 2-3 % of a small call)."""
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     if not _usable(q) or sq == 0 or sk == 0 or not _finite(q, k, v):
@@ -378,6 +379,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float,
     if group == 1 and plan.perm is None and plan.empty is None and _single(plan):  # the usual case, lean
         tile = plan.tiles[0]
         out, lse = _FLASH(q, tile.k.of(k), tile.k.of(v), is_causal=tile.causal, attn_mask=tile.bias, scale=scale)
+        if not need_lse:
+            return _laid_out_like(out, q), None
         return _laid_out_like(out, q), lse.contiguous().mul_(LOG2E)  # lse: (B, S, H) in memory, ours to change
     qp, kp, vp = _permuted(q, plan.perm), _permuted(_expand_kv(k, group), plan.perm), \
         _permuted(_expand_kv(v, group), plan.perm)

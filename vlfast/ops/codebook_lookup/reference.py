@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import _workspace
+
 # Elements of one float64 work chunk: bounds extra memory (64 MiB) whatever N and K are.
 CHUNK_ELEMENTS = 1 << 23
 # Rows x D elements of one chunk of chosen_distances: its float64 temporaries (a few per chunk) stay at
@@ -104,13 +106,45 @@ def spec_lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
 
 
 def chosen_distances(z: Tensor, e: Tensor, index: Tensor, metric: str) -> Tensor:
-    """float32 distances (N,) of each row to its chosen code, by the definition."""
+    """float32 distances (N,) of each row to its chosen code, by the definition (spec_distances' bits)."""
     n, d = z.shape
     out = torch.empty(n, dtype=torch.float32, device=z.device)
     step = max(1, PAIR_CHUNK_ELEMENTS // max(1, d))
+    if z.device.type == "cpu" and n and d:
+        return _chosen_distances_cpu(z, e, index, metric, step, out)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         out[r0:r1] = spec_distances(z[r0:r1], e[index[r0:r1]], metric).float()
+    return out
+
+
+def _chosen_distances_cpu(z: Tensor, e: Tensor, index: Tensor, metric: str, step: int, out: Tensor) -> Tensor:
+    """chosen_distances on a CPU: spec_distances' operations in the same order (so the same bits), on
+    scratch buffers kept between calls. Each fresh float64 temporary of a chunk was faulted in page by
+    page (~250 faults, 0.6-0.9 ms of a 4096 x 64 lookup)."""
+    rows = min(step, z.shape[0])
+    d = z.shape[1]
+
+    def scratch(name, dtype=torch.float64):
+        return _workspace.buffer(f"codebook_lookup.distances.{name}", rows * d, dtype, z.device).view(rows, d)
+
+    z64, e64, prod, sums, codes = scratch("z"), scratch("e"), scratch("prod"), scratch("sums"), scratch("codes", e.dtype)
+    for r0 in range(0, z.shape[0], step):
+        r1 = min(z.shape[0], r0 + step)
+        c = r1 - r0
+        zc, ec, pc, sc = z64[:c], e64[:c], prod[:c], sums[:c]
+        zc.copy_(z[r0:r1])
+        ec.copy_(torch.index_select(e, 0, index[r0:r1], out=codes[:c]))
+        if metric == "l2":
+            torch.sub(zc, ec, out=pc)
+            torch.cumsum(pc.mul_(pc), 1, out=sc)  # x * x: pow(x, 2)'s bits
+            out[r0:r1] = sc[:, -1]
+            continue
+        dot = torch.cumsum(torch.mul(zc, ec, out=pc), 1, out=sc)[:, -1].clone()
+        norm_e = torch.cumsum(ec.mul_(ec), 1, out=sc)[:, -1].sqrt()
+        norm_z = torch.cumsum(zc.mul_(zc), 1, out=sc)[:, -1].sqrt()
+        value = torch.where(norm_e > 0, -dot / torch.where(norm_e > 0, norm_e, 1.0), 0.0)
+        out[r0:r1] = torch.where(norm_z > 0, 1.0 + value / torch.where(norm_z > 0, norm_z, 1.0), 1.0)
     return out
 
 

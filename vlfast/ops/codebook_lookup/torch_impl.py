@@ -42,23 +42,39 @@ def _best_two(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Two levels: each lane's minimum (value only), the winning lane, then the winner among its codes.
     The last K mod LANES codes are lanes of one code each. Where equal minima tie, the index may not
     be the lowest, but then second == best: such rows are never certified and the exact re-score
-    decides them.
+    decides them. The (R, lanes) and (R, K / lanes) intermediates live in scratch buffers: fresh ones
+    were faulted in on every call (~150 faults, 0.2 ms at R = 4096).
     """
     r, k = scores.shape
     lanes = min(LANES, k)
     groups = k // lanes  # codes g * lanes + l for g < groups; the tail k - groups * lanes follows
-    lane_min = scores[:, :groups * lanes].view(r, groups, lanes).amin(dim=1)  # (R, lanes)
-    if groups * lanes < k:
-        lane_min = torch.cat([lane_min, scores[:, groups * lanes:]], dim=1)  # (R, lanes + tail)
-    lane = lane_min.min(dim=1).indices  # (R,); min with indices runs faster than argmin on a CPU
-    g = torch.arange(groups, device=scores.device)
-    cols = g * lanes + lane[:, None]  # (R, groups): the lane's codes; a tail code sits at g = groups - 1
-    inside = scores.gather(1, cols)
-    inside.masked_fill_((lane[:, None] >= lanes) & (g < groups - 1), float("inf"))
+    tail = k - groups * lanes
+
+    def scratch(name, numel, dtype=torch.float32):
+        return _workspace.buffer(f"codebook_lookup.best_two.{name}", numel, dtype, scores.device)
+
+    by_lane = scores[:, :groups * lanes].view(r, groups, lanes)
+    lane_min = scratch("lane_min", r * (lanes + tail)).view(r, lanes + tail)
+    torch.amin(by_lane, dim=1, out=lane_min[:, :lanes])
+    if tail:
+        lane_min[:, lanes:] = scores[:, groups * lanes:]
+    lane_best, lane = scratch("lane_best", r), scratch("lane", r, torch.int64)
+    torch.min(lane_min, dim=1, out=(lane_best, lane))  # min with indices runs faster than argmin on a CPU
+    # the winning lane's codes (a tail winner reads lane LANES - 1 instead: real codes, not the winner)
+    inside = scratch("inside", r * groups).view(r, groups, 1)
+    torch.gather(by_lane, 2, lane.clamp(max=lanes - 1).view(r, 1, 1).expand(r, groups, 1), out=inside)
+    inside = inside.view(r, groups)
     best, at = inside.min(dim=1)
-    second = torch.minimum(lane_min.scatter(1, lane[:, None], float("inf")).amin(dim=1),
+    index = at * lanes + lane
+    if tail:
+        in_tail = lane >= lanes
+        best = torch.where(in_tail, lane_best, best)
+        index = torch.where(in_tail, lane + (groups - 1) * lanes, index)
+    # every code but the winner: the other lanes' minima and the gathered lane's other codes (for a tail
+    # winner, lane LANES - 1's minimum is among the former and its second among the latter)
+    second = torch.minimum(lane_min.scatter_(1, lane[:, None], float("inf")).amin(dim=1),
                            inside.scatter_(1, at[:, None], float("inf")).amin(dim=1))
-    return best, second, at * lanes + lane
+    return best, second, index
 
 
 def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,8 +100,10 @@ def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Te
     # kept between calls (vlfast._workspace): a fresh 16 MiB chunk cost ~4 ms of page faults a call
     buf = _workspace.buffer("codebook_lookup.scores", min(step, n) * k, torch.float32, z.device).view(-1, k)
     rows_in = None
-    if l2 and not bf16:  # [z, 1] per chunk: the column of ones stays
-        rows_in = torch.ones(min(step, n), d + 1, dtype=torch.float32, device=z.device)
+    if l2 and not bf16:  # [z, 1] per chunk
+        rows_in = _workspace.buffer("codebook_lookup.rows", min(step, n) * (d + 1), torch.float32,
+                                    z.device).view(-1, d + 1)
+        rows_in[:, d] = 1.0
     for r0 in range(0, n, step):
         c = min(step, n - r0)
         if rows_in is not None:
