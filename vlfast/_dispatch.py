@@ -57,6 +57,8 @@ def resolve_impl(op: str, impl: str, device: torch.device,
         if reason is not None:
             raise ImplUnavailableError(f"vlfast.{op}: impl={choice!r} cannot run here: {reason}")
         return choice
+    if device.type != "cuda":  # off a GPU only "torch" runs (always): a CPU call skips the checks
+        return "torch"
     for name in _AUTO_ORDER:
         if name == "cuda" and not AUTO_PREFERS_CUDA.get(op, False):
             continue

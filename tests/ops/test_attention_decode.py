@@ -108,6 +108,16 @@ def test_layouts_and_lengths(impl, layout):
     _run_and_check(impl, q, k, v, lengths, g, layout)
 
 
+def test_paged_rows_gathered_into_kept_buffers_serve_calls_of_other_shapes():
+    """impl="torch" gathers a paged cache's rows into per-thread scratch buffers: a larger call, a smaller
+    one and a larger one again (other heads, head dims and dtypes) each get their own keys' answer."""
+    for seed, (b, hq, hkv, d, s_max, lengths, dtype) in enumerate([
+            (3, 4, 2, 32, 67, [5, 67, 40], torch.float32), (2, 2, 1, 16, 20, [20, 3], torch.float32),
+            (4, 6, 3, 24, 90, [90, 1, 0, 77], torch.float64), (2, 4, 4, 32, 67, [67, 66], torch.float32)]):
+        q, k, v, lengths, g = _case(b, hq, hkv, 1, d, s_max, lengths, dtype, seed)
+        _run_and_check("torch", q, k, v, lengths, g, "paged-16")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("hq,hkv", [(3, 3), (4, 2), (7, 1), (8, 1)])
 @pytest.mark.parametrize("sq", [1, 5, 16])

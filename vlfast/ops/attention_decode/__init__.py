@@ -287,8 +287,10 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     num_splits = _check_num_splits(num_splits)
     group_rows = q.shape[1] // k_cache.shape[1] * q.shape[2]
     impl = resolve_impl(FN, impl, q.device, _why_not(q.device, q.dtype, q.shape[-1], group_rows))
-    cache_seqlens = cache_seqlens.to(torch.int32)
-    block_table = None if block_table is None else block_table.to(torch.int32)
+    if cache_seqlens.dtype != torch.int32:
+        cache_seqlens = cache_seqlens.to(torch.int32)
+    if block_table is not None and block_table.dtype != torch.int32:
+        block_table = block_table.to(torch.int32)
     new_tokens = 0
     compiling = torch.compiler.is_compiling()
     if k_new is not None:

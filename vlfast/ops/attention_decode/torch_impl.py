@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import _workspace
 from ...masks import Mask
 from ..mask_cache import MaskCache
 from .reference import capacity, compute_dtype
@@ -22,6 +23,9 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 SKIP_BELOW = 0.75
 # A mask that keeps the same pairs in every row gets its (S_max, S_max) bias built once, up to this S_max.
 PATTERN_MAX_POSITIONS = 2048
+# A paged cache's gathered rows are kept between calls (vlfast._workspace) up to this size per tensor:
+# a fresh gather of several MiB faulted its pages in on every step.
+WORKSPACE_MAX_BYTES = 64 << 20
 _PATTERNS = MaskCache(limit=16)
 
 
@@ -50,16 +54,24 @@ def pattern(mask: Mask, s_max: int, dtype: torch.dtype, device) -> Pattern:
     return _PATTERNS.get(mask, (s_max, dtype, str(device)), compute)
 
 
-def _dense_rows(cache: Tensor, block_table: Optional[Tensor], longest: int) -> Tensor:
-    """(B, Hkv, longest, D): every row's first `longest` cache positions (past L_b: whatever is there)."""
+def _dense_rows(cache: Tensor, block_table: Optional[Tensor], longest: int, name: str) -> Tensor:
+    """(B, Hkv, longest, D): every row's first `longest` cache positions (past L_b: whatever is there).
+    A paged cache is gathered into the scratch buffer `name` (vlfast._workspace, up to
+    WORKSPACE_MAX_BYTES; a fresh tensor past it): the caller must be done with it before the next call."""
     if block_table is None:
-        return cache[:, :, :longest]
-    page = cache.shape[2]
-    pages = block_table[:, : -(-longest // page)]  # (B, n)
-    b, n = pages.shape
-    # index_select copies whole pages (twice as fast as advanced indexing here), then one permuting copy
-    rows = cache.index_select(0, pages.reshape(-1)).view(b, n, *cache.shape[1:])  # (B, n, Hkv, page, D)
-    return rows.permute(0, 2, 1, 3, 4).reshape(b, cache.shape[1], n * page, cache.shape[3])[:, :, :longest]
+        return cache if longest == cache.shape[2] else cache[:, :, :longest]
+    _, hkv, page, d = cache.shape
+    pages = block_table[:, : -(-longest // page)].reshape(-1)  # (B n,)
+    b, n = block_table.shape[0], pages.numel() // max(block_table.shape[0], 1)
+    numel = hkv * pages.numel() * page * d
+    rows = _workspace.buffer(name, numel, cache.dtype, cache.device) \
+        if numel * cache.element_size() <= WORKSPACE_MAX_BYTES else cache.new_empty(numel)
+    rows = rows.view(hkv, b * n, page, d)
+    # one copy straight into the (Hkv, B, L, D) layout: a head's pages are contiguous page x D blocks
+    # (twice as fast as gathering whole pages and then permuting them into rows)
+    for h in range(hkv):
+        torch.index_select(cache[:, h], 0, pages, out=rows[h])
+    return rows.view(hkv, b, n * page, d).permute(1, 0, 2, 3)[:, :, :longest]
 
 
 def _matmul_softmax(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float):
@@ -128,8 +140,8 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_
     shortest, longest = bounds_of(lengths) if bounds is None else bounds
     if longest == 0:  # no keys anywhere
         return torch.zeros_like(q), torch.full((b, hq, sq), float("-inf"), dtype=ct, device=q.device)
-    k = _dense_rows(k_cache, block_table, longest)
-    v = _dense_rows(v_cache, block_table, longest)
+    k = _dense_rows(k_cache, block_table, longest, "attention_decode.k_rows")
+    v = _dense_rows(v_cache, block_table, longest, "attention_decode.v_rows")
     hkv = k.shape[1]
     group = hq // hkv
     uniform = shortest == longest
@@ -155,14 +167,31 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_
     # -inf where a pair is ruled out: (B or 1, 1, G Sq or 1, L), broadcast over the KV heads
     bias = None if keep is None else \
         torch.full(keep.shape, float("-inf"), dtype=q.dtype, device=q.device).masked_fill_(keep, 0.0)[:, None]
-    qg = q.reshape(b, hkv, group * sq, d)  # a KV head's group of query heads, stacked
-    out, lse = (_FLASH if q.device.type == "cpu" else _matmul_softmax)(qg, k, v, attn_mask=bias, scale=scale)
-    lse = lse.to(ct)
+    out, lse = _grouped(q, k, v, bias, scale)
     if keep is not None and not _keeps_a_key(mask, shortest, sq):
         empty = ~keep.any(dim=-1)[:, None]  # (B or 1, 1, G Sq or 1): rows that keep no key give 0, lse -inf
         out = out.masked_fill(empty[..., None], 0.0)
         lse = lse.masked_fill(empty, float("-inf"))
-    return out.reshape(b, hq, sq, d), lse.reshape(b, hq, sq)
+    return _ungrouped(out, lse, q.shape)
+
+
+def _ungrouped(out: Tensor, lse: Tensor, shape) -> tuple[Tensor, Tensor]:
+    """_grouped's (out, lse) in q's (B, Hq, Sq, D) / (B, Hq, Sq) shapes."""
+    if out.shape == shape:
+        return out, lse
+    return out.reshape(shape), lse.reshape(shape[:3])
+
+
+def _grouped(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    """(out (B, Hkv, G Sq, D), lse (B, Hkv, G Sq) in the compute dtype) of q (B, Hq, Sq, D) against k / v
+    (B, Hkv, L, D) in one kernel call: a KV head's group of query heads stacked as its rows. No op is
+    spent where G = 1 (each small op after the kernel cost ~5-10 us here, its caches cold)."""
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    qg = q if hq == hkv else q.reshape(b, hkv, hq // hkv * sq, d)
+    out, lse = (_FLASH if q.device.type == "cpu" else _matmul_softmax)(qg, k, v, attn_mask=bias, scale=scale)
+    ct = compute_dtype(q.dtype)
+    return out, lse if lse.dtype == ct else lse.to(ct)
 
 
 def _forward_pattern(q: Tensor, k: Tensor, v: Tensor, pat: Pattern, length: int,
@@ -170,10 +199,9 @@ def _forward_pattern(q: Tensor, k: Tensor, v: Tensor, pat: Pattern, length: int,
     """forward for rows that all hold `length` keys, k / v (B, Hkv, length, D), under a batch-wide mask
     under which every query keeps a key: its bias rows sliced from the Pattern, and the keys read only
     from the first any query keeps to one past the last (a view)."""
-    b, hq, sq, d = q.shape
+    hq, sq = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     group = hq // hkv
-    ct = compute_dtype(q.dtype)
     rows = range(length - sq, length)  # the queries' positions; each keeps a key below length
     lo = min(pat.first[p] for p in rows)
     hi = min(max(pat.end[p] for p in rows), length)
@@ -182,7 +210,6 @@ def _forward_pattern(q: Tensor, k: Tensor, v: Tensor, pat: Pattern, length: int,
     if not whole:
         bias = pat.bias[length - sq:length, lo:hi]  # (Sq, keys): a view
         bias = (bias.repeat(group, 1) if group > 1 and sq > 1 else bias)[None, None]
-    qg = q.reshape(b, hkv, group * sq, d)
-    out, lse = (_FLASH if q.device.type == "cpu" else _matmul_softmax)(qg, k[:, :, lo:hi], v[:, :, lo:hi],
-                                                                       attn_mask=bias, scale=scale)
-    return out.reshape(b, hq, sq, d), lse.to(ct).reshape(b, hq, sq)
+    if hi - lo != k.shape[2]:
+        k, v = k[:, :, lo:hi], v[:, :, lo:hi]
+    return _ungrouped(*_grouped(q, k, v, bias, scale), q.shape)
