@@ -145,6 +145,27 @@ def test_second_backward_with_reduction_none_recomputes():
     torch.testing.assert_close(w.grad, 2 * first[1])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gradients_do_not_share_the_kept_scratch(dtype, reduction):
+    """The chunk buffers (and bf16's float32 d_weight sum) are kept per thread between calls: gradients
+    handed out by one call stay as they were through the next calls of other shapes."""
+    g = torch.Generator().manual_seed(5)
+
+    def grads(n, v):
+        h = torch.randn(n, 16, generator=g).to(dtype).requires_grad_()
+        w = torch.randn(v, 16, generator=g).to(dtype).requires_grad_()
+        loss = vlfast.linear_cross_entropy(h, w, torch.randint(0, v, (n,), generator=g), reduction=reduction,
+                                           impl="torch")
+        return torch.autograd.grad(loss.sum(), (h, w))
+
+    first = grads(12, 40)
+    kept = tuple(x.clone() for x in first)
+    grads(12, 40), grads(30, 70), grads(5, 9)
+    for got, want in zip(first, kept):
+        assert torch.equal(got, want)
+
+
 def test_frozen_weight_and_int32_targets():
     h = torch.randn(9, 16, requires_grad=True)
     w = torch.randn(13, 16)

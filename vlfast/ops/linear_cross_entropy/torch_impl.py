@@ -19,10 +19,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import _workspace
 from .reference import compute_dtype, reduce, row_weights
 
 # Bytes of one chunk's logits; tests shrink it to force many chunks.
 CHUNK_BYTES = 64 << 20
+
+
+def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> Tensor:
+    """A (rows, cols) scratch chunk, kept per thread between calls (one chunk each at most)."""
+    return _workspace.buffer(f"linear_cross_entropy.{name}", rows * cols, dtype, device).view(rows, cols)
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,10 +53,11 @@ class _Chunk:
         self.safe_targets = torch.where(self.kept, targets, 0)  # ignored rows read column 0, weighted 0
         self.eps, self.softcap, self.z_loss = label_smoothing, softcap, z_loss
         self.rows = max(1, min(n, chunk_rows(v, self.ct)))
-        self.logits = torch.empty(self.rows, v, dtype=self.ct, device=hidden.device)
+        # scratch kept per thread between calls (vlfast._workspace): fresh chunks were faulted in page by page
+        self.logits = _scratch("logits", self.rows, v, self.ct, hidden.device)
         # bf16: the GEMM's logits, later the bf16 copy of G
-        self.narrow = torch.empty(self.rows, v, dtype=self.gt, device=hidden.device) if self.gt != self.ct else None
-        self.tanh = torch.empty_like(self.logits) if softcap else None
+        self.narrow = _scratch("narrow", self.rows, v, self.gt, hidden.device) if self.gt != self.ct else None
+        self.tanh = _scratch("tanh", self.rows, v, self.ct, hidden.device) if softcap else None
 
     def logits_of(self, r0: int, r1: int) -> Tensor:
         """z (C, V) for rows r0:r1, softcapped, in the chunk's logits buffer (tanh(raw / c) kept for G)."""
@@ -133,7 +140,13 @@ def _buffers(chunk: _Chunk, n: int, h: int, v: int, hidden: Tensor, need: tuple[
     dtype, or None. The first chunk writes dw; with no rows there is none, so it starts at 0."""
     dev = hidden.device
     dh = torch.empty(n if need[0] else 0, h, dtype=hidden.dtype, device=dev)
-    dw = (torch.empty if n else torch.zeros)(v, h, dtype=chunk.ct, device=dev) if need[1] else None
+    dw = None
+    if need[1] and chunk.ct != hidden.dtype:  # a float32 sum that _finish rounds: scratch
+        dw = _scratch("dw", v, h, chunk.ct, dev)
+    elif need[1]:
+        dw = torch.empty(v, h, dtype=chunk.ct, device=dev)
+    if dw is not None and not n:
+        dw.zero_()
     db = torch.zeros(v, dtype=chunk.ct, device=dev) if need[2] else None
     return dh, dw, db
 
