@@ -69,3 +69,16 @@ def resolve_impl(op: str, impl: str, device: torch.device,
             return name
     raise ImplUnavailableError(f"vlfast.{op}: no implementation can run these inputs: "
                                + "; ".join(f"{n}: {why_not[n]()}" for n in IMPLS))
+
+
+def op_bodies_may_run_directly(*tensors: torch.Tensor) -> bool:
+    """True when nothing needs a torch.library op's boundary, so a public function may run the op's
+    Python body itself (under a torch.autograd.Function for gradients): not being compiled or traced,
+    no dispatch or function mode active (fake tensors, `with torch.device(...)`, profilers' modes),
+    plain tensors. The boundary costs ~30 us per op call and the custom op's own autograd wrapper ~60 us
+    more (it rebuilds the schema's arguments each time; torch 2.13, one core), as much as a small CPU
+    problem's whole kernel."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 \
+            or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)

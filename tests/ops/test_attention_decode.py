@@ -218,10 +218,12 @@ def test_split_counts_agree():
 # --- the in-place append -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lengths", [[0, 10, 37], [12, 12, 12]], ids=["ragged", "uniform"])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "paged-16", "paged-1"])
-def test_append_writes_in_place_and_touches_nothing_else(impl, layout):
+def test_append_writes_in_place_and_touches_nothing_else(impl, layout, lengths):
+    """Ragged rows, and rows of one length (on a CPU a contiguous cache then takes one slice copy)."""
     b, hkv, s_max, d, new = 3, 2, 40, 16, 3
-    q, k, v, lengths, g = _case(b, 4, hkv, new, d, s_max, [0, 10, 37], seed=9)
+    q, k, v, lengths, g = _case(b, 4, hkv, new, d, s_max, lengths, seed=9)
     k_new = torch.randn(b, hkv, new, d, generator=g)
     v_new = torch.randn(b, hkv, new, d, generator=g)
     kc, vc, table = _layout(k, v, layout, g)

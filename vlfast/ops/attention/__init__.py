@@ -4,7 +4,7 @@ The public functions validate, pick an implementation and call one torch.library
 (vlfast::attention_forward, differentiated by vlfast::attention_backward). The mask travels as its
 parts (flags, ints and the per-token tensors), so compiled graphs see plain tensors. In plain eager
 calls, where no compiler, tracer or mode needs the boundary, they run the ops' bodies directly (see
-_eager). reference.py states the math; vlfast.masks the masks.
+vlfast._dispatch.op_bodies_may_run_directly). reference.py states the math; vlfast.masks the masks.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..._backends import availability, status, triton_why_not_for
-from ..._dispatch import resolve_impl
+from ..._dispatch import op_bodies_may_run_directly as _eager, resolve_impl
 from ..._nvtx import nvtx_range
 from ...masks import Mask
 from . import reference as _reference
@@ -126,18 +126,6 @@ def _(do, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids
     if impl == "torch" and cu_q is None:  # the CPU kernel's own layout, so that no copy is needed
         return _torch.empty_grad(q), _torch.empty_grad(k), _torch.empty_grad(v)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _eager(*tensors: Tensor) -> bool:
-    """True when nothing needs the op boundary, so the public functions may run the op bodies
-    directly: not being compiled or traced, no dispatch or function mode active (fake tensors,
-    `with torch.device(...)`, profilers' modes), plain tensors. The boundary costs ~30 us per op call
-    and the custom op's own autograd wrapper ~60 us more (it rebuilds the 14-argument schema each
-    time; torch 2.13, one core), as much as the kernel itself on a small CPU problem."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 \
-            or torch._C._is_torch_function_mode_enabled():
-        return False
-    return all(type(t) is Tensor for t in tensors)
 
 
 def _setup_context(ctx, inputs, output):

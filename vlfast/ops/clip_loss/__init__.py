@@ -2,7 +2,8 @@
 
 The public function validates, picks an implementation, and calls one torch.library op
 (vlfast::clip_loss_forward, differentiated by vlfast::clip_loss_backward), so torch.compile sees a
-single opaque boundary. reference.py states the math.
+single opaque boundary; plain eager calls run the ops' bodies directly (see
+vlfast._dispatch.op_bodies_may_run_directly). reference.py states the math.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..._backends import availability, status, triton_why_not_for
-from ..._dispatch import resolve_impl
+from ..._dispatch import op_bodies_may_run_directly as _eager, resolve_impl
 from ..._nvtx import nvtx_range
 from . import cuda as _cuda
 from . import reference as _reference
@@ -68,13 +69,25 @@ def _stats_dtype(a: Tensor) -> torch.dtype:
     return _reference.compute_dtype(a.dtype)
 
 
+def _forward_body(a, b, scale, bias, kind, symmetric, offset, impl):
+    """What vlfast::clip_loss_forward runs (see it for the arguments)."""
+    _check_finite_scalars(scale, bias)
+    with nvtx_range("vlfast.clip_loss.fwd"):
+        return _FORWARD[impl](a.contiguous(), b.contiguous(), scale, bias, kind, symmetric, offset)
+
+
+def _backward_body(grad, a, b, scale, bias, stats, kind, symmetric, offset, impl, need_a, need_b):
+    """What vlfast::clip_loss_backward runs (see it for the arguments)."""
+    with nvtx_range("vlfast.clip_loss.bwd"):
+        return _BACKWARD[impl](grad.contiguous(), a.contiguous(), b.contiguous(), scale, bias, stats,
+                               kind, symmetric, offset, need_a, need_b)
+
+
 @torch.library.custom_op("vlfast::clip_loss_forward", mutates_args=())
 def clip_loss_forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: str,
                       symmetric: bool, offset: int, impl: str) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) and stats (3, N) for the backward; see reference.py for the math."""
-    _check_finite_scalars(scale, bias)
-    with nvtx_range("vlfast.clip_loss.fwd"):
-        return _FORWARD[impl](a.contiguous(), b.contiguous(), scale, bias, kind, symmetric, offset)
+    return _forward_body(a, b, scale, bias, kind, symmetric, offset, impl)
 
 
 @clip_loss_forward.register_fake
@@ -92,9 +105,7 @@ def clip_loss_backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: 
 
     d_a / d_b are empty (0, D) when need_a / need_b is False (a frozen tower, as in LiT).
     """
-    with nvtx_range("vlfast.clip_loss.bwd"):
-        return _BACKWARD[impl](grad.contiguous(), a.contiguous(), b.contiguous(), scale, bias, stats,
-                               kind, symmetric, offset, need_a, need_b)
+    return _backward_body(grad, a, b, scale, bias, stats, kind, symmetric, offset, impl, need_a, need_b)
 
 
 @clip_loss_backward.register_fake
@@ -115,13 +126,39 @@ def _backward(ctx, grad_loss, _grad_stats):
     a, b, scale, bias, stats = ctx.saved_tensors
     kind, symmetric, offset, impl = ctx.params
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    da, db, dscale, dbias = clip_loss_backward(grad_loss, a, b, scale, bias, stats, kind, symmetric,
-                                               offset, impl, need_a, need_b)
+    args = (grad_loss, a, b, scale, bias, stats, kind, symmetric, offset, impl, need_a, need_b)
+    tensors = (grad_loss, a, b, scale, stats) + (() if bias is None else (bias,))
+    da, db, dscale, dbias = (_backward_body if _eager(*tensors) else clip_loss_backward)(*args)
     return (da if need_a else None, db if need_b else None, dscale.to(scale.dtype),
             dbias.to(bias.dtype) if bias is not None else None, None, None, None, None)
 
 
 clip_loss_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerClipLoss(torch.autograd.Function):
+    """The op's body with the op's registered backward, for eager calls: cheaper per call than the
+    custom op's autograd wrapper (vlfast._dispatch.op_bodies_may_run_directly)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        loss, stats = _forward_body(*inputs)
+        _setup_context(ctx, inputs, (loss, stats))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss, None)
+
+
+def _losses(*args) -> Tensor:
+    """The per-row losses of clip_loss_forward(*args), differentiable; eager calls skip the op boundary."""
+    a, b, scale, bias = args[:4]
+    if not _eager(a, b, scale, *(() if bias is None else (bias,))):  # compiled graphs, tracers and modes
+        return clip_loss_forward(*args)[0]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (a, b, scale, bias)):
+        return _EagerClipLoss.apply(*args)
+    return _forward_body(*args)[0]
 
 
 def _as_scalar_tensor(name: str, x, device: torch.device, features_dtype: torch.dtype) -> Tensor:
@@ -229,8 +266,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[
     scale = _as_scalar_tensor("logit_scale", logit_scale, device, dtype)
     bias = None if logit_bias is None else _as_scalar_tensor("logit_bias", logit_bias, device, dtype)
     impl = resolve_impl("clip_loss", impl, device, _why_not(device, dtype))
-    loss, _ = clip_loss_forward(image_features, text_features, scale, bias, kind,
-                                bool(symmetric) and kind == "softmax", offset, impl)
+    loss = _losses(image_features, text_features, scale, bias, kind, bool(symmetric) and kind == "softmax", offset,
+                   impl)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
