@@ -177,3 +177,23 @@ def test_scan_scores_lie_within_the_certified_error(dtype, metric, offset):
     assert ((best.double() - chosen).abs() <= eps).all()
     assert ((second.double() - runner_up).abs() <= eps).all()
     assert (eps < 1e-2 * (exact.abs().amax(dim=1) + 1)).all()  # and the bound is not vacuous
+
+
+def test_eager_calls_skip_the_op_boundary_and_match_it():
+    """Plain eager calls run the op's body without the torch.library dispatch; through the op (a function
+    mode forces it) the indices and distances are the same bits."""
+    g = torch.Generator().manual_seed(11)
+    z, e = torch.randn(3, 41, 24, generator=g), torch.randn(70, 24, generator=g)
+    with torch.profiler.profile() as prof:
+        eager = vlfast.codebook_lookup(z, e, impl="torch")
+    assert not any(ev.name.startswith("vlfast::") for ev in prof.events())
+
+    class Passthrough(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.profiler.profile() as prof, Passthrough():
+        through_op = vlfast.codebook_lookup(z, e, impl="torch")
+    assert "vlfast::codebook_lookup" in {ev.name for ev in prof.events()}
+    for got, want in zip(eager, through_op):
+        assert torch.equal(got, want)

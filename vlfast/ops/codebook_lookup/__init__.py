@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..._backends import availability, status, triton_why_not_for
-from ..._dispatch import resolve_impl
+from ..._dispatch import op_bodies_may_run_directly as _eager, resolve_impl
 from ..._nvtx import nvtx_range
 from . import cuda as _cuda
 from . import reference as _reference
@@ -34,13 +34,18 @@ def _unit_feature_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-@torch.library.custom_op("vlfast::codebook_lookup", mutates_args=())
-def codebook_lookup_forward(z: Tensor, codebook: Tensor, metric: str, impl: str) -> tuple[Tensor, Tensor]:
-    """(indices (N,) int64, distances (N,) float32) for z (N, D) against codebook (K, D)."""
+def _forward_body(z: Tensor, codebook: Tensor, metric: str, impl: str) -> tuple[Tensor, Tensor]:
+    """What vlfast::codebook_lookup runs (see codebook_lookup_forward)."""
     if z.shape[0] == 0:
         return z.new_empty(0, dtype=torch.int64), z.new_empty(0, dtype=torch.float32)
     with nvtx_range("vlfast.codebook_lookup.fwd"):
         return _FORWARD[impl](_unit_feature_stride(z), _unit_feature_stride(codebook), metric)
+
+
+@torch.library.custom_op("vlfast::codebook_lookup", mutates_args=())
+def codebook_lookup_forward(z: Tensor, codebook: Tensor, metric: str, impl: str) -> tuple[Tensor, Tensor]:
+    """(indices (N,) int64, distances (N,) float32) for z (N, D) against codebook (K, D)."""
+    return _forward_body(z, codebook, metric, impl)
 
 
 @codebook_lookup_forward.register_fake
@@ -101,5 +106,7 @@ def codebook_lookup(z: Tensor, codebook: Tensor, *, metric: str = "l2", impl: st
     _check_inputs(z, codebook, metric)
     impl = resolve_impl("codebook_lookup", impl, z.device, _why_not(z.device, z.dtype))
     lead = z.shape[:-1]
-    index, dist = codebook_lookup_forward(z.detach().reshape(-1, z.shape[-1]), codebook.detach(), metric, impl)
+    z, codebook = z.detach().reshape(-1, z.shape[-1]), codebook.detach()
+    # plain eager calls skip the op boundary (vlfast._dispatch.op_bodies_may_run_directly)
+    index, dist = (_forward_body if _eager(z, codebook) else codebook_lookup_forward)(z, codebook, metric, impl)
     return index.reshape(lead), dist.reshape(lead)
