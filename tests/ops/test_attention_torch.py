@@ -247,7 +247,7 @@ def test_eager_calls_skip_the_op_boundary():
 @pytest.mark.parametrize("layout", ["contiguous", "bshd", "sliced"])
 @pytest.mark.parametrize("where", ["q", "k", "v", "do"])
 def test_non_finite_values_in_any_layout_take_the_reference(bad, layout, where):
-    """The finiteness guard reads every element whatever the layout (dot products of neighbours,
+    """The finiteness guard reads every element whatever the layout (sums of the dense elements,
     expanded and strided tensors): NaN / inf anywhere gives the NaN pattern of the float64 reference."""
     q, k, v, do = make_qkv(1, 2, 2, 21, 21, 16, torch.float32)
     if layout == "bshd":

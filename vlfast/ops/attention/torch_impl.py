@@ -227,30 +227,20 @@ def _elements(x: Tensor) -> Optional[Tensor]:
 
 def _finite(*xs: Tensor) -> bool:
     """False when any of xs holds a NaN or inf. One pass over each, and no parallel region: float32 /
-    float64 as dot products of equal-length neighbours (x . y is NaN or inf when x or y holds one; a
-    finite product that overflows only sends the call to the reference) in numpy's single-threaded
-    einsum loop. A PyTorch reduction of these sizes opens a parallel region, and on this project's two
-    cores shared with other jobs such a region now and then waited 8-16 ms for its second thread,
-    ten times the kernel's whole call (0.5 MB tensors). float16 / bfloat16 (numpy has no bfloat16)
-    and scattered tensors are summed by PyTorch."""
-    terms, pending = [], None
+    float64 summed by numpy's single-threaded einsum (a sum is NaN or inf when an element is; a finite
+    sum that overflows only sends the call to the reference), at ~60 GB/s where its two-operand form
+    (a dot product) ran at a third of that and a ufunc reduction pairs its sums. A PyTorch reduction of
+    these sizes opens a parallel region, and on this project's two cores shared with other jobs such a
+    region now and then waited 8-16 ms for its second thread, ten times the kernel's whole call (0.5 MB
+    tensors). float16 / bfloat16 (numpy has no bfloat16) and scattered tensors are summed by PyTorch."""
+    total = 0.0
     for x in xs:
         flat = _elements(x) if x.dtype in (torch.float32, torch.float64) else None
         if flat is None:
-            terms.append(x.sum(dtype=torch.float32 if x.dtype == torch.float16 else None).item())
-            continue
-        flat = flat.detach().numpy()
-        if pending is None:
-            pending = flat
-        elif pending.shape == flat.shape:
-            terms.append(float(np.einsum("i,i", pending, flat)))
-            pending = None
+            total += x.sum(dtype=torch.float32 if x.dtype == torch.float16 else None).item()
         else:
-            terms.append(float(np.einsum("i,i", pending, pending)))
-            pending = flat
-    if pending is not None:
-        terms.append(float(np.einsum("i,i", pending, pending)))
-    return math.isfinite(sum(terms))
+            total += float(np.einsum("i->", flat.detach().numpy()))
+    return math.isfinite(total)
 
 
 def _usable(q: Tensor) -> bool:
