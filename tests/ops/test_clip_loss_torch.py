@@ -278,3 +278,20 @@ def test_eager_calls_skip_the_op_boundary_and_match_it(kind):
     assert "vlfast::clip_loss_forward" in {e.name for e in prof.events()}
     for got, want in zip(eager, through_ops):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loss_without_gradients_is_the_loss_with_them(kind, dtype):
+    """A call that wants no gradient keeps no chunk for a backward (scratch instead): the same loss, bit for
+    bit, as the call that keeps it, with and without a bias, symmetric or not."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(45, 24, generator=g).to(dtype) for _ in range(2))
+    for bias, symmetric in ((None, True), (torch.tensor(-1.5), True), (None, False)):
+        if kind == "sigmoid" and not symmetric:
+            continue
+        args = dict(logit_bias=bias, kind=kind, symmetric=symmetric, reduction="none", impl="torch")
+        with torch.no_grad():
+            plain = vlfast.clip_loss(a, b, torch.tensor(9.0), **args)
+        with_grad = vlfast.clip_loss(a.clone().requires_grad_(), b, torch.tensor(9.0), **args)
+        assert torch.equal(plain, with_grad.detach())

@@ -51,8 +51,13 @@ _BACKWARD = {"reference": _reference_backward, "torch": _torch_impl.backward, "t
 def _check_finite_scalars(scale: Tensor, bias: Optional[Tensor]) -> None:
     # One host sync; it turns a silent NaN loss (or a negative scale, which inverts the loss: positives
     # pushed apart) into an error that names the argument. A zero scale is allowed: all logits equal.
-    good = torch.isfinite(scale) & (scale >= 0)
-    if not bool(good if bias is None else good & torch.isfinite(bias)):
+    if scale.is_cpu and (bias is None or bias.is_cpu):  # a host read is free: no device ops for it
+        s, c = float(scale), 0.0 if bias is None else float(bias)
+        good = math.isfinite(s) and s >= 0 and math.isfinite(c)
+    else:
+        good = torch.isfinite(scale) & (scale >= 0)
+        good = bool(good if bias is None else good & torch.isfinite(bias))
+    if not good:
         for name, x in (("logit_scale", scale), ("logit_bias", bias)):
             if x is not None and not bool(torch.isfinite(x)):
                 raise ValueError(f"vlfast.clip_loss: {name} must be finite, got {float(x)}")
@@ -69,11 +74,13 @@ def _stats_dtype(a: Tensor) -> torch.dtype:
     return _reference.compute_dtype(a.dtype)
 
 
-def _forward_body(a, b, scale, bias, kind, symmetric, offset, impl):
-    """What vlfast::clip_loss_forward runs (see it for the arguments)."""
+def _forward_body(a, b, scale, bias, kind, symmetric, offset, impl, backward_follows=True):
+    """What vlfast::clip_loss_forward runs (see it for the arguments); backward_follows=False: no
+    gradient is wanted (impl="torch" then keeps nothing for a backward)."""
     _check_finite_scalars(scale, bias)
     with nvtx_range("vlfast.clip_loss.fwd"):
-        return _FORWARD[impl](a.contiguous(), b.contiguous(), scale, bias, kind, symmetric, offset)
+        extra = (False,) if impl == "torch" and not backward_follows else ()  # torch_impl's backward_follows
+        return _FORWARD[impl](a.contiguous(), b.contiguous(), scale, bias, kind, symmetric, offset, *extra)
 
 
 def _backward_body(grad, a, b, scale, bias, stats, kind, symmetric, offset, impl, need_a, need_b):
@@ -158,7 +165,7 @@ def _losses(*args) -> Tensor:
         return clip_loss_forward(*args)[0]
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (a, b, scale, bias)):
         return _EagerClipLoss.apply(*args)
-    return _forward_body(*args)[0]
+    return _forward_body(*args, backward_follows=False)[0]
 
 
 def _as_scalar_tensor(name: str, x, device: torch.device, features_dtype: torch.dtype) -> Tensor:
