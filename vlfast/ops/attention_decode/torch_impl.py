@@ -7,7 +7,7 @@ one additive (B, 1, G Sq, L) bias. Accumulation is float32 (float64 for float64 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,6 +23,8 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 SKIP_BELOW = 0.75
 # A mask that keeps the same pairs in every row gets its (S_max, S_max) bias built once, up to this S_max.
 PATTERN_MAX_POSITIONS = 2048
+# (position, length) pairs whose kept keys a Pattern holds as index tensors.
+KEPT_KEYS_CACHED = 8
 # A paged cache's gathered rows are kept between calls (vlfast._workspace) up to this size per tensor:
 # a fresh gather of several MiB faulted its pages in on every step.
 WORKSPACE_MAX_BYTES = 64 << 20
@@ -38,6 +40,19 @@ class Pattern:
     first: list         # S_max where a query keeps no key
     end: list
     count: list
+    kept: dict = field(default_factory=dict)  # (position, length) -> its kept keys (int64), the last few
+
+    def kept_keys(self, position: int, length: int) -> Tensor:
+        """The cache positions below `length` that the query at `position` keeps, ascending (cached for
+        the last KEPT_KEYS_CACHED (position, length) pairs: a generation step asks for the next)."""
+        key = (position, length)
+        cols = self.kept.get(key)
+        if cols is None:
+            cols = (self.bias[position, :length] == 0).nonzero()[:, 0]
+            if len(self.kept) >= KEPT_KEYS_CACHED:
+                self.kept.pop(next(iter(self.kept)))
+            self.kept[key] = cols
+        return cols
 
 
 def pattern(mask: Mask, s_max: int, dtype: torch.dtype, device) -> Pattern:
@@ -207,6 +222,10 @@ def _forward_pattern(q: Tensor, k: Tensor, v: Tensor, pat: Pattern, length: int,
     hi = min(max(pat.end[p] for p in rows), length)
     whole = all(pat.first[p] == lo and pat.end[p] == hi and pat.count[p] == hi - lo for p in rows)
     bias = None
+    if not whole and sq == 1 and pat.count[length - 1] < SKIP_BELOW * (hi - lo):
+        # one query keeping few of the keys in its span (DALL-E's row / column layers): read only those
+        cols = pat.kept_keys(length - 1, length)
+        return _ungrouped(*_grouped(q, k.index_select(2, cols), v.index_select(2, cols), None, scale), q.shape)
     if not whole:
         bias = pat.bias[length - sq:length, lo:hi]  # (Sq, keys): a view
         bias = (bias.repeat(group, 1) if group > 1 and sq > 1 else bias)[None, None]
