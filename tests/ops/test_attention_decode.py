@@ -194,6 +194,20 @@ def test_one_length_for_every_row_under_a_batch_wide_mask(layout, sq, hq, length
     _run_and_check("torch", q, k, v, lengths, g, layout, _masks(34, 2)[kind])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "paged-16"])
+@pytest.mark.parametrize("hq", [2, 4])
+@pytest.mark.parametrize("length", [300, 277, 40])
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_one_query_reads_only_the_keys_its_dalle_layer_keeps(layout, hq, length, kind):
+    """Past GATHER_MIN_KEYS keys in its span, a step's one query under a DALL-E layer gathers the keys it
+    keeps (a row: the text and its row so far) instead of masking the rest; GQA groups share them."""
+    from vlfast.ops.attention_decode import torch_impl
+    mask = masks.dalle(64, 16, 16, kind, kernel=5)
+    assert 64 + 16 * 16 - 64 >= torch_impl.GATHER_MIN_KEYS
+    q, k, v, lengths, g = _case(2, hq, 2, 1, 16, 320, [length, length], seed=length + hq)
+    _run_and_check("torch", q, k, v, lengths, g, layout, mask)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_equals_vlfast_attention_over_the_same_keys(impl):
     q, k, v, lengths, g = _case(3, 4, 2, 4, 16, 40, [40, 17, 5], seed=5)

@@ -23,6 +23,9 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 SKIP_BELOW = 0.75
 # A mask that keeps the same pairs in every row gets its (S_max, S_max) bias built once, up to this S_max.
 PATTERN_MAX_POSITIONS = 2048
+# A decode step gathers the keys its mask keeps out of a span of at least this many (below it the two
+# gathers cost more than the masked keys: DALL-E sampling over 96 tokens, 92 -> 98 ms).
+GATHER_MIN_KEYS = 256
 # (position, length) pairs whose kept keys a Pattern holds as index tensors.
 KEPT_KEYS_CACHED = 8
 # A paged cache's gathered rows are kept between calls (vlfast._workspace) up to this size per tensor:
@@ -222,7 +225,7 @@ def _forward_pattern(q: Tensor, k: Tensor, v: Tensor, pat: Pattern, length: int,
     hi = min(max(pat.end[p] for p in rows), length)
     whole = all(pat.first[p] == lo and pat.end[p] == hi and pat.count[p] == hi - lo for p in rows)
     bias = None
-    if not whole and sq == 1 and pat.count[length - 1] < SKIP_BELOW * (hi - lo):
+    if not whole and sq == 1 and hi - lo >= GATHER_MIN_KEYS and pat.count[length - 1] < SKIP_BELOW * (hi - lo):
         # one query keeping few of the keys in its span (DALL-E's row / column layers): read only those
         cols = pat.kept_keys(length - 1, length)
         return _ungrouped(*_grouped(q, k.index_select(2, cols), v.index_select(2, cols), None, scale), q.shape)
