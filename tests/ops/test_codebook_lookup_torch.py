@@ -197,3 +197,28 @@ def test_eager_calls_skip_the_op_boundary_and_match_it():
     assert "vlfast::codebook_lookup" in {ev.name for ev in prof.events()}
     for got, want in zip(eager, through_op):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rescore_from_the_scan_is_the_exact_argmin(dtype, metric):
+    """_rescore narrows every row to the codes within twice its certified bound of the scan's best and
+    scores those by the definition: on planted near ties (every row), with a row whose bound is infinite
+    (every code a candidate) and duplicated codes, it gives reference.exact_indices' answer."""
+    from vlfast.ops.codebook_lookup import certify, reference
+    z, e, _ = planted_near_ties(300, 40, dtype)
+    e[7] = e[3]  # a duplicate: the lower index must win
+    z = torch.cat([z, e[3:4]])
+    terms = certify.codebook_terms(e, metric)
+    held = {}
+    torch_impl._scan(z, e, terms["alpha"], terms["beta"], held)
+    beta_in_dot = metric == "l2" and dtype != torch.bfloat16
+    norm_z = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
+    eps = certify.score_error(norm_z, terms, z.shape[1], torch_impl.dot_error(z.shape[1] + beta_in_dot), metric,
+                              1, beta_in_dot)
+    eps[5] = float("inf")
+    rows = torch.arange(z.shape[0])
+    got = torch_impl._rescore(z, e, metric, rows, eps, terms, held)
+    assert torch.equal(got, reference.exact_indices(z, e, metric, rows))
+    if metric == "l2":
+        assert got[-1] == 3

@@ -25,7 +25,9 @@ If every other score exceeds the best by more than 2 eps_i, the best is the defi
     certain_i = best_i finite and min(second_i, FLT_MAX) - best_i > 2 eps_i   (in float64)
 NaN or infinite quantities (non-finite z, fp32 overflow) make the test false, never true, and rows
 whose scores could overflow fp32 get eps = inf. The other rows are re-scored exactly by
-reference.exact_indices (float64 GEMM filter + the definition), on the scan's device.
+reference.exact_indices (float64 GEMM filter + the definition), on the scan's device; a scan that can
+score those rows again in its own arithmetic instead passes lookup a rescore that takes the codes within
+2 eps_i of the row's best as the candidates (the argmin's scan score is within 2 eps_i of the best).
 
 The scan's c is a model of the hardware: fp16 / bf16 products are exact in fp32, and the tensor
 cores' fp32 accumulation is taken to err by at most 4 units of 2^-24 per added term (round-toward-zero
@@ -116,26 +118,33 @@ def certain_rows(best: Tensor, second: Tensor, eps: Tensor) -> Tensor:
 
 Scan = Callable[[Tensor, Tensor, Tensor, Tensor], tuple]
 Distances = Callable[[Tensor, Tensor, Tensor, str], Tensor]
+# rescore(z, e, metric, rows, eps of those rows, terms) -> the definition's argmin of z[rows]
+Rescore = Callable[[Tensor, Tensor, str, Tensor, Tensor, dict], Tensor]
+
+
+def _exact_indices(z: Tensor, e: Tensor, metric: str, rows: Tensor, eps: Tensor, terms: dict) -> Tensor:
+    return reference.exact_indices(z, e, metric, rows)
 
 
 def lookup(z: Tensor, e: Tensor, metric: str, scan: Scan, distances: Distances, c: float,
-           products: int = 1, beta_in_dot: bool = False) -> tuple:
+           products: int = 1, beta_in_dot: bool = False, rescore: Rescore = _exact_indices) -> tuple:
     """(indices (N,) int64, distances (N,) float32, rows re-scored) from a scan with dot error c and
     `products` products per feature (see score_error, also for beta_in_dot).
 
     scan(z, e, alpha, beta) -> (best (N,) fp32, second (N,) fp32, index (N,) int);
-    distances(z, e, index, metric) -> (N,) float32 by the definition. One host sync.
+    distances(z, e, index, metric) -> (N,) float32 by the definition; rescore: the uncertain rows' exact
+    indices (reference.exact_indices unless the scan can narrow them itself). One host sync.
     """
     terms = codebook_terms(e, metric)
     best, second, index = scan(z, e, terms["alpha"], terms["beta"])
     norm_z = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
-    uncertain = ~certain_rows(best, second, score_error(norm_z, terms, z.shape[1], c, metric, products,
-                                                        beta_in_dot))
+    eps = score_error(norm_z, terms, z.shape[1], c, metric, products, beta_in_dot)
+    uncertain = ~certain_rows(best, second, eps)
     count, finite = torch.stack([uncertain.sum(), terms["finite"].long()]).tolist()
     if not finite:
         reference.check_finite("codebook", e)
     index = index.long()
     if count:
         rows = uncertain.nonzero().squeeze(1)
-        index[rows] = reference.exact_indices(z, e, metric, rows)
+        index[rows] = rescore(z, e, metric, rows, eps[rows], terms)
     return index, distances(z, e, index, metric), count

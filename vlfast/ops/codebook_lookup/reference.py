@@ -203,12 +203,13 @@ def exact_indices(z: Tensor, e: Tensor, metric: str, rows: Optional[Tensor] = No
         candidates = scores <= threshold[:, None]
         # A non-finite threshold (float64 overflow on huge float64 inputs): every code is a candidate.
         candidates |= ~torch.isfinite(threshold)[:, None]
-        out[r0:r0 + step] = _best_candidate(z64, e64, candidates, metric)
+        out[r0:r0 + step] = best_candidate(z64, e64, candidates, metric)
     return out
 
 
-def _best_candidate(z64: Tensor, e64: Tensor, candidates: Tensor, metric: str) -> Tensor:
-    """Per row of the (R, K) candidate mask: the lowest code index with the smallest definition value."""
+def best_candidate(z64: Tensor, e64: Tensor, candidates: Tensor, metric: str) -> Tensor:
+    """Per row of the (R, K) candidate mask: the lowest code index with the smallest definition value
+    (z64 (R, D) float64; e (K, D) in any float dtype: its candidate rows are converted, exactly)."""
     r, d = z64.shape[0], z64.shape[1]
     pair_row, pair_code = candidates.nonzero(as_tuple=True)  # row-major: codes ascend within a row
     values = torch.empty(pair_row.shape[0], dtype=torch.float64, device=z64.device)

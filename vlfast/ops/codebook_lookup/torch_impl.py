@@ -2,8 +2,8 @@
 
 A float32 GEMM scan (torch.mm on chunks of rows, the score's constants folded into the GEMM's
 operands; then two row minima) gives each row's best score, its index and the second-best score;
-certify.py's bound on the scan's error keeps the rows whose gap proves the pick, and re-scores the
-others exactly (reference.exact_indices, float64). bf16 / fp16 inputs are upcast to float32 (their
+certify.py's bound on the scan's error keeps the rows whose gap proves the pick; for the others the
+scan's scores again leave a handful of candidates, scored by the definition in float64 (_rescore). bf16 / fp16 inputs are upcast to float32 (their
 products are then exact); bf16 ones take oneDNN's bf16 GEMM mode (exact products, float32
 accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms). Extra memory: one (rows x K) float32 chunk
 of CHUNK_ELEMENTS, kept per thread between calls, plus O((N + K) D).
@@ -11,6 +11,9 @@ of CHUNK_ELEMENTS, kept per thread between calls, plus O((N + K) D).
 Shapes: z (N, D), e (K, D) -> indices (N,) int64, distances (N,) float32.
 """
 from __future__ import annotations
+
+import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -77,22 +80,40 @@ def _best_two(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return best, second, index
 
 
-def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """best (N,) fp32, second (N,) fp32 (inf when K = 1), index (N,) of s = alpha_j <z_i, e_j> + beta_j."""
+def _codes(e: Tensor, alpha: Tensor, beta: Tensor, l2: bool, bf16: bool) -> Tensor:
+    """The GEMM's right operand (K, D or D + 1) float32.
+
+    float32 / float16, l2: s = <[z, 1], [-2 e, beta]>, one GEMM over D + 1 features (alpha = -2 folds
+    into the codebook exactly; lookup's error bound counts beta as the extra term): an addmm would
+    first copy beta into every row of the output, a pass as long as the GEMM's own writes.
+    Cosine: s = <z, alpha e>, alpha folded into the codebook (rounded once: the bound is unchanged).
+    bfloat16: the bf16-mode GEMM, then beta added / alpha multiplied in float32 (never rounded to bf16).
+    """
+    if bf16:
+        return e.float() * -2 if l2 else e.float()
+    if l2:
+        return torch.cat([e.float() * -2, beta[:, None]], dim=1)
+    return e.float() * alpha[:, None]
+
+
+def _scores(rows: Tensor, codes: Tensor, alpha: Tensor, beta: Tensor, l2: bool, bf16: bool, out: Tensor) -> Tensor:
+    """s (C, K) float32 into out, for rows (C, D + 1) = [z, 1] (float32 / float16 l2) or z (C, D)."""
+    if not bf16:
+        return torch.mm(rows, codes.T, out=out)
+    with bf16_valued_fp32_gemms(True):  # exact products, float32 sums, float32 result
+        scores = torch.mm(rows, codes.T, out=out)
+    return scores.add_(beta) if l2 else scores.mul_(alpha)
+
+
+def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor, held: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """best (N,) fp32, second (N,) fp32 (inf when K = 1), index (N,) of s = alpha_j <z_i, e_j> + beta_j;
+    held: a dict that gets the GEMM's operand and form ("codes", "l2") for _rescore."""
     n, (k, d) = z.shape[0], e.shape
     l2 = bool((alpha == -2).all())
     bf16 = z.dtype == torch.bfloat16
-    # float32 / float16, l2: s = <[z, 1], [-2 e, beta]>, one GEMM over D + 1 features (alpha = -2 folds
-    # into the codebook exactly; lookup's error bound counts beta as the extra term): an addmm would
-    # first copy beta into every row of the output, a pass as long as the GEMM's own writes.
-    # Cosine: s = <z, alpha e>, alpha folded into the codebook (rounded once: the bound is unchanged).
-    # bfloat16: the bf16-mode GEMM, then beta added / alpha multiplied in float32 (never rounded to bf16).
-    if bf16:
-        codes = e.float() * -2 if l2 else e.float()
-    elif l2:
-        codes = torch.cat([e.float() * -2, beta[:, None]], dim=1)
-    else:
-        codes = e.float() * alpha[:, None]
+    codes = _codes(e, alpha, beta, l2, bf16)
+    if held is not None:
+        held.update(codes=codes, l2=l2)
     best = torch.empty(n, dtype=torch.float32, device=z.device)
     second = torch.empty(n, dtype=torch.float32, device=z.device)
     index = torch.empty(n, dtype=torch.int64, device=z.device)
@@ -111,15 +132,41 @@ def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Te
             zc[:, :d] = z[r0:r0 + c]
         else:
             zc = z[r0:r0 + c].float()
-        if bf16:
-            with bf16_valued_fp32_gemms(True):  # exact products, float32 sums, float32 result
-                scores = torch.mm(zc, codes.T, out=buf[:c])
-            scores.add_(beta) if l2 else scores.mul_(alpha)
-        else:
-            scores = torch.mm(zc, codes.T, out=buf[:c])
+        scores = _scores(zc, codes, alpha, beta, l2, bf16, buf[:c])
         rows = slice(r0, r0 + c)
         best[rows], second[rows], index[rows] = _best_two(scores)
     return best, second, index
+
+
+def _rescore(z: Tensor, e: Tensor, metric: str, rows: Tensor, eps: Tensor, terms: dict, held: dict) -> Tensor:
+    """The definition's argmin (R,) for the uncertain rows z[rows], from their scan scores again.
+
+    Every score of the scan is within eps_i of the exact one, so the argmin's score is within 2 eps_i of
+    the row's best: the codes there are the candidates (a handful), scored by the definition in float64
+    (reference.best_candidate). A row whose bound is not finite (fp32 could overflow) takes every code.
+    reference.exact_indices instead converts the whole codebook and runs a float64 GEMM: 1.6 ms for a
+    few rows against 4096 x 256 codes, most of the lookup's time after the scan. held: what _scan held
+    (its GEMM operand, so that the scores are the scan's own arithmetic)."""
+    zr = z[rows]
+    reference.check_finite("z", zr, rows)
+    k, bf16 = e.shape[0], z.dtype == torch.bfloat16
+    alpha, beta, codes, l2 = terms["alpha"], terms["beta"], held["codes"], held["l2"]
+    out = torch.empty(zr.shape[0], dtype=torch.int64, device=z.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, k))
+    for r0 in range(0, zr.shape[0], step):
+        zc = zr[r0:r0 + step]
+        rows_in = torch.cat([zc.float(), zc.new_ones(zc.shape[0], 1, dtype=torch.float32)], dim=1) \
+            if l2 and not bf16 else zc.float()
+        scores = _scores(rows_in, codes, alpha, beta, l2, bf16, torch.empty(zc.shape[0], k, device=z.device))
+        threshold = scores.amin(dim=1).double() + 2 * eps[r0:r0 + step]
+        # in float32, rounded up (a float64 comparison converted the whole block first)
+        limit = threshold.float()
+        limit = torch.where(limit.double() < threshold, torch.nextafter(limit, limit.new_tensor(float("inf"))), limit)
+        candidates = scores <= limit[:, None]
+        if not bool(torch.isfinite(threshold).all()):  # NaN / overflow: every code of such a row
+            candidates |= ~torch.isfinite(threshold)[:, None]
+        out[r0:r0 + step] = reference.best_candidate(zc.double(), e, candidates, metric)
+    return out
 
 
 def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -128,6 +175,8 @@ def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
         # float64 inputs, or float32 GEMMs allowed to drop precision (bf16 / tf32): no float32 bound holds.
         return reference.lookup(z, e, metric)
     beta_in_dot = metric == "l2" and z.dtype != torch.bfloat16  # _scan's GEMM sums D + 1 terms
-    index, dist, _ = certify.lookup(z, e, metric, _scan, reference.chosen_distances,
-                                    dot_error(z.shape[1] + beta_in_dot), beta_in_dot=beta_in_dot)
+    held = {}  # the scan's GEMM operand, for the rescore of the uncertain rows
+    index, dist, _ = certify.lookup(z, e, metric, functools.partial(_scan, held=held), reference.chosen_distances,
+                                    dot_error(z.shape[1] + beta_in_dot), beta_in_dot=beta_in_dot,
+                                    rescore=functools.partial(_rescore, held=held))
     return index, dist
