@@ -20,3 +20,10 @@ def test_a_buffer_is_reused_grown_and_kept_per_thread():
     t.start()
     t.join()
     assert other[0].data_ptr() != _workspace.buffer("test.a", 200, torch.float64, "cpu").data_ptr()
+
+
+def test_a_matrix_views_the_named_buffer():
+    m = _workspace.matrix("test.m", 3, 7, torch.float32, "cpu")
+    assert m.shape == (3, 7) and m.is_contiguous()
+    assert _workspace.buffer("test.m", 21, torch.float32, "cpu").data_ptr() == m.data_ptr()
+    assert _workspace.matrix("test.m", 7, 3, torch.float32, "cpu").shape == (7, 3)

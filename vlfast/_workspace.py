@@ -23,3 +23,8 @@ def buffer(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         held = torch.empty(numel, dtype=dtype, device=device)
         setattr(_held, name, held)
     return held[:numel]
+
+
+def matrix(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """buffer(name, ...) as a (rows, cols) matrix."""
+    return buffer(name, rows * cols, dtype, device).view(rows, cols)

@@ -72,7 +72,7 @@ def _chunk_buffer(name: str, rows: int, m: int, dtype: torch.dtype, device) -> T
     """A (rows, M) scratch buffer ("logits": the forward's chunk when not kept; the backward's "g": G,
     "dot": recomputed products, "tmp": bf16 only), kept per thread between calls (one chunk at most,
     CHUNK_ELEMENTS, each; see vlfast._workspace)."""
-    return _workspace.buffer(f"clip_loss.{name}", rows * m, dtype, device).view(rows, m)
+    return _workspace.matrix(f"clip_loss.{name}", rows, m, dtype, device)
 
 
 def _chunk_rows(m: int) -> int:

@@ -126,9 +126,10 @@ def _chosen_distances_cpu(z: Tensor, e: Tensor, index: Tensor, metric: str, step
     d = z.shape[1]
 
     def scratch(name, dtype=torch.float64):
-        return _workspace.buffer(f"codebook_lookup.distances.{name}", rows * d, dtype, z.device).view(rows, d)
+        return _workspace.matrix(f"codebook_lookup.distances.{name}", rows, d, dtype, z.device)
 
-    z64, e64, prod, sums, codes = scratch("z"), scratch("e"), scratch("prod"), scratch("sums"), scratch("codes", e.dtype)
+    z64, e64, prod, sums = scratch("z"), scratch("e"), scratch("prod"), scratch("sums")
+    codes = scratch("codes", e.dtype)
     for r0 in range(0, z.shape[0], step):
         r1 = min(z.shape[0], r0 + step)
         c = r1 - r0

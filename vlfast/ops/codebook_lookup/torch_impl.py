@@ -3,9 +3,9 @@
 A float32 GEMM scan (torch.mm on chunks of rows, the score's constants folded into the GEMM's
 operands; then two row minima) gives each row's best score, its index and the second-best score;
 certify.py's bound on the scan's error keeps the rows whose gap proves the pick; for the others the
-scan's scores again leave a handful of candidates, scored by the definition in float64 (_rescore). bf16 / fp16 inputs are upcast to float32 (their
-products are then exact); bf16 ones take oneDNN's bf16 GEMM mode (exact products, float32
-accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms). Extra memory: one (rows x K) float32 chunk
+scan's scores again leave a handful of candidates, scored by the definition in float64 (_rescore).
+bf16 / fp16 inputs are upcast to float32 (their products are then exact); bf16 ones take oneDNN's bf16
+GEMM mode (exact products, float32 accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms). Extra memory: one (rows x K) float32 chunk
 of CHUNK_ELEMENTS, kept per thread between calls, plus O((N + K) D).
 
 Shapes: z (N, D), e (K, D) -> indices (N,) int64, distances (N,) float32.
@@ -105,7 +105,8 @@ def _scores(rows: Tensor, codes: Tensor, alpha: Tensor, beta: Tensor, l2: bool, 
     return scores.add_(beta) if l2 else scores.mul_(alpha)
 
 
-def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor, held: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor]:
+def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor,
+          held: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor]:
     """best (N,) fp32, second (N,) fp32 (inf when K = 1), index (N,) of s = alpha_j <z_i, e_j> + beta_j;
     held: a dict that gets the GEMM's operand and form ("codes", "l2") for _rescore."""
     n, (k, d) = z.shape[0], e.shape
@@ -119,11 +120,10 @@ def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor, held: Optional[dict
     index = torch.empty(n, dtype=torch.int64, device=z.device)
     step = max(1, CHUNK_ELEMENTS // max(1, k))
     # kept between calls (vlfast._workspace): a fresh 16 MiB chunk cost ~4 ms of page faults a call
-    buf = _workspace.buffer("codebook_lookup.scores", min(step, n) * k, torch.float32, z.device).view(-1, k)
+    buf = _workspace.matrix("codebook_lookup.scores", min(step, n), k, torch.float32, z.device)
     rows_in = None
     if l2 and not bf16:  # [z, 1] per chunk
-        rows_in = _workspace.buffer("codebook_lookup.rows", min(step, n) * (d + 1), torch.float32,
-                                    z.device).view(-1, d + 1)
+        rows_in = _workspace.matrix("codebook_lookup.rows", min(step, n), d + 1, torch.float32, z.device)
         rows_in[:, d] = 1.0
     for r0 in range(0, n, step):
         c = min(step, n - r0)

@@ -26,11 +26,6 @@ from .reference import compute_dtype, reduce, row_weights
 CHUNK_BYTES = 64 << 20
 
 
-def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> Tensor:
-    """A (rows, cols) scratch chunk, kept per thread between calls (one chunk each at most)."""
-    return _workspace.buffer(f"linear_cross_entropy.{name}", rows * cols, dtype, device).view(rows, cols)
-
-
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the GEMMs run in for inputs of `dtype`."""
     return torch.bfloat16 if dtype == torch.bfloat16 else compute_dtype(dtype)
@@ -54,10 +49,12 @@ class _Chunk:
         self.eps, self.softcap, self.z_loss = label_smoothing, softcap, z_loss
         self.rows = max(1, min(n, chunk_rows(v, self.ct)))
         # scratch kept per thread between calls (vlfast._workspace): fresh chunks were faulted in page by page
-        self.logits = _scratch("logits", self.rows, v, self.ct, hidden.device)
+        self.logits = _workspace.matrix("linear_cross_entropy.logits", self.rows, v, self.ct, hidden.device)
         # bf16: the GEMM's logits, later the bf16 copy of G
-        self.narrow = _scratch("narrow", self.rows, v, self.gt, hidden.device) if self.gt != self.ct else None
-        self.tanh = _scratch("tanh", self.rows, v, self.ct, hidden.device) if softcap else None
+        self.narrow = None if self.gt == self.ct else \
+            _workspace.matrix("linear_cross_entropy.narrow", self.rows, v, self.gt, hidden.device)
+        self.tanh = _workspace.matrix("linear_cross_entropy.tanh", self.rows, v, self.ct, hidden.device) \
+            if softcap else None
 
     def logits_of(self, r0: int, r1: int) -> Tensor:
         """z (C, V) for rows r0:r1, softcapped, in the chunk's logits buffer (tanh(raw / c) kept for G)."""
@@ -142,7 +139,7 @@ def _buffers(chunk: _Chunk, n: int, h: int, v: int, hidden: Tensor, need: tuple[
     dh = torch.empty(n if need[0] else 0, h, dtype=hidden.dtype, device=dev)
     dw = None
     if need[1] and chunk.ct != hidden.dtype:  # a float32 sum that _finish rounds: scratch
-        dw = _scratch("dw", v, h, chunk.ct, dev)
+        dw = _workspace.matrix("linear_cross_entropy.dw", v, h, chunk.ct, dev)
     elif need[1]:
         dw = torch.empty(v, h, dtype=chunk.ct, device=dev)
     if dw is not None and not n:
