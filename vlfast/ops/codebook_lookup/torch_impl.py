@@ -5,8 +5,9 @@ operands; then two row minima) gives each row's best score, its index and the se
 certify.py's bound on the scan's error keeps the rows whose gap proves the pick; for the others the
 scan's scores again leave a handful of candidates, scored by the definition in float64 (_rescore).
 bf16 / fp16 inputs are upcast to float32 (their products are then exact); bf16 ones take oneDNN's bf16
-GEMM mode (exact products, float32 accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms). Extra memory: one (rows x K) float32 chunk
-of CHUNK_ELEMENTS, kept per thread between calls, plus O((N + K) D).
+GEMM mode (exact products, float32 accumulation: clip_loss.torch_impl.bf16_valued_fp32_gemms).
+Extra memory: one (rows x K) float32 chunk of CHUNK_ELEMENTS, kept per thread between calls, plus
+O((N + K) D).
 
 Shapes: z (N, D), e (K, D) -> indices (N,) int64, distances (N,) float32.
 """
