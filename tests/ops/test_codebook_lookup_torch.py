@@ -93,6 +93,37 @@ def test_non_finite_input_raises():
         vlfast.codebook_lookup(z, e, impl="torch")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_norms_in_chunks_give_vector_norms_bits(dtype, monkeypatch):
+    """certify.row_norms64 converts rows in scratch chunks on a CPU (uneven last chunk): the bits of
+    vector_norm over a float64 copy; a row with inf or NaN has a non-finite norm (the finite flag)."""
+    from vlfast.ops.codebook_lookup import certify
+    monkeypatch.setattr(certify, "NORM_CHUNK_ELEMENTS", 7 * 40)  # chunks of 7 rows of 40
+    x = (torch.randn(97, 40, dtype=torch.float64) * 30).to(dtype)
+    want = torch.linalg.vector_norm(x.double(), dim=1)
+    assert torch.equal(certify.row_norms64(x, "test"), want)
+    for bad in (float("inf"), float("nan")):
+        y = x.clone()
+        y[60, 3] = bad
+        terms = certify.codebook_terms(y, "l2")
+        assert not bool(terms["finite"]) and bool(certify.codebook_terms(x, "l2")["finite"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_scan_operand_is_formed_in_float32(dtype):
+    """The l2 scan's operand [-2 e, beta] is float32 arithmetic on the codes: -2 e in float16 would be
+    -inf past 32768 (the exact re-score would then have to catch every such row)."""
+    from vlfast.ops.codebook_lookup import certify
+    e = torch.randn(30, 8, dtype=torch.float64).mul(3e4).clamp(-6e4, 6e4).to(dtype)
+    assert float(e.abs().max()) > 16384
+    terms = certify.codebook_terms(e, "l2")
+    bf16 = dtype == torch.bfloat16
+    codes = torch_impl._codes(e, terms["alpha"], terms["beta"], True, bf16)
+    assert torch.equal(codes[:, :8], e.float() * -2)
+    if not bf16:
+        assert torch.equal(codes[:, 8], terms["beta"])
+
+
 def test_auto_on_cpu_picks_torch(monkeypatch):
     called = []
     monkeypatch.setitem(vlfast.ops.codebook_lookup._FORWARD, "torch",

@@ -89,12 +89,19 @@ def _codes(e: Tensor, alpha: Tensor, beta: Tensor, l2: bool, bf16: bool) -> Tens
     first copy beta into every row of the output, a pass as long as the GEMM's own writes.
     Cosine: s = <z, alpha e>, alpha folded into the codebook (rounded once: the bound is unchanged).
     bfloat16: the bf16-mode GEMM, then beta added / alpha multiplied in float32 (never rounded to bf16).
+    Written into a scratch buffer (kept between calls): a fresh one was faulted in on every call.
     """
-    if bf16:
-        return e.float() * -2 if l2 else e.float()
+    k, d = e.shape
+    codes = _workspace.matrix("codebook_lookup.codes", k, d + (l2 and not bf16), torch.float32, e.device)
     if l2:
-        return torch.cat([e.float() * -2, beta[:, None]], dim=1)
-    return e.float() * alpha[:, None]
+        codes[:, :d].copy_(e).mul_(-2.0)  # in float32: -2 e would overflow float16 past 32768
+        if not bf16:
+            codes[:, d] = beta
+    elif bf16:
+        codes.copy_(e)
+    else:
+        torch.mul(e, alpha[:, None], out=codes)  # float32 alpha: computed in float32
+    return codes
 
 
 def _scores(rows: Tensor, codes: Tensor, alpha: Tensor, beta: Tensor, l2: bool, bf16: bool, out: Tensor) -> Tensor:
