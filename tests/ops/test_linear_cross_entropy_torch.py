@@ -198,3 +198,28 @@ def test_opcheck(reduction):
     torch.library.opcheck(linear_cross_entropy_backward, (torch.rand(6), h.detach(), w.detach(), t, b.detach(),
                                                           lse.detach(),
                                                           IGNORE, 0.1, 10.0, 1e-3, "torch", True, True, True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_unit_upstream_gradient_skips_the_scaling_exactly(reduction):
+    """mean / sum hand autograd the forward's gradients times the upstream scalar; a scalar of 1 skips
+    that pass: the same bits as multiplying, and any other scalar still scales (2x exactly)."""
+    h, w = torch.randn(9, 16, dtype=torch.float64), torch.randn(23, 16, dtype=torch.float64)
+    b, t = torch.randn(23, dtype=torch.float64), torch.randint(0, 23, (9,))
+
+    def grads(upstream):
+        leaves = [x.clone().float().requires_grad_() for x in (h, w, b)]
+        loss = vlfast.linear_cross_entropy(leaves[0], leaves[1], t, bias=leaves[2], reduction=reduction,
+                                           impl="torch")
+        loss.backward(torch.tensor(upstream))
+        return [x.grad for x in leaves]
+
+    plain, doubled = grads(1.0), grads(2.0)
+    leaves = [x.clone().float().requires_grad_() for x in (h, w, b)]
+    vlfast.linear_cross_entropy(leaves[0], leaves[1], t, bias=leaves[2], reduction=reduction,
+                                impl="torch").backward()
+    ref = [x.clone().requires_grad_() for x in (h, w, b)]
+    F.cross_entropy(F.linear(ref[0], ref[1], ref[2]), t, reduction=reduction).backward()
+    for got, default, two, want in zip(plain, [x.grad for x in leaves], doubled, [x.grad for x in ref]):
+        assert torch.equal(got, default) and torch.equal(two, 2 * got)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
