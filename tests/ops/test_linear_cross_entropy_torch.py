@@ -223,3 +223,16 @@ def test_unit_upstream_gradient_skips_the_scaling_exactly(reduction):
     for got, default, two, want in zip(plain, [x.grad for x in leaves], doubled, [x.grad for x in ref]):
         assert torch.equal(got, default) and torch.equal(two, 2 * got)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_single_chunk_weight_gradient_has_the_float32_accumulators_bits():
+    """One bf16 chunk: d_weight is the bf16 GEMM's result with only the target rows' exact terms added
+    in float32 and rounded once: the bits of adding them to a float32 copy of the whole (V, H) result."""
+    n, h, v = 300, 40, 97
+    hidden, weight = torch.randn(n, h).bfloat16(), torch.randn(v, h).bfloat16()
+    targets = torch.randint(0, v, (n,))  # many repeats: the sums' order matters
+    chunk = torch_impl._Chunk(hidden, weight, None, targets, IGNORE, 0.0, 0.0, 0.0)
+    gg, g_t = torch.randn(n, v).bfloat16(), torch.randn(n) * 10
+    got = chunk._bf16_weight_grad(gg, g_t, chunk.safe_targets, chunk.hidden)
+    want = torch.mm(gg.T, hidden).float().index_add_(0, targets, g_t[:, None] * hidden.float()).bfloat16()
+    assert torch.equal(got, want)

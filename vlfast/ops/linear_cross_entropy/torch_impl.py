@@ -55,6 +55,7 @@ class _Chunk:
         self.safe_targets = torch.where(self.kept, targets, 0)  # ignored rows read column 0, weighted 0
         self.eps, self.softcap, self.z_loss = label_smoothing, softcap, z_loss
         self.rows = max(1, min(n, chunk_rows(v, self.ct)))
+        self.weight_grad = None  # bf16 in one chunk: the finished d_weight (accumulate)
         # scratch kept per thread between calls (vlfast._workspace): fresh chunks were faulted in page by page
         self.logits = _workspace.matrix("linear_cross_entropy.logits", self.rows, v, self.ct, hidden.device)
         # bf16: the GEMM's logits, later the bf16 copy of G
@@ -127,7 +128,9 @@ class _Chunk:
         if dh.shape[0]:
             dh[r0:r1] = torch.addcmul(torch.mm(gg, self.weight).to(self.ct), g_t[:, None],
                                       self.weight.index_select(0, t).to(self.ct))
-        if dw is not None:
+        if dw is not None and self.narrow is not None and first and r1 == self.hidden.shape[0]:
+            self.weight_grad = self._bf16_weight_grad(gg, g_t, t, h)
+        elif dw is not None:
             if self.narrow is not None:  # the bf16 GEMM's partial sums accumulate in float32
                 dw.copy_(torch.mm(gg.T, h)) if first else dw.add_(torch.mm(gg.T, h))
             elif first:
@@ -137,6 +140,16 @@ class _Chunk:
             dw.index_add_(0, t, g_t[:, None] * h.to(self.ct))
         if db is not None:
             db.add_(g.sum(dim=0)).index_add_(0, t, g_t)
+
+
+    def _bf16_weight_grad(self, gg: Tensor, g_t: Tensor, t: Tensor, h: Tensor) -> Tensor:
+        """d_weight (V, H) bf16 of a single chunk: the bf16 GEMM's result, where only the target rows
+        take the exact target-column terms, added in float32 and rounded once: the bits of the float32
+        accumulator path (same sums, same order) without its two passes over V x H."""
+        part = torch.mm(gg.T, h)
+        rows, slot = torch.unique(t, return_inverse=True)
+        fixed = part.index_select(0, rows).to(self.ct).index_add_(0, slot, g_t[:, None] * h.to(self.ct))
+        return part.index_copy_(0, rows, fixed.to(part.dtype))
 
 
 def _buffers(chunk: _Chunk, n: int, h: int, v: int, hidden: Tensor, need: tuple[bool, bool, bool]):
@@ -181,7 +194,7 @@ def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tens
             g_t = chunk.gradient(z, lse[r0:r1], w_rows[r0:r1], r0, r1)
             chunk.accumulate(z, g_t, r0, r1, dh, dw, db, first=r0 == 0)
     loss = reduce(rows, targets, ignore_index, reduction)
-    return (loss, lse, dh) + _finish(dw, db, weight)
+    return (loss, lse, dh) + _finish(dw if chunk.weight_grad is None else chunk.weight_grad, db, weight)
 
 
 def backward(grad_rows: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
@@ -200,4 +213,4 @@ def backward(grad_rows: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
         logp = z.sub_(lse[r0:r1, None])
         g_t = chunk.gradient(logp, lse[r0:r1], w_rows[r0:r1], r0, r1)
         chunk.accumulate(logp, g_t, r0, r1, dh, dw, db, first=r0 == 0)
-    return (dh,) + _finish(dw, db, weight)
+    return (dh,) + _finish(dw if chunk.weight_grad is None else chunk.weight_grad, db, weight)
