@@ -279,7 +279,6 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     # 3.7 for a_c^T made contiguous, its product, and that transposed back); chunks summed in float32
     db = torch.zeros(m if need_b and not bf16_gemms else 0, b.shape[1], dtype=ct, device=a.device)
     db_lp = None
-    dscale = torch.zeros((), dtype=ct, device=a.device)
     dbias = torch.zeros((), dtype=ct, device=a.device)
     s_num = float(s)
     # bf16: the GEMMs take s G (G where s = 0, scaled after them); softmax folds s into w
