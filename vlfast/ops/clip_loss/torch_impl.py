@@ -128,18 +128,18 @@ def kept_chunk(stats: Tensor, m: int, planes: tuple[bool, bool]):
     return _kept_views(stats, m, planes)
 
 
-def _row_dots(a: Tensor, b: Tensor, offset: int = 0, out: Optional[Tensor] = None) -> Tensor:
-    """(N,) <a_i, b_(i + offset)> (into out), each a torch.sum (cascade summation) of the products,
-    formed in row chunks in a scratch buffer: a fresh (N, D) temporary was faulted in on every call."""
-    n, d = a.shape
-    out = torch.empty(n, dtype=a.dtype, device=a.device) if out is None else out
+def _dot_sum(a: Tensor, b: Tensor) -> Tensor:
+    """0-d sum_ik a_ik b_ik of two (R, D) matrices: per row a torch.sum (cascade summation) of the
+    products, formed in row chunks in a scratch buffer (a fresh (R, D) temporary was faulted in on
+    every call), then the rows' sum."""
+    r, d = a.shape
+    rows = torch.empty(r, dtype=a.dtype, device=a.device)
     step = max(1, CHUNK_ELEMENTS // max(d, 1))
-    buf = _workspace.matrix("clip_loss.products", min(step, n), d, a.dtype, a.device)
-    for r0 in range(0, n, step):
-        c = min(step, n - r0)
-        products = torch.mul(a[r0:r0 + c], b[r0 + offset:r0 + offset + c], out=buf[:c])
-        torch.sum(products, dim=1, out=out[r0:r0 + c])
-    return out
+    buf = _workspace.matrix("clip_loss.products", min(step, r), d, a.dtype, a.device)
+    for r0 in range(0, r, step):
+        c = min(step, r - r0)
+        torch.sum(torch.mul(a[r0:r0 + c], b[r0:r0 + c], out=buf[:c]), dim=1, out=rows[r0:r0 + c])
+    return rows.sum()
 
 
 def _features(x: Tensor, ct: torch.dtype, name: str) -> Tensor:
@@ -367,7 +367,7 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
             torch.mm(g, b_c, out=gb[rs])
         if need_b:
             db.addmm_(g.T, ar)
-    dscale = _row_dots(a_c, gb).sum() if gb_rows else _row_dots(b_c, db).sum()
+    dscale = _dot_sum(a_c, gb) if gb_rows else _dot_sum(b_c, db)
     if db_lp is not None:
         db = db_lp
     if prescaled:
