@@ -291,3 +291,59 @@ def test_backward_after_a_finite_forward_checks_only_the_upstream_gradient(monke
                  for t, impl in ((torch.float32, "torch"), (torch.float64, "reference")))
     for name in NAMES:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_elements_reads_each_distinct_element_once():
+    """The guard's 1-D view of a tensor's elements: dense layouts in any order, broadcast dimensions
+    dropped, a storage offset kept; gaps and overlaps give None (summed by PyTorch instead)."""
+    x = torch.randn(3, 4, 5)
+    cases = {
+        "contiguous": (x, 60), "permuted": (x.permute(2, 0, 1), 60), "offset": (torch.randn(2, 3, 4, 5)[1], 60),
+        "expanded": (torch.randn(1, 4, 1).expand(3, 4, 5), 4), "scalar expanded": (torch.randn(1).expand(3, 4), 1),
+    }
+    for name, (t, count) in cases.items():
+        flat = torch_impl._elements(t)
+        assert flat is not None and flat.shape == (count,), name
+        assert torch.equal(flat.sort().values, t.unique().sort().values), name
+    assert torch_impl._elements(x[:, :, 1:]) is None                        # gaps
+    assert torch_impl._elements(x.view(-1).as_strided((3, 4), (2, 1))) is None  # overlapping
+
+
+def test_finite_inputs_whose_squares_overflow_still_match_the_reference():
+    """The guard sums squares: float32 values near 1e20 overflow it although they are finite. Such a call
+    takes the reference, whose answer (finite here) is the spec."""
+    q, k, v, do = make_qkv(1, 2, 2, 21, 21, 16, torch.float32)
+    v[0, 1, 4] = 3e19
+    assert not torch_impl._finite(v)
+    got, want = (run_vlfast(q.to(t), k.to(t), v.to(t), do.to(t), M.causal(), impl)
+                 for t, impl in ((torch.float32, "torch"), (torch.float64, "reference")))
+    for name in NAMES:
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5 * want[name].abs().max().item())
+
+
+@pytest.mark.parametrize("kind,p", [("causal", {}), ("key-padding", {}), ("dalle-row", {"text_len": 3, "rows": 4,
+                                                                                       "cols": 5})], ids=str)
+@pytest.mark.parametrize("finite", [True, False], ids=["finite", "nan-do"])
+def test_natural_lse_gives_what_base2_gives(kind, p, finite, plan):
+    """The autograd node keeps the kernel's natural lse (lse_units="natural"), the op returns lse2: both
+    forwards agree (empty rows +inf in both) and so do both backwards, the reference's included (a NaN
+    in do sends the backward there)."""
+    q, k, v, do = make_qkv(2, 2, 1, 23, 23, 16, torch.float32)
+    if kind == "dalle-row":
+        mask = M.dalle(kind="row", **p)
+    elif kind == "key-padding":  # batch 0 keeps no key: empty rows
+        mask = M.key_padding(torch.arange(23)[None].expand(2, 23) < torch.tensor([[0], [17]]))
+    else:
+        mask = M.causal()
+    if not finite:
+        do[1, 0, 20, 3] = float("nan")
+    out2, lse2 = torch_impl.forward(q, k, v, mask, 0.25, lse_units="base2")
+    out_e, lse_e = torch_impl.forward(q, k, v, mask, 0.25, lse_units="natural")
+    assert torch.equal(out2, out_e)
+    torch.testing.assert_close(lse_e * torch_impl.LOG2E, lse2, rtol=1e-6, atol=0)
+    assert torch.equal(torch.isposinf(lse_e), torch.isposinf(lse2))
+    grads2 = torch_impl.backward(do, q, k, v, out2, lse2, mask, 0.25)
+    grads_e = torch_impl.backward(do, q, k, v, out_e, lse_e, mask, 0.25, lse_units="natural")
+    for a, b in zip(grads2, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)

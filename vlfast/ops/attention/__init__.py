@@ -59,10 +59,10 @@ def _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale):
 
 
 def _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid, scale, impl,
-                  verdict=None, need_lse=True):
+                  verdict=None, lse_units="base2"):
     """What vlfast::attention_forward runs (see it for the arguments); verdict: a dict for impl="torch"'s
-    forward on a dense batch to note whether its inputs were finite; need_lse=False: the caller drops lse2
-    (impl="torch" may then return None for it)."""
+    forward on a dense batch to note whether its inputs were finite; lse_units: what that forward returns
+    for lse (see torch_impl.forward; every other path gives lse2)."""
     if cu_q is not None:  # here, not in attention_varlen: op bodies are not traced, so the syncs keep graphs whole
         _check_packed_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k, dalle)
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
@@ -70,7 +70,7 @@ def _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, d
         if impl == "reference":
             return _forward_with(_reference, q, k, v, cu_q, cu_k, mask, scale)
         if impl == "torch" and cu_q is None:
-            return _torch.forward(q, k, v, mask, scale, verdict, need_lse)
+            return _torch.forward(q, k, v, mask, scale, verdict, lse_units)
         if impl == "torch":
             return _torch.forward_varlen(q, k, v, cu_q, cu_k, mask, scale)
         module, problem = _triton_problem(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale)
@@ -78,14 +78,15 @@ def _forward_body(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, span_ids, d
 
 
 def _backward_body(do, q, k, v, out, lse2, cu_q, cu_k, max_q, max_k, causal, window, span_ids, dalle, key_valid,
-                   scale, impl, inputs_finite=False):
+                   scale, impl, inputs_finite=False, lse_units="base2"):
     """What vlfast::attention_backward runs (see it for the arguments); inputs_finite: impl="torch"'s
-    forward made out from these q, k, v (autograd's saved tensors) and found them finite."""
+    forward made out from these q, k, v (autograd's saved tensors) and found them finite; lse_units:
+    "natural" when lse2 is that forward's natural lse."""
     mask = _mask_from(causal, window, span_ids, dalle, key_valid)
     with nvtx_range("vlfast.attention.bwd"):
         # impl="torch" takes do in any layout (autograd's is often expanded): no copy here
         if impl == "torch" and cu_q is None:
-            return _torch.backward(do, q, k, v, out, lse2, mask, scale, inputs_finite)
+            return _torch.backward(do, q, k, v, out, lse2, mask, scale, inputs_finite, lse_units)
         if impl == "torch":
             return _torch.backward_varlen(do, q, k, v, out, lse2, cu_q, cu_k, mask, scale)
         do = do.contiguous()
@@ -142,7 +143,8 @@ def _backward(ctx, d_out, _d_lse):
     if not _eager(d_out, q, k, v, out):
         dq, dk, dv = attention_backward(*args)
     else:
-        dq, dk, dv = _backward_body(*args, inputs_finite=getattr(ctx, "inputs_finite", False))
+        dq, dk, dv = _backward_body(*args, inputs_finite=getattr(ctx, "inputs_finite", False),
+                                    lse_units=getattr(ctx, "lse_units", "base2"))
     return (dq, dk, dv) + (None,) * 11
 
 
@@ -151,19 +153,23 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerAttention(torch.autograd.Function):
     """The op's body with the backward register_autograd gives the op, for eager calls: cheaper per
-    call than the custom op's autograd wrapper (see _eager)."""
+    call than the custom op's autograd wrapper (see _eager). Takes q, k, v and the op's other arguments
+    as one tuple (Function.apply walks each argument in Python)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, q, k, v, rest):
+        inputs = (q, k, v) + rest
         verdict = {}  # impl="torch": whether the inputs were finite, so the backward checks only d_out
-        out, lse2 = _forward_body(*inputs, verdict=verdict)
-        _setup_context(ctx, inputs, (out, lse2))
+        # impl="torch" on a dense batch keeps the kernel's natural lse: lse never leaves this node
+        ctx.lse_units = "natural" if rest[-1] == "torch" and rest[0] is None else "base2"
+        out, lse = _forward_body(*inputs, verdict=verdict, lse_units=ctx.lse_units)
+        _setup_context(ctx, inputs, (out, lse))
         ctx.inputs_finite = verdict.get("finite", False)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        return _backward(ctx, d_out, None)
+        return _backward(ctx, d_out, None)[:3] + (None,)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, *rest) -> Tensor:
@@ -171,8 +177,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *rest) -> Tensor:
     if not _eager(q, k, v):  # compiled graphs, tracers and modes see the op and its registered autograd
         return attention_forward(q, k, v, *rest)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, *rest)
-    return _forward_body(q, k, v, *rest, need_lse=False)[0]
+        return _EagerAttention.apply(q, k, v, rest)
+    return _forward_body(q, k, v, *rest, lse_units=None)[0]
 
 
 # --- validation and dispatch -------------------------------------------------------------------------

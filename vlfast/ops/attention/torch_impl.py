@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -215,31 +214,35 @@ def _new_plan(mask: Mask, sq: int, sk: int, dtype, device) -> Plan:
 
 def _elements(x: Tensor) -> Optional[Tensor]:
     """x's distinct elements as a 1-D view (in memory order, broadcast dimensions dropped), or None
-    when they are not one dense block."""
+    when they are not one dense block. Worked out from the strides in Python: a chain of select /
+    permute calls cost ~8 us for autograd's expanded gradient of a sum."""
     if x.is_contiguous():
         return x.view(-1)
-    for d in reversed(range(x.dim())):  # autograd's gradient of a sum is one element expanded
-        if x.stride(d) == 0:
-            x = x.select(d, 0)
-    x = x.permute(sorted(range(x.dim()), key=x.stride, reverse=True))
-    return x.view(-1) if x.is_contiguous() else None
+    dims = sorted(((st, n) for st, n in zip(x.stride(), x.shape) if st and n != 1), reverse=True)
+    count = 1
+    for st, n in reversed(dims):  # innermost first: each stride must be the product of the sizes inside it
+        if st != count:
+            return None
+        count *= n
+    return x.as_strided((count,), (1,))
 
 
 def _finite(*xs: Tensor) -> bool:
-    """False when any of xs holds a NaN or inf. One pass over each, and no parallel region: float32 /
-    float64 summed by numpy's single-threaded einsum (a sum is NaN or inf when an element is; a finite
-    sum that overflows only sends the call to the reference), at ~60 GB/s where its two-operand form
-    (a dot product) ran at a third of that and a ufunc reduction pairs its sums. A PyTorch reduction of
-    these sizes opens a parallel region, and on this project's two cores shared with other jobs such a
-    region now and then waited 8-16 ms for its second thread, ten times the kernel's whole call (0.5 MB
-    tensors). float16 / bfloat16 (numpy has no bfloat16) and scattered tensors are summed by PyTorch."""
+    """False when any of xs holds a NaN or inf. One pass over each: float32 / float64 elements go to
+    BLAS's dot product with themselves (MKL's, through torch.vdot), whose sum of squares is NaN or inf
+    when an element is (a finite sum that overflows, |x| ~ 1e19 in float32, only sends the call to the
+    reference). On 2 cores it read 512 KB in ~7 us on one thread, where numpy's einsum sum took ~25 (in
+    a call after the attention kernel: +22 us against +38), and 3 MB in 22 us on the pool's two threads
+    against 67. float16 / bfloat16 (no BLAS dot product: 4 ms) and scattered tensors are summed by
+    PyTorch."""
     total = 0.0
     for x in xs:
         flat = _elements(x) if x.dtype in (torch.float32, torch.float64) else None
         if flat is None:
             total += x.sum(dtype=torch.float32 if x.dtype == torch.float16 else None).item()
         else:
-            total += float(np.einsum("i->", flat.detach().numpy()))
+            flat = flat.detach()
+            total += torch.vdot(flat, flat).item()
     return math.isfinite(total)
 
 
@@ -351,17 +354,18 @@ def _backward_plan(do, q, k, v, out, lse, plan: Plan, scale: float) -> tuple[Ten
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float,
-            verdict: Optional[dict] = None, need_lse: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    """(out (B, H, Sq, D), lse2 (B, H, Sq)) as reference.forward gives them. verdict: a dict that gets
+            verdict: Optional[dict] = None, lse_units: Optional[str] = "base2") -> tuple[Tensor, Optional[Tensor]]:
+    """(out (B, H, Sq, D), lse (B, H, Sq)) as reference.forward gives them. verdict: a dict that gets
     "finite": True when q, k and v hold no NaN or inf (backward(..., inputs_finite=True) may then skip
     its checks of q, k, v and out). The check reads the inputs: the kernel's outputs do not show
-    every NaN (it drops NaN scores in some shapes). need_lse=False: lse2 may be None (the usual case
-    skips its copy to base 2, 2-3 % of a small call)."""
+    every NaN (it drops NaN scores in some shapes). lse_units: "base2" (the op's lse2), "natural" (the
+    kernel's own, in any layout: what backward(..., lse_units="natural") takes, for callers that keep lse
+    to themselves) or None (not needed: may be None). Each skips a copy of lse, ~2 % of a small call."""
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     if not _usable(q) or sq == 0 or sk == 0 or not _finite(q, k, v):
         out, lse2 = _reference.forward(q, k, v, mask, scale)
-        return _laid_out_like(out, q), lse2
+        return _laid_out_like(out, q), lse2 * (1.0 / LOG2E) if lse_units == "natural" else lse2
     if verdict is not None:
         verdict["finite"] = True
     plan = _plan(mask, sq, sk, q.dtype, q.device)
@@ -369,34 +373,37 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Mask], scale: float,
     if group == 1 and plan.perm is None and plan.empty is None and _single(plan):  # the usual case, lean
         tile = plan.tiles[0]
         out, lse = _FLASH(q, tile.k.of(k), tile.k.of(v), is_causal=tile.causal, attn_mask=tile.bias, scale=scale)
-        if not need_lse:
-            return _laid_out_like(out, q), None
+        if lse_units != "base2":
+            return _laid_out_like(out, q), lse if lse_units == "natural" else None
         return _laid_out_like(out, q), lse.contiguous().mul_(LOG2E)  # lse: (B, S, H) in memory, ours to change
     qp, kp, vp = _permuted(q, plan.perm), _permuted(_expand_kv(k, group), plan.perm), \
         _permuted(_expand_kv(v, group), plan.perm)
     out, lse = _forward_plan(qp, kp, vp, plan, scale)
     out, lse = _unpermuted(out, plan.perm), _unpermuted(lse, plan.perm)
-    lse2 = lse.contiguous().mul_(LOG2E)  # the kernel's lse is (B, S, H) in memory; lse is ours to change
-    if plan.empty is not None:  # rows that keep nothing: output 0, lse2 +inf (no row else is empty)
+    if lse_units != "natural":  # the kernel's lse is (B, S, H) in memory; lse is ours to change
+        lse = lse.contiguous().mul_(LOG2E)
+    if plan.empty is not None:  # rows that keep nothing: output 0, lse +inf (no row else is empty)
         out = out.masked_fill(plan.empty[..., None], 0.0)
-        lse2 = lse2.masked_fill(plan.empty, float("inf"))
-    return _laid_out_like(out, q), lse2
+        lse = lse.masked_fill(plan.empty, float("inf"))
+    return _laid_out_like(out, q), lse
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, mask: Optional[Mask],
-             scale: float, inputs_finite: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+             scale: float, inputs_finite: bool = False, lse_units: str = "base2") -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for upstream do, as reference.backward gives them. inputs_finite: out is this module's
     forward of q, k, v (autograd's saved tensors, unchanged since) and its verdict was "finite", so only
-    do needs the check."""
+    do needs the check. lse_units: "natural" when lse2 is forward(..., lse_units="natural")'s lse."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if not _usable(q) or sq == 0 or sk == 0 or not (_finite(do) if inputs_finite else _finite(do, out, q, k, v)):
         # the kernel's backward would give NaN dq on a fully masked row whose q is NaN (the spec: 0)
-        grads = _reference.backward(do, q, k, v, out, lse2, mask, scale)
+        grads = _reference.backward(do, q, k, v, out, lse2 * LOG2E if lse_units == "natural" else lse2, mask,
+                                    scale)
         return tuple(_as_grad(g, x) for g, x in zip(grads, (q, k, v)))
     plan = _plan(mask, sq, sk, q.dtype, q.device)
     group = h // hkv
-    lse = lse2 * (1.0 / LOG2E)  # +inf on empty rows: their probabilities are exp(s - inf) = 0
+    # +inf on empty rows: their probabilities are exp(s - inf) = 0
+    lse = lse2 if lse_units == "natural" else lse2 * (1.0 / LOG2E)
     if group == 1 and plan.perm is None and _single(plan):  # the usual case, lean
         tile = plan.tiles[0]
         grads = _FLASH_BWD(do, q, tile.k.of(k), tile.k.of(v), out, lse.to(_reference.compute_dtype(q.dtype)), 0.0,
