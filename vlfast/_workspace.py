@@ -28,3 +28,25 @@ def buffer(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
 def matrix(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
     """buffer(name, ...) as a (rows, cols) matrix."""
     return buffer(name, rows * cols, dtype, device).view(rows, cols)
+
+
+def _use_count(storage) -> int:
+    """References to storage's memory (tensors, views, autograd's saved tensors, Python storage objects);
+    0 where this torch cannot tell (a private function: then nothing is reused)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(storage._cdata) if count is not None else 0
+
+
+def storage(name: str, nbytes: int, device) -> torch.UntypedStorage:
+    """An uninitialised storage of exactly `nbytes` for tensors that outlive the call (autograd saves
+    them for the backward): the one the last call with this name made on this thread, once nothing else
+    holds it (its graph freed), else a fresh one that later calls may reuse. A training loop's next step
+    then skips the page faults of a fresh chunk (4096 a call for clip_loss's kept 16 MiB)."""
+    key = f"storage.{name}"
+    held = getattr(_held, key, None)
+    if held is not None and held.nbytes() == nbytes and held.device == torch.device(device) \
+            and _use_count(held) == 1:  # only this reference: no tensor uses it any more
+        return held
+    held = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+    setattr(_held, key, held)
+    return held

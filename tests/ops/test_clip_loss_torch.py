@@ -37,6 +37,18 @@ def test_small_chunks_give_the_same_result(layout, dtype, monkeypatch):
         assert_close64(chunked, ref, 1e-10, "chunked", floor=1e-2)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-sym{l[1]}-off{l[2]}")
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-3"])
+def test_bf16_output_gradient_gemms_match_float64(layout, chunked, monkeypatch):
+    """bf16 features past BF16_OUT_MIN_LOGITS (forced here at 97 x 97): d_a and d_b from bf16-output GEMMs
+    of the rounded s G, d_scale from d_a, within bf16 PyTorch's error twice over, in one chunk or several."""
+    monkeypatch.setattr(torch_impl, "BF16_OUT_MIN_LOGITS", 0)
+    case = _case(97, 72, torch.bfloat16, layout)
+    if chunked:
+        monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 3 * case.m)
+    _check(case, "torch")
+
+
 def test_near_perfect_pairs_keep_relative_accuracy():
     """True loss ~1e-11 at scale 100: dense float32 PyTorch is off by O(1) relative, impl="torch" is not."""
     n, d = 64, 48
@@ -156,6 +168,30 @@ def test_kept_products_survive_a_second_backward(kind):
     second = torch.autograd.grad((loss * grad.float()).sum(), [x for x in leaves if x is not None])
     for x, y in zip(first, second):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kept_chunks_of_live_graphs_are_never_shared(dtype):
+    """The kept chunk's storage is reused from the last step once its graph is freed (_workspace.storage);
+    two graphs alive at once each keep their own, and each backward gives its own loss's gradients."""
+    case = _case(33, 24, dtype, LAYOUTS[0])
+    inputs = [make_inputs(case) for _ in range(2)]
+
+    def forward(i):
+        a, b, s, _, _ = inputs[i]
+        leaves = [x.clone().requires_grad_() for x in (a, b, s)]
+        return leaves, vlfast.clip_loss(*leaves, reduction="none", impl="torch")
+
+    alone = []
+    for i in range(2):
+        leaves, loss = forward(i)
+        alone.append(torch.autograd.grad((loss * inputs[i][4].float()).sum(), leaves))
+    held = [forward(i) for i in range(2)]  # both graphs alive: two kept chunks (one shared: the first's wrong)
+    for i in (1, 0):
+        leaves, loss = held[i]
+        got = torch.autograd.grad((loss * inputs[i][4].float()).sum(), leaves)
+        for x, y in zip(got, alone[i]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)

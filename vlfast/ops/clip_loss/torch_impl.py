@@ -10,6 +10,8 @@ that one buffer: E = exp(t - h_i) with h_i the row's largest negative logit give
 When one chunk holds every row the forward keeps that chunk behind its stats, in the same storage
 (autograd saves stats for the backward): E and h for softmax, whose gradient is
 E * (alpha_i + v_i k_j), the products a @ b^T for sigmoid. The backward then skips the logits GEMM.
+That storage comes back to the next call once its graph is freed (_workspace.storage): a training
+step does not fault a fresh 16 MiB in.
 Extra memory: at most three chunk buffers of CHUNK_ELEMENTS each plus O((N + M) D); never N x M
 unless that fits one chunk. The scratch chunks (the forward's logits when not kept, the backward's G,
 products and bf16's rounded G) stay allocated per thread between calls (_chunk_buffer): at most
@@ -34,6 +36,13 @@ from .reference import compute_dtype
 CHUNK_ELEMENTS = 1 << 22
 
 # Column sums come from row-shifted exponentials: exp(t_ij - top) = exp(t_ij - h_i) * exp(h_i - top).
+# bfloat16 features: from this many logits on, d_a comes from a bf16-output GEMM of the bf16-rounded s G
+# (half the time of a float32-output one: 2048 x 2048 x 512, 1.5 against 3.0 ms), and d_scale = <a, d_a> / s
+# sees both roundings, sums of N x M and N x D independent errors that average out at such sizes
+# (2048 x 512: 1.16e-4 relative, as with a float32 d_a). Over a few rows they do not (1 x 12: 7x bf16
+# PyTorch's error): below it, d_a is the float32 GEMM of the float32 G.
+BF16_OUT_MIN_LOGITS = 1 << 20
+
 # When every column's log-sum-exp is within this many nats of top, a factor that underflows stands
 # for a term below e^-47 of the column's, nothing next to the ones kept. Past it (a text far from
 # every image) the column is exponentiated on its own.
@@ -115,7 +124,8 @@ def _stats_and_kept(n: int, m: int, ct: torch.dtype, device, planes: tuple[bool,
     """
     if not keep:
         return torch.zeros(3, n, dtype=ct, device=device), (None, None, None)
-    storage = torch.empty(_kept_size(n, m, planes), dtype=ct, device=device).untyped_storage()
+    itemsize = torch.empty((), dtype=ct).element_size()
+    storage = _workspace.storage(f"clip_loss.kept.{ct}", _kept_size(n, m, planes) * itemsize, device)
     stats = torch.empty(0, dtype=ct, device=device).set_(storage, 0, (3, n), (n, 1)).zero_()
     return stats, _kept_views(stats, m, planes)
 
@@ -262,8 +272,11 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     E exp(h_i - row_i) and the column one E exp(h_i - top) exp(top - col_j), so
     G = E * (alpha_i + v_i k_j) off the positives. bfloat16 features: s G rounded to bfloat16 (as the
     GPU paths' G chunk) and GEMMs with exact bf16 products and float32 sums, several times faster than
-    float32 ones on CPUs with bf16 instructions: (s G) b into float32 (d_a, and d_scale = <a, (s G) b> / s),
-    (s G)^T a into bfloat16 (d_b).
+    float32 ones on CPUs with bf16 instructions, into bfloat16 (the float32 sums rounded once): (s G) b
+    (d_a; d_scale = <a, d_a> / s summed in float32) and (s G)^T a (d_b). d_a's rounding adds nothing
+    measurable to d_scale's error, which rounding G to bf16 sets (2048 x 512: 1.16e-4 relative either
+    way, and ~1e-4 to 3e-3 over scales 14 to 100, against 1e-3 to 4e-2 for bf16 PyTorch); a float32
+    d_a took 3.0 ms against 1.5.
     """
     ct = compute_dtype(a.dtype)
     n, m = a.shape[0], b.shape[0]
@@ -274,7 +287,8 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     # Gb lands in gb; without d_a it is still wanted for d_scale unless G^T a is computed anyway
     # (float32 d_scale from bf16's d_b would see its rounding)
     gb_rows = n if (need_a or not need_b or bf16_gemms) else 0
-    gb = torch.empty(gb_rows, a.shape[1], dtype=ct, device=a.device)
+    bf16_out = bf16_gemms and n * m >= BF16_OUT_MIN_LOGITS
+    gb = torch.empty(gb_rows, a.shape[1], dtype=a.dtype if bf16_out else ct, device=a.device)
     # bf16: d_b = (s G)^T @ a_c straight from the transposed view (2048 x 2048 x 512: 2.7 ms, against
     # 3.7 for a_c^T made contiguous, its product, and that transposed back); chunks summed in float32
     db = torch.zeros(m if need_b and not bf16_gemms else 0, b.shape[1], dtype=ct, device=a.device)
@@ -314,7 +328,8 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
         bias_c = bias.to(ct) if bias is not None else None
     step = n if kept is not None else _chunk_rows(m)
     rows = min(step, n)
-    a_c, b_c = _features(a, ct, "a"), _features(b, ct, "b")
+    a_c = _features(a, ct, "a")
+    b_c = _features(b, ct, "b") if kept is None or not bf16_out else None  # bf16 GEMMs take b itself
     dot_buf = _chunk_buffer("dot", rows, m, ct, a.device) if kept is None else None
     g_buf = _chunk_buffer("g", rows, m, ct, a.device)
     for r0 in range(0, n, step):
@@ -327,19 +342,24 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
         else:
             with bf16_valued_fp32_gemms(bf16_gemms):
                 dot = torch.mm(ar, b_c.T, out=dot_buf[:c])
+        g_lp = None  # bf16: s G rounded to bfloat16, the gradient GEMMs' operand
         if kind == "softmax":
             if fac is not None:
                 alpha, v, k = fac
+                # bf16: G's last pass writes the rounded G itself (the same bits, one pass fewer)
+                if bf16_out:
+                    g_lp = _chunk_buffer("g_lp", rows, m, torch.bfloat16, a.device)[:c]
+                dest = g if g_lp is None else g_lp
                 # the kept E, or exp(s dot - row_i) over the recomputed products
                 e = kept[2] if kept is not None else torch.add(-row[rs, None], dot, alpha=s_num, out=dot).exp_()
                 if v is None:
-                    torch.mul(e, alpha[rs, None], out=g)
+                    torch.mul(e, alpha[rs, None], out=dest)
                 else:
-                    _outer_sum(alpha[rs], v[rs], k, out=g).mul_(e)
+                    torch.mul(_outer_sum(alpha[rs], v[rs], k, out=g), e, out=dest)
             else:  # symmetric, a column far below the top: both softmaxes exponentiated
                 torch.add(-row[rs, None], dot, alpha=s_num, out=g).exp_().mul_(w[rs, None])
                 g.add_(torch.add(-col[None, :], dot, alpha=s_num).exp_().mul_(w[None, :]))
-            _positives(g, r0, offset).copy_(diag_g[rs])
+            _positives(g if g_lp is None else g_lp, r0, offset).copy_(diag_g[rs])
         else:
             if bias_c is not None:
                 torch.add(bias_c, dot, alpha=s_num, out=g)
@@ -353,12 +373,15 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
                 _positives(g, r0, offset).neg_()
             dbias += g.sum()
         if bf16_gemms:
-            if prescaled and not folded:
-                g.mul_(s_num)
-            with bf16_valued_fp32_gemms(True):  # g rounded to bfloat16 as the GEMM reads it
+            if g_lp is None:
+                if prescaled and not folded:
+                    g.mul_(s_num)
+                g_lp = _chunk_buffer("g_lp", rows, m, torch.bfloat16, a.device)[:c].copy_(g)
+            if bf16_out:
+                torch.mm(g_lp, b, out=gb[rs])
+            else:
                 torch.mm(g, b_c, out=gb[rs])
             if need_b:
-                g_lp = _chunk_buffer("g_lp", rows, m, torch.bfloat16, a.device)[:c].copy_(g)
                 part = torch.mm(g_lp.T, a[rs])
                 # one chunk: its bf16 product is d_b; more: summed in float32
                 db_lp = part if db_lp is None else (db_lp if db_lp.dtype == ct else db_lp.float()).add_(part)
