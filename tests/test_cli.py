@@ -178,6 +178,18 @@ def test_ratios_take_the_fastest_correct_peer():
     assert "| op | d | fwd | torch 3.00 | none correct (wrong-tokens wrong) | — |" in table
 
 
+def test_a_bar_is_shown_but_never_the_peer():
+    """A bar (Contender.bar: SDPA on a contiguous copy of a paged cache) faster than every peer is named in the
+    table but the ratio is against the fastest correct peer; rows saved before bars existed are peers."""
+    from vlfast.bench import report
+    rows = [_row("vlfast-torch", 2.0, 1e-6), {**_row("contiguous", 1.0, 1e-6), "bar": True},
+            {**_row("gathered", 4.0, 1e-6), "bar": False}, _row("old-row", 5.0, 1e-6)]
+    (r,) = report.ratios(rows)
+    assert r["peer"] == "gathered" and r["ratio"] == 0.5 and r["bars"] == [("contiguous", 1.0)]
+    assert "| op | c | fwd | torch 2.00 | gathered 4.00 (bar, not a peer: contiguous 1.00) | 0.50 |" \
+        in report.ratio_table(rows)
+
+
 def test_bench_ratios_reads_a_saved_run(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([_row("vlfast-torch", 1.0, 0.0), _row("peer", 2.0, 0.0)]))

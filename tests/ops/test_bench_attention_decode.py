@@ -29,6 +29,8 @@ def test_tiny_run_rows():
     rows = []
     runner.run_op(B.OP, B, torch.device("cpu"), "tiny", {}, rows.append)
     ran = {r["impl"]: r for r in rows if r["status"] == "ok"}
-    assert {"vlfast-torch", "sdpa", "sdpa[gathered pages]"} <= set(ran)
+    assert {"vlfast-torch", "sdpa[contiguous cache]", "sdpa[gathered pages]"} <= set(ran)
     for r in ran.values():
         assert r["error"] < 1e-5 and r["gbps"] > 0 and r["peak_bytes"] is not None, r
+    # the tiny case is paged: SDPA on the contiguous cache is its bar, the gathered pages its peer
+    assert ran["sdpa[contiguous cache]"]["bar"] and not ran["sdpa[gathered pages]"]["bar"]

@@ -7,7 +7,8 @@ Memory-bound: the rows report GB/s of cache read, 2 B L Hkv D bytes per element 
 (on a GPU do_bench flushes the L2 between calls). vlfast reads a paged cache where the case says so;
 the peers read the same keys contiguous. Peers (each only where it imports; the summary lists the rest):
   sdpa                F.scaled_dot_product_attention(enable_gqa=True), a dense boolean mask for DALL-E,
-                      on the contiguous cache (the bandwidth bar)
+                      on the contiguous cache (the bandwidth bar); on a paged case it is named
+                      sdpa[contiguous cache] and is a bar only (Contender.bar): it does not read pages
   sdpa[gathered pages]  paged cases: the pages gathered into rows (what PyTorch alone does with a
                       paged cache), then sdpa
   flash_attn_kvcache  flash_attn.flash_attn_with_kvcache (GPU), paged where the case is paged
@@ -186,9 +187,10 @@ def contenders(case: Case, device: torch.device) -> list:
     status = implementation_status(device, case.dtype, case.shape[4])
     ours = vlfast_contenders(status, device, make_run,
                              describe={impl: settings(check_lengths=False) for impl in status})
-    sdpa = Contender("sdpa", _runner(_sdpa), describe=settings(
+    # On a paged case the contiguous cache is the bandwidth bar, not a peer: no PyTorch op reads pages
+    sdpa = Contender("sdpa[contiguous cache]" if case.params["page"] else "sdpa", _runner(_sdpa), describe=settings(
         mask="dense bool (1, 1, 1, L)" if case.params["mask"].startswith("dalle") else "none (the last query sees "
-             "every key)", enable_gqa=True, cache="contiguous"))
+             "every key)", enable_gqa=True, cache="contiguous"), bar=bool(case.params["page"]))
     peers = [sdpa]
     if case.params["page"]:
         peers.append(Contender("sdpa[gathered pages]", _runner(_sdpa_gathered), describe=settings(

@@ -55,6 +55,9 @@ class Contender:
     skip: Optional[str] = None
     modes: Optional[tuple] = None  # None: every mode of the case
     describe: Optional[Callable[[], dict]] = None  # e.g. the kernel configs chosen, for the row
+    # A bar, not a peer: it solves an easier problem (SDPA on a contiguous copy of a paged cache), shown
+    # for scale; the ratio table names it beside the peers but never compares against it.
+    bar: bool = False
 
 
 def synchronize(device: torch.device) -> None:

@@ -132,8 +132,9 @@ def correct(row: dict) -> bool:
 def ratios(rows: list) -> list:
     """Per (op, case, dtype, mode): vlfast's fastest correct row against the fastest correct peer.
 
-    Returns dicts {op, case, dtype, mode, impl, ms, peer, peer_ms, wrong_peers, ratio}; peer is None
-    when no peer is correct (wrong_peers names them), and ratio is None then."""
+    Returns dicts {op, case, dtype, mode, impl, ms, peer, peer_ms, wrong_peers, ratio, bars}; peer is None
+    when no peer is correct (wrong_peers names them), and ratio is None then. bars: (impl, ms) of the
+    case's correct bars (Contender.bar), which are never the peer."""
     groups = {}
     for r in rows:
         if r["status"] == "ok" and r["ms"] is not None:
@@ -141,7 +142,8 @@ def ratios(rows: list) -> list:
     out = []
     for (op, case, dtype, mode), rs in groups.items():
         ours = sorted((r for r in rs if r["impl"].startswith("vlfast-") and correct(r)), key=lambda r: r["ms"])
-        peers = [r for r in rs if not r["impl"].startswith("vlfast-")]
+        peers = [r for r in rs if not r["impl"].startswith("vlfast-") and not r.get("bar")]
+        bars = [(r["impl"], r["ms"]) for r in rs if r.get("bar") and correct(r)]
         if not ours or not peers:
             continue
         good = sorted((r for r in peers if correct(r)), key=lambda r: r["ms"])
@@ -149,7 +151,7 @@ def ratios(rows: list) -> list:
         out.append({"op": op, "case": case, "dtype": dtype, "mode": mode, "impl": ours[0]["impl"],
                     "ms": ours[0]["ms"], "peer": best and best["impl"], "peer_ms": best and best["ms"],
                     "wrong_peers": [r["impl"] for r in peers if not correct(r)],
-                    "ratio": best and ours[0]["ms"] / best["ms"]})
+                    "ratio": best and ours[0]["ms"] / best["ms"], "bars": bars})
     return out
 
 
@@ -160,6 +162,7 @@ def ratio_table(rows: list) -> str:
         wrong = f" ({', '.join(r['wrong_peers'])}: wrong)" if r["wrong_peers"] and r["peer"] else ""
         peer = (f"{r['peer']} {r['peer_ms']:.2f}{wrong}" if r["peer"]
                 else f"none correct ({', '.join(r['wrong_peers'])} wrong)")
+        peer += "".join(f" (bar, not a peer: {name} {ms:.2f})" for name, ms in r.get("bars", ()))
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "—"
         ours = r["impl"][len("vlfast-"):]
         lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {ours} {r['ms']:.2f} | {peer} | {ratio} |")

@@ -133,8 +133,10 @@ def run_op(op: str, module, device: torch.device, size: str, meta: dict, emit) -
         base = {"op": op, "case": case.name, "shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
                 "params": case.params}
 
+        bars = {c.name for c in contenders if c.bar}
+
         def row(impl, mode, **fields):
-            r = {**base, "impl": impl, "mode": mode, "status": "ok", "message": None, "ms": None,
+            r = {**base, "impl": impl, "bar": impl in bars, "mode": mode, "status": "ok", "message": None, "ms": None,
                  "peak_bytes": None, "tflops": None, "gbps": None, "tokens_per_s": None, "error": None, "errors": {}, "error_ref": None,
                  "error_note": None, "config": None, **meta, "timestamp": report.now()}
             r.update(fields)
