@@ -9,7 +9,7 @@ is an explicit choice: it runs or raises with the reason, it never falls back.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -45,20 +45,23 @@ def requested_impl(impl: str) -> str:
 
 
 def resolve_impl(op: str, impl: str, device: torch.device,
-                 why_not: Mapping[str, Callable[[], Optional[str]]]) -> str:
+                 why_not: Union[Mapping[str, Callable[[], Optional[str]]], Callable[[], Mapping]]) -> str:
     """Pick the implementation that runs `op`.
 
     why_not maps each implementation to a function returning None when it can run the inputs at
-    hand, or a sentence saying why it cannot.
+    hand, or a sentence saying why it cannot; or it is a function that builds that mapping, called
+    only where it is needed (impl="auto" off a GPU needs none: a small CPU call saves its microseconds).
     """
     choice = requested_impl(impl)
+    if choice == "auto" and device.type != "cuda":  # off a GPU only "torch" runs (always): no checks
+        return "torch"
+    if callable(why_not):
+        why_not = why_not()
     if choice != "auto":
         reason = why_not[choice]()
         if reason is not None:
             raise ImplUnavailableError(f"vlfast.{op}: impl={choice!r} cannot run here: {reason}")
         return choice
-    if device.type != "cuda":  # off a GPU only "torch" runs (always): a CPU call skips the checks
-        return "torch"
     for name in _AUTO_ORDER:
         if name == "cuda" and not AUTO_PREFERS_CUDA.get(op, False):
             continue

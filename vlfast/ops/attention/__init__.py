@@ -271,15 +271,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Mask] = None, s
     H must be a multiple of H_kv (grouped-query / multi-query attention); Sq and Sk may differ
     (queries are the last Sq positions). mask: a vlfast.masks.Mask or None (every pair kept);
     scale defaults to 1 / sqrt(D). A query with no key to attend gets 0. Gradients flow to q, k, v.
-    impl: "auto" | "reference" | "triton"; an explicit choice raises if it cannot run.
+    impl: "auto" | "reference" | "torch" | "triton"; an explicit choice raises if it cannot run.
     """
     _check_qkv("attention", q, k, v, 4, 1)
     if q.shape[0] != k.shape[0]:
         _fail("attention", f"q has batch {q.shape[0]} but k/v have batch {k.shape[0]}")
     mask = _check_mask("attention", mask, q.shape[0], k.shape[2], None, q.device)
     scale = _check_scale("attention", scale, q.shape[-1])
-    impl = resolve_impl("attention", impl, q.device, _why_not(q.device, q.dtype, q.shape[-1]))
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    impl = resolve_impl("attention", impl, q.device, lambda: _why_not(q.device, q.dtype, q.shape[-1]))
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     return _attend(q, k, v, None, None, q.shape[2], k.shape[2], *_mask_parts(mask), scale, impl)
 
 
