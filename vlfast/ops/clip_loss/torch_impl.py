@@ -342,24 +342,19 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
         else:
             with bf16_valued_fp32_gemms(bf16_gemms):
                 dot = torch.mm(ar, b_c.T, out=dot_buf[:c])
-        g_lp = None  # bf16: s G rounded to bfloat16, the gradient GEMMs' operand
         if kind == "softmax":
             if fac is not None:
                 alpha, v, k = fac
-                # bf16: G's last pass writes the rounded G itself (the same bits, one pass fewer)
-                if bf16_out:
-                    g_lp = _chunk_buffer("g_lp", rows, m, torch.bfloat16, a.device)[:c]
-                dest = g if g_lp is None else g_lp
                 # the kept E, or exp(s dot - row_i) over the recomputed products
                 e = kept[2] if kept is not None else torch.add(-row[rs, None], dot, alpha=s_num, out=dot).exp_()
                 if v is None:
-                    torch.mul(e, alpha[rs, None], out=dest)
+                    torch.mul(e, alpha[rs, None], out=g)
                 else:
-                    torch.mul(_outer_sum(alpha[rs], v[rs], k, out=g), e, out=dest)
+                    _outer_sum(alpha[rs], v[rs], k, out=g).mul_(e)
             else:  # symmetric, a column far below the top: both softmaxes exponentiated
                 torch.add(-row[rs, None], dot, alpha=s_num, out=g).exp_().mul_(w[rs, None])
                 g.add_(torch.add(-col[None, :], dot, alpha=s_num).exp_().mul_(w[None, :]))
-            _positives(g if g_lp is None else g_lp, r0, offset).copy_(diag_g[rs])
+            _positives(g, r0, offset).copy_(diag_g[rs])
         else:
             if bias_c is not None:
                 torch.add(bias_c, dot, alpha=s_num, out=g)
@@ -373,10 +368,11 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
                 _positives(g, r0, offset).neg_()
             dbias += g.sum()
         if bf16_gemms:
-            if g_lp is None:
-                if prescaled and not folded:
-                    g.mul_(s_num)
-                g_lp = _chunk_buffer("g_lp", rows, m, torch.bfloat16, a.device)[:c].copy_(g)
+            if prescaled and not folded:
+                g.mul_(s_num)
+            # a copy, not a bf16 out= of G's last op: PyTorch computes such an op into a fresh float32
+            # temporary and casts it over (4096 page faults a call at 2048 x 2048)
+            g_lp = _chunk_buffer("g_lp", rows, m, torch.bfloat16, a.device)[:c].copy_(g)
             if bf16_out:
                 torch.mm(g_lp, b, out=gb[rs])
             else:
