@@ -293,7 +293,7 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     scale = _check_scale(FN, scale, q.shape[-1])
     num_splits = _check_num_splits(num_splits)
     group_rows = q.shape[1] // k_cache.shape[1] * q.shape[2]
-    impl = resolve_impl(FN, impl, q.device, _why_not(q.device, q.dtype, q.shape[-1], group_rows))
+    impl = resolve_impl(FN, impl, q.device, lambda: _why_not(q.device, q.dtype, q.shape[-1], group_rows))
     if cache_seqlens.dtype != torch.int32:
         cache_seqlens = cache_seqlens.to(torch.int32)
     if block_table is not None and block_table.dtype != torch.int32:

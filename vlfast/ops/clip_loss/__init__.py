@@ -263,7 +263,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[
     reduction: "mean" (over the N rows; for sigmoid, the row sums / N as open_clip), "sum", or
     "none" (N,) per row: softmax gives (row_i + col_i) / 2 when symmetric, sigmoid the row's sum.
     The result is float32 (float64 for float64 features).
-    impl: "auto" | "reference" | "triton" | "cuda"; an explicit choice raises if it cannot run.
+    impl: "auto" | "reference" | "torch" | "triton" | "cuda"; an explicit choice raises if it cannot run.
     """
     _check_features(image_features, text_features)
     n, m = image_features.shape[0], text_features.shape[0]
@@ -272,7 +272,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[
     dtype = image_features.dtype
     scale = _as_scalar_tensor("logit_scale", logit_scale, device, dtype)
     bias = None if logit_bias is None else _as_scalar_tensor("logit_bias", logit_bias, device, dtype)
-    impl = resolve_impl("clip_loss", impl, device, _why_not(device, dtype))
+    impl = resolve_impl("clip_loss", impl, device, lambda: _why_not(device, dtype))
     loss = _losses(image_features, text_features, scale, bias, kind, bool(symmetric) and kind == "softmax", offset,
                    impl)
     if reduction == "mean":

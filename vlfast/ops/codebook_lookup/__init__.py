@@ -100,11 +100,11 @@ def codebook_lookup(z: Tensor, codebook: Tensor, *, metric: str = "l2", impl: st
     = 1 - cos (a zero vector has cosine 0 with every code, so a zero row picks code 0).
     distances are float32, computed in float64 from the chosen code. Neither output carries a gradient.
     z and codebook: one dtype (float16, bfloat16, float32; float64 on impl="reference"), one device, any
-    strides. Non-finite values raise ValueError. impl: "auto" | "reference" | "triton" | "cuda"; an
+    strides. Non-finite values raise ValueError. impl: "auto" | "reference" | "torch" | "triton" | "cuda"; an
     explicit choice raises if it cannot run.
     """
     _check_inputs(z, codebook, metric)
-    impl = resolve_impl("codebook_lookup", impl, z.device, _why_not(z.device, z.dtype))
+    impl = resolve_impl("codebook_lookup", impl, z.device, lambda: _why_not(z.device, z.dtype))
     lead = z.shape[:-1]
     z, codebook = z.detach().reshape(-1, z.shape[-1]), codebook.detach()
     # plain eager calls skip the op boundary (vlfast._dispatch.op_bodies_may_run_directly)

@@ -236,11 +236,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     as c * tanh(z / c) first, z_loss adds z_loss * logsumexp(z)**2 per row (PaLM). Gradients flow to
     hidden, weight and bias. reduction "mean" over zero non-ignored rows is NaN (as PyTorch); "none"
     returns (N,) with 0 on ignored rows. The result is float32 (float64 for float64 inputs).
-    impl: "auto" | "reference" | "triton"; an explicit choice raises if it cannot run.
+    impl: "auto" | "reference" | "torch" | "triton"; an explicit choice raises if it cannot run.
     """
     _check_inputs(hidden, weight, targets, bias)
     softcap = _check_options(reduction, label_smoothing, logit_softcap, z_loss, ignore_index)
-    impl = resolve_impl("linear_cross_entropy", impl, hidden.device, _why_not(hidden.device, hidden.dtype))
+    impl = resolve_impl("linear_cross_entropy", impl, hidden.device, lambda: _why_not(hidden.device, hidden.dtype))
     loss, *_ = linear_cross_entropy_forward(hidden, weight, targets.long(), bias, ignore_index, float(label_smoothing),
                                             softcap, float(z_loss), reduction, impl, _needs_grad(hidden),
                                             _needs_grad(weight), _needs_grad(bias))

@@ -88,7 +88,7 @@ def similarity_topk(queries: Tensor, keys: Tensor, k: int, *, metric: str = "ip"
     bfloat16 and float32 on a GPU); an explicit choice raises if it cannot run.
     """
     _check(queries, keys, k, metric, key_block)
-    impl = resolve_impl("similarity_topk", impl, queries.device, _why_not(queries.device, queries.dtype))
+    impl = resolve_impl("similarity_topk", impl, queries.device, lambda: _why_not(queries.device, queries.dtype))
     queries, keys = _unit_feature_stride(queries), _unit_feature_stride(keys)
     if queries.shape[0] == 0:
         return (torch.empty(0, k, dtype=torch.int64, device=queries.device),
