@@ -74,3 +74,17 @@ def test_impl_choice_names_the_variable(monkeypatch):
     monkeypatch.setenv("VLFAST_IMPL", "fastest")
     with pytest.raises(ValueError, match="environment variable VLFAST_IMPL must be one of .*got 'fastest'"):
         vlfast.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0)
+
+
+def test_a_variable_is_read_as_os_environ_holds_it_now(monkeypatch):
+    """_raw answers an unset name from os.environ's own mapping: setting, changing and deleting the variable
+    through os.environ (as monkeypatch does) shows at the next read; values are stripped."""
+    from vlfast import _env
+    monkeypatch.delenv("VLFAST_TEST_VAR", raising=False)
+    assert _env._raw("VLFAST_TEST_VAR") == ""
+    monkeypatch.setenv("VLFAST_TEST_VAR", " torch ")
+    assert _env._raw("VLFAST_TEST_VAR") == "torch"
+    monkeypatch.setenv("VLFAST_TEST_VAR", "reference")
+    assert _env._raw("VLFAST_TEST_VAR") == "reference"
+    monkeypatch.delenv("VLFAST_TEST_VAR")
+    assert _env._raw("VLFAST_TEST_VAR") == ""

@@ -16,6 +16,7 @@ import torch
 from . import _env
 
 IMPLS = ("reference", "torch", "triton", "cuda")
+_CHOICES = ("auto",) + IMPLS
 _AUTO_ORDER = ("cuda", "triton", "torch", "reference")
 
 # Ops for which impl="auto" takes the CUDA extension (where it can run) ahead of Triton. An op goes
@@ -37,10 +38,10 @@ class ImplUnavailableError(RuntimeError):
 
 def requested_impl(impl: str) -> str:
     """The caller's choice, with "auto" replaced by VLFAST_IMPL when that is set."""
-    if impl not in ("auto",) + IMPLS:
-        raise ValueError(f"impl must be one of {('auto',) + IMPLS}, got {impl!r}")
+    if impl not in _CHOICES:
+        raise ValueError(f"impl must be one of {_CHOICES}, got {impl!r}")
     if impl == "auto":
-        impl = _env.choice("VLFAST_IMPL", ("auto",) + IMPLS, "auto")
+        impl = _env.choice("VLFAST_IMPL", _CHOICES, "auto")
     return impl
 
 
