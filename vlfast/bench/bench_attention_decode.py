@@ -5,7 +5,8 @@
 Each case is one new query per sequence at the end of a full cache of L tokens (B x L x Hq/Hkv x D).
 Memory-bound: the rows report GB/s of cache read, 2 B L Hkv D bytes per element size, over the time
 (on a GPU do_bench flushes the L2 between calls). vlfast reads a paged cache where the case says so;
-the peers read the same keys contiguous. Peers (each only where it imports; the summary lists the rest):
+sdpa reads the same keys contiguous, sdpa[gathered pages] gathers them from the pages first. Peers (each
+only where it imports; the summary lists the rest):
   sdpa                F.scaled_dot_product_attention(enable_gqa=True), a dense boolean mask for DALL-E,
                       on the contiguous cache (the bandwidth bar); on a paged case it is named
                       sdpa[contiguous cache] and is a bar only (Contender.bar): it does not read pages
