@@ -56,3 +56,16 @@ def addmm_f32_(acc: Tensor, x: Tensor, y: Tensor) -> None:
         torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
     else:
         acc += mm_f32(x, y)
+
+
+def ieee_fp32_gemms(device: torch.device) -> bool:
+    """True when PyTorch runs float32 matrix products on `device` in IEEE float32, as the certified paths'
+    error bounds assume; False where a setting lets it drop precision (TF32, oneDNN's bf16 / tf32 modes:
+    torch.backends.<backend>.matmul.fp32_precision, or torch.set_float32_matmul_precision, which sets
+    it). The backend's own setting is read where this torch has it: the legacy getter raises once the
+    new API has been used."""
+    backend = torch.backends.cuda if device.type == "cuda" else getattr(torch.backends, "mkldnn", None)
+    precision = getattr(getattr(backend, "matmul", None), "fp32_precision", None)
+    if precision is not None:
+        return precision in ("none", "ieee")
+    return torch.get_float32_matmul_precision() == "highest"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import vlfast
-from vlfast.ops.codebook_lookup import torch_impl
+from vlfast.ops.codebook_lookup import certify, torch_impl
 
 from .codebook_lookup_cases import assert_exact, planted_near_ties, random_case
 
@@ -253,3 +253,23 @@ def test_rescore_from_the_scan_is_the_exact_argmin(dtype, metric):
     assert torch.equal(got, reference.exact_indices(z, e, metric, rows))
     if metric == "l2":
         assert got[-1] == 3
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("d", [64, 1000])
+def test_scan_scores_are_within_the_dot_error_bound(metric, d):
+    """Every float32 score of the scan's GEMM is within dot_error(terms) * sum_k |z_k c_k| of the float64
+    product of the same float32 operands (the bound score_error builds on), for features of mixed scales
+    and signs: it holds for the GEMM PyTorch runs here, in whatever order it sums."""
+    g = torch.Generator().manual_seed(d)
+    z = torch.randn(300, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
+    e = torch.randn(200, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
+    terms = certify.codebook_terms(e, metric)
+    l2 = metric == "l2"
+    codes = torch_impl._codes(e, terms["alpha"], terms["beta"], l2, False)
+    rows = torch.cat([z, torch.ones(z.shape[0], 1)], dim=1) if l2 else z
+    scores = torch_impl._scores(rows, codes, terms["alpha"], terms["beta"], l2, False, torch.empty(300, 200))
+    exact = rows.double() @ codes.double().T
+    bound = torch_impl.dot_error(rows.shape[1]) * (rows.double().abs() @ codes.double().abs().T)
+    assert ((scores.double() - exact).abs() <= bound).all()
+    assert (scores.double() != exact).any()  # rounded in float32: there is an error to bound

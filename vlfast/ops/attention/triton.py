@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ... import _scratch
 from ..._backends import triton_interpreting
+from ..._gemm import ieee_fp32_gemms
 from . import blocks, tuning
 
 try:  # host-side TMA descriptors: triton >= 3.4 (the H200's 3.6 and this machine's 3.9 have them)
@@ -440,7 +441,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, a_desc, b_desc, qk_scale, s
 
 def _precision(dtype: torch.dtype) -> str:
     # float32 follows PyTorch's own matmul setting: exact unless the user allowed TF32.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and ieee_fp32_gemms(torch.device("cuda")):
         return "ieee"
     return "tf32"
 

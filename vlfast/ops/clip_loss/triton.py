@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..._backends import triton_interpreting
+from ..._gemm import ieee_fp32_gemms
 from ..._launch_configs import KernelConfigs, chosen
 from . import partials
 
@@ -244,7 +245,7 @@ def _logit_grad_kernel(a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, stats_ptr, em_p
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 follows PyTorch's own matmul setting: exact unless the user allowed TF32.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and ieee_fp32_gemms(torch.device("cuda")):
         return "ieee"
     return "tf32"
 

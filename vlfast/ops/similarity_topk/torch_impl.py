@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ... import _workspace
+from ..._gemm import ieee_fp32_gemms
 from . import reference
 
 CHUNK_ELEMENTS = 1 << 22  # float32 scores per block (16 MiB)
@@ -161,6 +162,8 @@ def exact_among(q: Tensor, keys: Tensor, row: Tensor, col: Tensor, k: int, metri
 
 def similarity_topk(q: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
     """(indices (N, k) int64, scores (N, k) float64), exactly reference.similarity_topk's."""
+    if not ieee_fp32_gemms(q.device):  # TF32 / bf16 GEMMs allowed: the filter's float32 bound does not hold
+        return reference.similarity_topk(q, keys, k, metric)
     n, m = q.shape[0], keys.shape[0]
     index = torch.empty(n, k, dtype=torch.int64, device=q.device)
     score = torch.empty(n, k, dtype=torch.float64, device=q.device)
