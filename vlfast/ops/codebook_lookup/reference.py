@@ -144,6 +144,9 @@ def _chosen_distances_cpu(z: Tensor, e: Tensor, index: Tensor, metric: str, step
         dot = torch.cumsum(torch.mul(zc, ec, out=pc), 1, out=sc)[:, -1].clone()
         norm_e = torch.cumsum(ec.mul_(ec), 1, out=sc)[:, -1].sqrt()
         norm_z = torch.cumsum(zc.mul_(zc), 1, out=sc)[:, -1].sqrt()
+        if min(norm_e.min().item(), norm_z.min().item()) > 0:  # no zero row or code: the where()s pick
+            out[r0:r1] = dot.neg_().div_(norm_e).div_(norm_z).add_(1.0)  # these operations (~10 ops fewer)
+            continue
         value = torch.where(norm_e > 0, -dot / torch.where(norm_e > 0, norm_e, 1.0), 0.0)
         out[r0:r1] = torch.where(norm_z > 0, 1.0 + value / torch.where(norm_z > 0, norm_z, 1.0), 1.0)
     return out
