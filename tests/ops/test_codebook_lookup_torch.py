@@ -273,3 +273,20 @@ def test_scan_scores_are_within_the_dot_error_bound(metric, d):
     bound = torch_impl.dot_error(rows.shape[1]) * (rows.double().abs() @ codes.double().abs().T)
     assert ((scores.double() - exact).abs() <= bound).all()
     assert (scores.double() != exact).any()  # rounded in float32: there is an error to bound
+
+
+def test_row_norm_bounds_bound_the_float64_norms():
+    """certify.row_norm_bounds (float32 rows on a CPU) is at least each row's norm in float64, tightly for
+    ordinary rows; rows of subnormal or tiny values whose squares flush, rows near float32's limits, and
+    zero rows included; a row whose squares overflow float32 gets inf (never certified)."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(64, generator=g) * 10 ** float(p) for p in range(-30, 19, 4)]
+    rows += [torch.full((64,), 1e-40), torch.full((64,), 3e-39), torch.zeros(64), torch.full((64,), 1e-20),
+             torch.cat([torch.full((32,), 1e-25), torch.randn(32, generator=g) * 1e-18])]
+    x = torch.stack(rows)
+    exact = x.double().norm(dim=1)
+    bound = certify.row_norm_bounds(x)
+    assert (bound >= exact).all()
+    ordinary = exact > 1e-15
+    assert (bound[ordinary] <= exact[ordinary] * (1 + 1e-4)).all()
+    assert certify.row_norm_bounds(torch.full((2, 64), 1e20)).isinf().all()

@@ -90,6 +90,22 @@ def row_norms64(x: Tensor, name: str) -> Tensor:
     return out
 
 
+def row_norm_bounds(x: Tensor) -> Tensor:
+    """(R,) float64 upper bounds on the norms of x's rows (R, D), for score_error, whose terms only grow
+    with them. float32 rows on a CPU: from torch's float32 norm n, whose sum S~ of the squares (in any
+    order and precision) meets S <= (S~ + 2 D 2^-126)(1 + 2 gamma_(D+1)) (each square and each addition
+    rounds once, or flushes at most 2^-126), and S~ <= n^2 (1 + 4u) (n rounded once from sqrt(S~)): so
+    |x| <= sqrt((n^2 (1 + 4u) + 2 D 2^-126)(1 + 2 gamma_(D+1))), raised by 2^-50 for these float64 ops. A
+    sum past float32's range gives inf: eps = inf, and the row is re-scored. (~0.03 ms at 2048 x 64,
+    against ~0.13 for row_norms64 in a lookup.) Elsewhere row_norms64's float64 norms."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
+        return row_norms64(x, "row_norms")
+    d = x.shape[1]
+    gamma = (d + 1) * U32 / (1 - (d + 1) * U32)
+    n = torch.linalg.vector_norm(x, dim=1).double()
+    return n.square_().mul_(1 + 4 * U32).add_(2 * d * 2.0 ** -126).mul_(1 + 2 * gamma).sqrt_().mul_(1 + 2.0 ** -50)
+
+
 def codebook_terms(e: Tensor, metric: str) -> dict:
     """alpha, beta (K,) fp32 for the scan, and float64 0-d E = max ||e_j||, max |alpha|, all-finite flag."""
     norm = row_norms64(e, "codebook_norms")
@@ -164,7 +180,7 @@ def lookup(z: Tensor, e: Tensor, metric: str, scan: Scan, distances: Distances, 
     """
     terms = codebook_terms(e, metric)
     best, second, index = scan(z, e, terms["alpha"], terms["beta"])
-    norm_z = row_norms64(z, "row_norms")
+    norm_z = row_norm_bounds(z)
     eps = score_error(norm_z, terms, z.shape[1], c, metric, products, beta_in_dot)
     uncertain = ~certain_rows(best, second, eps)
     count, finite = torch.stack([uncertain.sum(), terms["finite"].long()]).tolist()
