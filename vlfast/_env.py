@@ -20,7 +20,7 @@ def _raw(name: str) -> str:
     # name by raising and catching KeyError twice: ~1 us, several when caches are cold after a kernel.
     # CPython's os.environ keeps the encoded mapping it reads in _data: ask it first (where it exists).
     data = getattr(os.environ, "_data", None)
-    if isinstance(data, dict) and _encoded(name) not in data:
+    if isinstance(data, dict) and hasattr(os.environ, "encodekey") and _encoded(name) not in data:
         return ""
     return os.environ.get(name, "").strip()
 
