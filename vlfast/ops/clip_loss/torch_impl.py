@@ -35,7 +35,6 @@ from .reference import compute_dtype
 # Elements of one chunk buffer (16 MiB at float32); tests shrink it to force several chunks.
 CHUNK_ELEMENTS = 1 << 22
 
-# Column sums come from row-shifted exponentials: exp(t_ij - top) = exp(t_ij - h_i) * exp(h_i - top).
 # bfloat16 features: from this many logits on, d_a comes from a bf16-output GEMM of the bf16-rounded s G
 # (half the time of a float32-output one: 2048 x 2048 x 512, 1.5 against 3.0 ms), and d_scale = <a, d_a> / s
 # sees both roundings, sums of N x M and N x D independent errors that average out at such sizes
@@ -43,6 +42,7 @@ CHUNK_ELEMENTS = 1 << 22
 # PyTorch's error): below it, d_a is the float32 GEMM of the float32 G.
 BF16_OUT_MIN_LOGITS = 1 << 20
 
+# Column sums come from row-shifted exponentials: exp(t_ij - top) = exp(t_ij - h_i) * exp(h_i - top).
 # When every column's log-sum-exp is within this many nats of top, a factor that underflows stands
 # for a term below e^-47 of the column's, nothing next to the ones kept. Past it (a text far from
 # every image) the column is exponentiated on its own.
