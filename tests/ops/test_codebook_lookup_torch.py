@@ -94,11 +94,16 @@ def test_non_finite_input_raises():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_row_norms_in_chunks_give_vector_norms_bits(dtype, monkeypatch):
-    """certify.row_norms64 converts rows in scratch chunks on a CPU (uneven last chunk): the bits of
-    vector_norm over a float64 copy; a row with inf or NaN has a non-finite norm (the finite flag)."""
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunks", "direct"])
+def test_row_norms_in_chunks_give_vector_norms_bits(dtype, chunked, monkeypatch):
+    """certify.row_norms64 converts rows in scratch chunks on a CPU (uneven last chunk), or reads short
+    rows directly: the bits of vector_norm over a float64 copy; a row with inf or NaN has a non-finite
+    norm (the finite flag)."""
     from vlfast.ops.codebook_lookup import certify
-    monkeypatch.setattr(certify, "NORM_CHUNK_ELEMENTS", 7 * 40)  # chunks of 7 rows of 40
+    if chunked:
+        monkeypatch.setattr(certify, "NORM_CHUNK_ELEMENTS", 7 * 40)  # chunks of 7 rows of 40
+    else:
+        monkeypatch.setattr(certify, "DIRECT_NORM_MAX_D", 40)
     x = (torch.randn(97, 40, dtype=torch.float64) * 30).to(dtype)
     want = torch.linalg.vector_norm(x.double(), dim=1)
     assert torch.equal(certify.row_norms64(x, "test"), want)
@@ -152,7 +157,7 @@ def test_chosen_distances_are_the_definitions_bits(dtype, metric, monkeypatch):
     """The CPU distances (scratch buffers, chunks of rows) give spec_distances' bits, rounded once to
     float32: zero rows and codes included, over several chunks and a short last one."""
     from vlfast.ops.codebook_lookup import reference
-    monkeypatch.setattr(reference, "PAIR_CHUNK_ELEMENTS", 7 * 37)
+    monkeypatch.setattr(reference, "CPU_PAIR_CHUNK_ELEMENTS", 7 * 37)
     g = torch.Generator().manual_seed(3)
     z = (torch.randn(53, 37, generator=g) * 5 + 2).to(dtype)
     e = torch.randn(11, 37, generator=g).to(dtype)
@@ -194,7 +199,7 @@ def test_scan_scores_lie_within_the_certified_error(dtype, metric, offset):
     from vlfast.ops.codebook_lookup import certify
     z, e = random_case(700, 300, 48, dtype, offset=offset)
     terms = certify.codebook_terms(e, metric)
-    best, second, index = torch_impl._scan(z, e, terms["alpha"], terms["beta"])
+    best, second, index = torch_impl._scan(z, e, terms["alpha"], terms["beta"], metric=metric)
     in_dot = metric == "l2" and dtype != torch.bfloat16
     eps = certify.score_error(torch.linalg.vector_norm(z, dim=1, dtype=torch.float64), terms, z.shape[1],
                               torch_impl.dot_error(z.shape[1] + in_dot), metric, beta_in_dot=in_dot)
@@ -242,7 +247,7 @@ def test_rescore_from_the_scan_is_the_exact_argmin(dtype, metric):
     z = torch.cat([z, e[3:4]])
     terms = certify.codebook_terms(e, metric)
     held = {}
-    torch_impl._scan(z, e, terms["alpha"], terms["beta"], held)
+    torch_impl._scan(z, e, terms["alpha"], terms["beta"], metric=metric, held=held)
     beta_in_dot = metric == "l2" and dtype != torch.bfloat16
     norm_z = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
     eps = certify.score_error(norm_z, terms, z.shape[1], torch_impl.dot_error(z.shape[1] + beta_in_dot), metric,
@@ -290,3 +295,51 @@ def test_row_norm_bounds_bound_the_float64_norms():
     ordinary = exact > 1e-15
     assert (bound[ordinary] <= exact[ordinary] * (1 + 1e-4)).all()
     assert certify.row_norm_bounds(torch.full((2, 64), 1e20)).isinf().all()
+
+
+def _score_error_by_terms(norm_z, terms, d, c, metric, products, beta_in_dot):
+    """certify.score_error's bound written term by term as its docstring derives it (float64)."""
+    import math
+    u, big_e, q = 2.0 ** -24, terms["max_norm"], (d + 3) * 2.0 ** -52
+    if metric == "l2":
+        relative = (2 * c + 4 * u) * norm_z * big_e + (4 * u + c * beta_in_dot) * big_e ** 2
+        definition, scale = q * (norm_z + big_e) ** 2, 2.0
+        peak = big_e ** 2 + 2 * norm_z * big_e * (1 + c)
+    else:
+        relative, definition, scale = (c + 4 * u) * norm_z, q * norm_z, terms["max_alpha"]
+        peak = torch.maximum(torch.maximum(norm_z * big_e, norm_z), torch.maximum(scale, big_e))
+    tiny = 2.0 ** -126 * scale * ((2 * products * d + 4) + products * math.sqrt(d) * (norm_z + big_e))
+    eps = certify.SAFETY * (relative + definition + tiny)
+    return torch.where(peak < certify.OVERFLOW, eps, float("inf"))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("products,beta_in_dot", [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("e_scale", [1e-30, 1e-3, 1.0, 1e3, 1e17, 1e30])
+@pytest.mark.parametrize("host", [True, False], ids=["floats", "tensors"])
+def test_score_error_is_the_derivations_bound(metric, products, beta_in_dot, e_scale, host, monkeypatch):
+    """score_error's folded coefficients give the term-by-term bound (to float64 rounding), with inf for
+    exactly the rows whose scores could overflow, and for NaN / inf norms; from host floats (CPU terms)
+    and from 0-d tensors (as on a GPU, where reading them would sync)."""
+    if metric == "cosine" and beta_in_dot:
+        pytest.skip("beta_in_dot is the l2 scan's")
+    if not host:
+        monkeypatch.setattr(certify, "_on_host", lambda x: x)
+    g = torch.Generator().manual_seed(11)
+    e = (torch.randn(37, 24, generator=g, dtype=torch.float64) * e_scale).float()
+    e[5] = 0.0
+    if e_scale == 1e-30:
+        e[7:] = 0.0
+    terms = certify.codebook_terms(e, metric)
+    norm_z = torch.cat([torch.tensor([0.0, 2.0 ** -140, float("inf"), float("nan"), 2.0 ** 126, 2.0 ** 125]),
+                        10.0 ** (torch.rand(200, generator=g, dtype=torch.float64) * 80 - 40)])
+    c = torch_impl.dot_error(25)
+    got = certify.score_error(norm_z, terms, 24, c, metric, products, beta_in_dot)
+    want = _score_error_by_terms(norm_z, terms, 24, c, metric, products, beta_in_dot)
+    assert torch.equal(got.isinf(), want.isinf() | norm_z.isnan())
+    finite = want.isfinite()
+    if metric == "l2" and e_scale == 1e30:  # ||e||^2 alone is past OVERFLOW
+        assert not finite.any()
+        return
+    assert finite.sum() > 100
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-14, atol=0)

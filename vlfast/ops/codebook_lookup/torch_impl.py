@@ -63,26 +63,31 @@ def _best_two(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return _workspace.buffer(f"codebook_lookup.best_two.{name}", numel, dtype, scores.device)
 
     by_lane = scores[:, :groups * lanes].view(r, groups, lanes)
-    lane_min = scratch("lane_min", r * (lanes + tail)).view(r, lanes + tail)
+    # one row of scratch per score row: the lanes' minima, then the winning lane's codes, so that one
+    # scatter and one minimum give the second best of both
+    width = lanes + tail
+    pool = scratch("pool", r * (width + groups)).view(r, width + groups)
+    lane_min, inside = pool[:, :width], pool[:, width:]
     torch.amin(by_lane, dim=1, out=lane_min[:, :lanes])
     if tail:
         lane_min[:, lanes:] = scores[:, groups * lanes:]
-    lane_best, lane = scratch("lane_best", r), scratch("lane", r, torch.int64)
+    # each row's winners: the lane (column 0) and the code inside it (column 1, as a place in pool)
+    winners = scratch("winners", r * 2, torch.int64).view(r, 2)
+    lane_best, lane = scratch("lane_best", r), winners[:, 0]
     torch.min(lane_min, dim=1, out=(lane_best, lane))  # min with indices runs faster than argmin on a CPU
     # the winning lane's codes (a tail winner reads lane LANES - 1 instead: real codes, not the winner)
-    inside = scratch("inside", r * groups).view(r, groups, 1)
-    torch.gather(by_lane, 2, lane.clamp(max=lanes - 1).view(r, 1, 1).expand(r, groups, 1), out=inside)
-    inside = inside.view(r, groups)
+    winner = lane.clamp(max=lanes - 1) if tail else lane
+    torch.gather(by_lane, 2, winner.view(r, 1, 1).expand(r, groups, 1), out=inside.view(r, groups, 1))
     best, at = inside.min(dim=1)
-    index = at * lanes + lane
+    index = torch.add(lane, at, alpha=lanes)
     if tail:
         in_tail = lane >= lanes
         best = torch.where(in_tail, lane_best, best)
         index = torch.where(in_tail, lane + (groups - 1) * lanes, index)
     # every code but the winner: the other lanes' minima and the gathered lane's other codes (for a tail
     # winner, lane LANES - 1's minimum is among the former and its second among the latter)
-    second = torch.minimum(lane_min.scatter_(1, lane[:, None], float("inf")).amin(dim=1),
-                           inside.scatter_(1, at[:, None], float("inf")).amin(dim=1))
+    torch.add(at, width, out=winners[:, 1])
+    second = pool.scatter_(1, winners, float("inf")).amin(dim=1)
     return best, second, index
 
 
@@ -118,19 +123,17 @@ def _scores(rows: Tensor, codes: Tensor, alpha: Tensor, beta: Tensor, l2: bool, 
     return scores.add_(beta) if l2 else scores.mul_(alpha)
 
 
-def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor,
+def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor, *, metric: str,
           held: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """best (N,) fp32, second (N,) fp32 (inf when K = 1), index (N,) of s = alpha_j <z_i, e_j> + beta_j;
-    held: a dict that gets the GEMM's operand and form ("codes", "l2") for _rescore."""
+    """best (N,) fp32, second (N,) fp32 (inf when K = 1), index (N,) of s = alpha_j <z_i, e_j> + beta_j
+    (certify.codebook_terms' alpha and beta for `metric`); held: a dict that gets the GEMM's operand and
+    form ("codes", "l2") for _rescore."""
     n, (k, d) = z.shape[0], e.shape
-    l2 = bool((alpha == -2).all())
+    l2 = metric == "l2"
     bf16 = z.dtype == torch.bfloat16
     codes = _codes(e, alpha, beta, l2, bf16)
     if held is not None:
         held.update(codes=codes, l2=l2)
-    best = torch.empty(n, dtype=torch.float32, device=z.device)
-    second = torch.empty(n, dtype=torch.float32, device=z.device)
-    index = torch.empty(n, dtype=torch.int64, device=z.device)
     step = max(1, CHUNK_ELEMENTS // max(1, k))
     # kept between calls (vlfast._workspace): a fresh 16 MiB chunk cost ~4 ms of page faults a call
     buf = _workspace.matrix("codebook_lookup.scores", min(step, n), k, torch.float32, z.device)
@@ -138,16 +141,24 @@ def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor,
     if l2 and not bf16:  # [z, 1] per chunk
         rows_in = _workspace.matrix("codebook_lookup.rows", min(step, n), d + 1, torch.float32, z.device)
         rows_in[:, d] = 1.0
-    for r0 in range(0, n, step):
-        c = min(step, n - r0)
+
+    def best_two(r0: int, c: int) -> tuple[Tensor, Tensor, Tensor]:
         if rows_in is not None:
             zc = rows_in[:c]
             zc[:, :d] = z[r0:r0 + c]
         else:
             zc = z[r0:r0 + c].float()
-        scores = _scores(zc, codes, alpha, beta, l2, bf16, buf[:c])
+        return _best_two(_scores(zc, codes, alpha, beta, l2, bf16, buf[:c]))
+
+    if n <= step:  # one chunk: _best_two's results (fresh tensors) are the outputs
+        return best_two(0, n)
+    best = torch.empty(n, dtype=torch.float32, device=z.device)
+    second = torch.empty(n, dtype=torch.float32, device=z.device)
+    index = torch.empty(n, dtype=torch.int64, device=z.device)
+    for r0 in range(0, n, step):
+        c = min(step, n - r0)
         rows = slice(r0, r0 + c)
-        best[rows], second[rows], index[rows] = _best_two(scores)
+        best[rows], second[rows], index[rows] = best_two(r0, c)
     return best, second, index
 
 
@@ -189,7 +200,7 @@ def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
         return reference.lookup(z, e, metric)
     beta_in_dot = metric == "l2" and z.dtype != torch.bfloat16  # _scan's GEMM sums D + 1 terms
     held = {}  # the scan's GEMM operand, for the rescore of the uncertain rows
-    index, dist, _ = certify.lookup(z, e, metric, functools.partial(_scan, held=held), reference.chosen_distances,
+    index, dist, _ = certify.lookup(z, e, metric, functools.partial(_scan, metric=metric, held=held), reference.chosen_distances,
                                     dot_error(z.shape[1] + beta_in_dot), beta_in_dot=beta_in_dot,
                                     rescore=functools.partial(_rescore, held=held))
     return index, dist
