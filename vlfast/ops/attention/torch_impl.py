@@ -46,7 +46,10 @@ BLOCK = 128  # queries / keys per block of the generic plan
 # 0.84 / 1.12, bf16 0.29 / 1.78 vs 0.82 / 4.74; image prefix 4x505x505 fp32 even; DALL-E row
 # 8x1280x1280 fp32 15.6 / 36.3 vs 5.9 / 12.8, bf16 9.4 / 40.0 vs 5.2 / 29.7).
 DENSE_MAX_PAIRS = 640 * 640
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+# The kernel through its C++ binding where this torch has one: ~2 us a call less than torch.ops' Python
+# packet (the backward has no such binding)
+_FLASH = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None) or \
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _PLANS = MaskCache()
 

@@ -15,10 +15,10 @@ from torch import Tensor
 
 from ... import _workspace
 from ...masks import Mask
+from ..attention.torch_impl import _FLASH
 from ..mask_cache import MaskCache
 from .reference import capacity, compute_dtype
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # Gather the kept keys when fewer than this fraction of them are kept (the copy costs a fraction of a pass).
 SKIP_BELOW = 0.75
 # A mask that keeps the same pairs in every row gets its (S_max, S_max) bias built once, up to this S_max.
