@@ -309,6 +309,29 @@ def test_elements_reads_each_distinct_element_once():
     assert torch_impl._elements(x.view(-1).as_strided((3, 4), (2, 1))) is None  # overlapping
 
 
+def _fused_qkv(b: int, s: int, h: int, d: int, dtype=torch.float32):
+    """q, k, v (B, H, S, D) as vlfast.nn.SelfAttention makes them: views split from one projection."""
+    qkv = torch.randn(b, s, 3 * h * d, dtype=dtype)
+    return qkv, tuple(t.view(b, s, h, d).transpose(1, 2) for t in qkv.split([h * d] * 3, dim=-1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_views_of_one_projection_are_checked_in_one_pass(bad, where):
+    """q, k and v split from one fused projection: the guard reads the projection once (each view alone
+    has gaps); a bad value in any of the three is still found, and the call gives the reference's NaN
+    pattern. Views that do not make up their base together are read one by one."""
+    qkv, (q, k, v) = _fused_qkv(2, 19, 3, 8)
+    assert torch_impl._one_base((q, k, v))[0] is qkv and torch_impl._finite(q, k, v)
+    assert torch_impl._one_base((q, k)) is None and torch_impl._one_base((q,)) is None
+    dict(q=q, k=k, v=v)[where][1, 2, 11, 5] = bad
+    assert not torch_impl._finite(q, k, v)
+    with torch.no_grad():
+        got = attention(q, k, v, mask=M.causal(), impl="torch")
+        want = attention(q.double(), k.double(), v.double(), mask=M.causal(), impl="reference")
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+
+
 def test_finite_inputs_whose_squares_overflow_still_match_the_reference():
     """The guard sums squares: float32 values near 1e20 overflow it although they are finite. Such a call
     takes the reference, whose answer (finite here) is the spec."""
