@@ -24,10 +24,11 @@ exact value certifies against the float64 definition. The whole is multiplied by
 If every other score exceeds the best by more than 2 eps_i, the best is the definition's argmin:
     certain_i = (min(second_i, FLT_MAX) - best_i) / 2 > eps_i   (in float64)
 NaN or infinite quantities (non-finite z, fp32 overflow) make the test false, never true: rows whose
-scores could overflow fp32 get eps = inf (so a finite eps_i also means a finite best_i). The other rows are re-scored exactly by
-reference.exact_indices (float64 GEMM filter + the definition), on the scan's device; a scan that can
-score those rows again in its own arithmetic instead passes lookup a rescore that takes the codes within
-2 eps_i of the row's best as the candidates (the argmin's scan score is within 2 eps_i of the best).
+scores could overflow fp32 get eps = inf (so a finite eps_i also means a finite best_i). The other rows
+are re-scored exactly by reference.exact_indices (float64 GEMM filter + the definition), on the scan's
+device; a scan that can score those rows again in its own arithmetic instead passes lookup a rescore
+that takes the codes within 2 eps_i of the row's best as the candidates (the argmin's scan score is
+within 2 eps_i of the best).
 
 The scan's c is a model of the hardware: fp16 / bf16 products are exact in fp32, and the tensor
 cores' fp32 accumulation is taken to err by at most 4 units of 2^-24 per added term (round-toward-zero

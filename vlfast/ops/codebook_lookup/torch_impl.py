@@ -200,7 +200,8 @@ def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
         return reference.lookup(z, e, metric)
     beta_in_dot = metric == "l2" and z.dtype != torch.bfloat16  # _scan's GEMM sums D + 1 terms
     held = {}  # the scan's GEMM operand, for the rescore of the uncertain rows
-    index, dist, _ = certify.lookup(z, e, metric, functools.partial(_scan, metric=metric, held=held), reference.chosen_distances,
-                                    dot_error(z.shape[1] + beta_in_dot), beta_in_dot=beta_in_dot,
+    index, dist, _ = certify.lookup(z, e, metric, functools.partial(_scan, metric=metric, held=held),
+                                    reference.chosen_distances, dot_error(z.shape[1] + beta_in_dot),
+                                    beta_in_dot=beta_in_dot,
                                     rescore=functools.partial(_rescore, held=held))
     return index, dist
