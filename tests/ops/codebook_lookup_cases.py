@@ -64,22 +64,30 @@ def realised_gaps(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return (two[:, 1] - two[:, 0]) / two[:, 0].clamp(min=1e-300)
 
 
+# Elements of one (rows, K, D) block of float64_argmin's cosine products. Not a GEMM: a float64 GEMM's
+# edge kernels may round the last columns' sums differently from the others (seen on a Zen 5 CPU with
+# MKL), so that equal codes score unequally; a sum per pair does every pair the same way.
+COSINE_BLOCK_ELEMENTS = 1 << 22
+
+
 def float64_argmin(z: torch.Tensor, e: torch.Tensor, metric: str, rows: int = 1024) -> torch.Tensor:
     """The nearest code per row (N,) int64 in float64, independent of vlfast: l2 by torch.cdist without the
     matrix-product shortcut (differences, no cancellation), cosine by the largest float64 similarity to the
-    normalised codes (a zero code scores 0); ties go to the lowest index, stated explicitly (not left to argmin)."""
+    normalised codes (a zero code scores 0), each summed on its own; ties go to the lowest index, stated explicitly (not left to argmin)."""
     z64, e64 = z.double(), e.double()
     if metric == "cosine":
         norm = e64.norm(dim=1, keepdim=True)
         e64 = torch.where(norm > 0, e64 / torch.where(norm > 0, norm, 1.0), 0.0)
     codes = torch.arange(e.shape[0], device=z.device)
+    if metric == "cosine":  # products summed per pair, as many pairs as COSINE_BLOCK_ELEMENTS allows
+        rows = max(1, min(rows, COSINE_BLOCK_ELEMENTS // max(1, e64.numel())))
     out = []
     for r0 in range(0, z64.shape[0], rows):
         block = z64[r0:r0 + rows]
         if metric == "l2":
             value = torch.cdist(block, e64, compute_mode="donot_use_mm_for_euclid_dist")
         else:
-            value = -(block @ e64.T)
+            value = -(block[:, None, :] * e64).sum(dim=2)
         best = value.min(dim=1, keepdim=True).values
         out.append(torch.where(value == best, codes, e.shape[0]).min(dim=1).values)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=z.device)
