@@ -23,7 +23,7 @@ def _cdist_argmin(z: torch.Tensor, e: torch.Tensor, metric: str) -> torch.Tensor
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,k,d", [(1, 1, 8), (97, 33, 72), (1025, 300, 64), (5, 1000, 3)])
+@pytest.mark.parametrize("n,k,d", [(1, 1, 8), (97, 33, 72), (1025, 300, 64), (5, 1000, 3), (131, 77, 200)])
 def test_torch_matches_float64(n, k, d, dtype, metric):
     z, e = random_case(n, k, d, dtype)
     index, dist = vlfast.codebook_lookup(z, e, metric=metric, impl="torch")
@@ -31,11 +31,12 @@ def test_torch_matches_float64(n, k, d, dtype, metric):
     assert torch.equal(index, _cdist_argmin(z, e, metric))
 
 
+@pytest.mark.parametrize("d", [64, 160])  # l2's beta as a GEMM feature / as addmm's added matrix
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_planted_near_ties(dtype):
+def test_planted_near_ties(dtype, d):
     """Gaps 1e-2 .. 1e-7 between the two nearest codes: the float32 scan cannot decide the small ones;
     the certified fallback must."""
-    z, e, _ = planted_near_ties(512, 64, dtype)
+    z, e, _ = planted_near_ties(512, d, dtype)
     index, dist = vlfast.codebook_lookup(z, e, impl="torch")
     assert_exact(z, e, "l2", index, dist, f"near ties {dtype}")
     assert torch.equal(index, _cdist_argmin(z, e, "l2"))
@@ -114,19 +115,23 @@ def test_row_norms_in_chunks_give_vector_norms_bits(dtype, chunked, monkeypatch)
         assert not bool(terms["finite"]) and bool(certify.codebook_terms(x, "l2")["finite"])
 
 
+@pytest.mark.parametrize("d", [8, torch_impl.ADDMM_MIN_D])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_scan_operand_is_formed_in_float32(dtype):
-    """The l2 scan's operand [-2 e, beta] is float32 arithmetic on the codes: -2 e in float16 would be
-    -inf past 32768 (the exact re-score would then have to catch every such row)."""
+def test_scan_operand_is_formed_in_float32(dtype, d):
+    """The l2 scan's operand -2 e (with beta as its last feature in the "feature" form) is float32
+    arithmetic on the codes: -2 e in float16 would be -inf past 32768 (the exact re-score would then
+    have to catch every such row)."""
     from vlfast.ops.codebook_lookup import certify
-    e = torch.randn(30, 8, dtype=torch.float64).mul(3e4).clamp(-6e4, 6e4).to(dtype)
+    e = torch.randn(30, d, dtype=torch.float64).mul(3e4).clamp(-6e4, 6e4).to(dtype)
     assert float(e.abs().max()) > 16384
     terms = certify.codebook_terms(e, "l2")
-    bf16 = dtype == torch.bfloat16
-    codes = torch_impl._codes(e, terms["alpha"], terms["beta"], True, bf16)
-    assert torch.equal(codes[:, :8], e.float() * -2)
-    if not bf16:
-        assert torch.equal(codes[:, 8], terms["beta"])
+    form = torch_impl._form("l2", dtype, d)
+    assert form == ("bf16_l2" if dtype == torch.bfloat16 else "feature" if d == 8 else "addmm")
+    codes = torch_impl._codes(e, terms["alpha"], terms["beta"], form)
+    assert torch.equal(codes[:, :d], e.float() * -2)
+    assert codes.shape[1] == d + (form == "feature")
+    if form == "feature":
+        assert torch.equal(codes[:, d], terms["beta"])
 
 
 def test_auto_on_cpu_picks_torch(monkeypatch):
@@ -265,15 +270,19 @@ def test_rescore_from_the_scan_is_the_exact_argmin(dtype, metric):
 def test_scan_scores_are_within_the_dot_error_bound(metric, d):
     """Every float32 score of the scan's GEMM is within dot_error(terms) * sum_k |z_k c_k| of the float64
     product of the same float32 operands (the bound score_error builds on), for features of mixed scales
-    and signs: it holds for the GEMM PyTorch runs here, in whatever order it sums."""
+    and signs: it holds for the GEMM PyTorch runs here, in whatever order it sums. l2 sums beta as one
+    more term, as a feature at D = 64 and as addmm's added matrix at D = 1000."""
     g = torch.Generator().manual_seed(d)
     z = torch.randn(300, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
     e = torch.randn(200, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
     terms = certify.codebook_terms(e, metric)
-    l2 = metric == "l2"
-    codes = torch_impl._codes(e, terms["alpha"], terms["beta"], l2, False)
-    rows = torch.cat([z, torch.ones(z.shape[0], 1)], dim=1) if l2 else z
-    scores = torch_impl._scores(rows, codes, terms["alpha"], terms["beta"], l2, False, torch.empty(300, 200))
+    form = torch_impl._form(metric, torch.float32, d)
+    assert form == ("scaled" if metric == "cosine" else "feature" if d == 64 else "addmm")
+    codes = torch_impl._codes(e, terms["alpha"], terms["beta"], form)
+    rows = torch.cat([z, torch.ones(z.shape[0], 1)], dim=1) if form == "feature" else z
+    scores = torch_impl._scores(rows, codes, terms["alpha"], terms["beta"], form, torch.empty(300, 200))
+    if form == "addmm":  # the same D + 1 terms as the "feature" form's
+        rows, codes = torch.cat([z, torch.ones(z.shape[0], 1)], dim=1), torch.cat([codes, terms["beta"][:, None]], 1)
     exact = rows.double() @ codes.double().T
     bound = torch_impl.dot_error(rows.shape[1]) * (rows.double().abs() @ codes.double().abs().T)
     assert ((scores.double() - exact).abs() <= bound).all()

@@ -1,7 +1,7 @@
 """Exact codebook lookup as a composition of PyTorch's own kernels: impl="torch", the CPU fast path.
 
 A float32 GEMM scan (torch.mm on chunks of rows, the score's constants folded into the GEMM's
-operands; then two row minima) gives each row's best score, its index and the second-best score;
+operands, or l2's beta as addmm's added matrix for deep codes; then two row minima) gives each row's best score, its index and the second-best score;
 certify.py's bound on the scan's error keeps the rows whose gap proves the pick; for the others the
 scan's scores again leave a handful of candidates, scored by the definition in float64 (_rescore).
 bf16 / fp16 inputs are upcast to float32 (their products are then exact); bf16 ones take oneDNN's bf16
@@ -91,54 +91,71 @@ def _best_two(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return best, second, index
 
 
-def _codes(e: Tensor, alpha: Tensor, beta: Tensor, l2: bool, bf16: bool) -> Tensor:
-    """The GEMM's right operand (K, D or D + 1) float32.
+# l2 float32 / float16 from this many features on: beta joins as addmm's added matrix, not as a GEMM
+# feature. One feature more crosses a k-block of the CPU's GEMM at D = 256 (1024 x 4096: 11.3 against
+# 10.1 ms, measured on a Zen 5 core pair), while addmm's pass writing beta into the output first is
+# small next to a GEMM this deep; below it, the extra feature is free and that pass is not.
+ADDMM_MIN_D = 128
 
-    float32 / float16, l2: s = <[z, 1], [-2 e, beta]>, one GEMM over D + 1 features (alpha = -2 folds
-    into the codebook exactly; lookup's error bound counts beta as the extra term): an addmm would
-    first copy beta into every row of the output, a pass as long as the GEMM's own writes.
-    Cosine: s = <z, alpha e>, alpha folded into the codebook (rounded once: the bound is unchanged).
-    bfloat16: the bf16-mode GEMM, then beta added / alpha multiplied in float32 (never rounded to bf16).
+
+def _form(metric: str, dtype: torch.dtype, d: int) -> str:
+    """How _scores forms s = alpha_j <z, e_j> + beta_j: "feature" (l2, one GEMM over [z, 1] and
+    [-2 e, beta]), "addmm" (l2, beta + z @ (-2 e)^T), "bf16_l2" / "bf16_cosine" (the bf16-mode GEMM,
+    then beta added / alpha multiplied in float32) or "scaled" (cosine: z @ (alpha e)^T)."""
+    if dtype == torch.bfloat16:
+        return f"bf16_{metric}"
+    if metric != "l2":
+        return "scaled"
+    return "addmm" if d >= ADDMM_MIN_D else "feature"
+
+
+def _codes(e: Tensor, alpha: Tensor, beta: Tensor, form: str) -> Tensor:
+    """The GEMM's right operand (K, D, or D + 1 for "feature") float32 (see _form).
+
+    "feature": alpha = -2 folds into the codebook exactly and lookup's error bound counts beta as the
+    GEMM's extra term (as it does addmm's added one). Cosine: alpha folded into the codebook (rounded
+    once: the bound is unchanged). bf16: never rounded to bf16 itself.
     Written into a scratch buffer (kept between calls): a fresh one was faulted in on every call.
     """
     k, d = e.shape
-    codes = _workspace.matrix("codebook_lookup.codes", k, d + (l2 and not bf16), torch.float32, e.device)
-    if l2:
+    codes = _workspace.matrix("codebook_lookup.codes", k, d + (form == "feature"), torch.float32, e.device)
+    if form in ("feature", "addmm", "bf16_l2"):
         codes[:, :d].copy_(e).mul_(-2.0)  # in float32: -2 e would overflow float16 past 32768
-        if not bf16:
+        if form == "feature":
             codes[:, d] = beta
-    elif bf16:
+    elif form == "bf16_cosine":
         codes.copy_(e)
     else:
         torch.mul(e, alpha[:, None], out=codes)  # float32 alpha: computed in float32
     return codes
 
 
-def _scores(rows: Tensor, codes: Tensor, alpha: Tensor, beta: Tensor, l2: bool, bf16: bool, out: Tensor) -> Tensor:
-    """s (C, K) float32 into out, for rows (C, D + 1) = [z, 1] (float32 / float16 l2) or z (C, D)."""
-    if not bf16:
+def _scores(rows: Tensor, codes: Tensor, alpha: Tensor, beta: Tensor, form: str, out: Tensor) -> Tensor:
+    """s (C, K) float32 into out, for rows (C, D + 1) = [z, 1] ("feature") or z (C, D) float32."""
+    if form == "addmm":
+        return torch.addmm(beta, rows, codes.T, out=out)
+    if not form.startswith("bf16"):
         return torch.mm(rows, codes.T, out=out)
     with bf16_valued_fp32_gemms(True):  # exact products, float32 sums, float32 result
         scores = torch.mm(rows, codes.T, out=out)
-    return scores.add_(beta) if l2 else scores.mul_(alpha)
+    return scores.add_(beta) if form == "bf16_l2" else scores.mul_(alpha)
 
 
 def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor, *, metric: str,
           held: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor]:
     """best (N,) fp32, second (N,) fp32 (inf when K = 1), index (N,) of s = alpha_j <z_i, e_j> + beta_j
     (certify.codebook_terms' alpha and beta for `metric`); held: a dict that gets the GEMM's operand and
-    form ("codes", "l2") for _rescore."""
+    form ("codes", "form") for _rescore."""
     n, (k, d) = z.shape[0], e.shape
-    l2 = metric == "l2"
-    bf16 = z.dtype == torch.bfloat16
-    codes = _codes(e, alpha, beta, l2, bf16)
+    form = _form(metric, z.dtype, d)
+    codes = _codes(e, alpha, beta, form)
     if held is not None:
-        held.update(codes=codes, l2=l2)
+        held.update(codes=codes, form=form)
     step = max(1, CHUNK_ELEMENTS // max(1, k))
     # kept between calls (vlfast._workspace): a fresh 16 MiB chunk cost ~4 ms of page faults a call
     buf = _workspace.matrix("codebook_lookup.scores", min(step, n), k, torch.float32, z.device)
     rows_in = None
-    if l2 and not bf16:  # [z, 1] per chunk
+    if form == "feature":  # [z, 1] per chunk
         rows_in = _workspace.matrix("codebook_lookup.rows", min(step, n), d + 1, torch.float32, z.device)
         rows_in[:, d] = 1.0
 
@@ -148,7 +165,7 @@ def _scan(z: Tensor, e: Tensor, alpha: Tensor, beta: Tensor, *, metric: str,
             zc[:, :d] = z[r0:r0 + c]
         else:
             zc = z[r0:r0 + c].float()
-        return _best_two(_scores(zc, codes, alpha, beta, l2, bf16, buf[:c]))
+        return _best_two(_scores(zc, codes, alpha, beta, form, buf[:c]))
 
     if n <= step:  # one chunk: _best_two's results (fresh tensors) are the outputs
         return best_two(0, n)
@@ -173,15 +190,15 @@ def _rescore(z: Tensor, e: Tensor, metric: str, rows: Tensor, eps: Tensor, terms
     (its GEMM operand, so that the scores are the scan's own arithmetic)."""
     zr = z[rows]
     reference.check_finite("z", zr, rows)
-    k, bf16 = e.shape[0], z.dtype == torch.bfloat16
-    alpha, beta, codes, l2 = terms["alpha"], terms["beta"], held["codes"], held["l2"]
+    k = e.shape[0]
+    alpha, beta, codes, form = terms["alpha"], terms["beta"], held["codes"], held["form"]
     out = torch.empty(zr.shape[0], dtype=torch.int64, device=z.device)
     step = max(1, CHUNK_ELEMENTS // max(1, k))
     for r0 in range(0, zr.shape[0], step):
         zc = zr[r0:r0 + step]
         rows_in = torch.cat([zc.float(), zc.new_ones(zc.shape[0], 1, dtype=torch.float32)], dim=1) \
-            if l2 and not bf16 else zc.float()
-        scores = _scores(rows_in, codes, alpha, beta, l2, bf16, torch.empty(zc.shape[0], k, device=z.device))
+            if form == "feature" else zc.float()
+        scores = _scores(rows_in, codes, alpha, beta, form, torch.empty(zc.shape[0], k, device=z.device))
         threshold = scores.amin(dim=1).double() + 2 * eps[r0:r0 + step]
         # in float32, rounded up (a float64 comparison converted the whole block first)
         limit = threshold.float()
@@ -198,7 +215,8 @@ def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     if z.dtype == torch.float64 or not ieee_fp32_gemms(z.device):
         # float64 inputs, or float32 GEMMs allowed to drop precision (bf16 / tf32): no float32 bound holds.
         return reference.lookup(z, e, metric)
-    beta_in_dot = metric == "l2" and z.dtype != torch.bfloat16  # _scan's GEMM sums D + 1 terms
+    # _scan's GEMM sums D + 1 terms: beta as a feature or as addmm's added matrix
+    beta_in_dot = _form(metric, z.dtype, z.shape[1]) in ("feature", "addmm")
     held = {}  # the scan's GEMM operand, for the rescore of the uncertain rows
     index, dist, _ = certify.lookup(z, e, metric, functools.partial(_scan, metric=metric, held=held),
                                     reference.chosen_distances, dot_error(z.shape[1] + beta_in_dot),
