@@ -6,11 +6,21 @@ import torch
 import torch.nn.functional as F
 
 import vlfast
+from vlfast import _gemm
 from vlfast.ops.codebook_lookup import certify, torch_impl
 
 from .codebook_lookup_cases import assert_exact, planted_near_ties, random_case
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True, params=_gemm.CPU_FP32_GEMMS)
+def fp32_gemm(request, monkeypatch):
+    """Every test runs with either library under the float32 GEMMs (vlfast._gemm.cpu_fp32_gemm)."""
+    if request.param == "onednn" and not _gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 inner product")
+    monkeypatch.setenv("VLFAST_CPU_FP32_GEMM", request.param)
+    return request.param
 
 
 def _cdist_argmin(z: torch.Tensor, e: torch.Tensor, metric: str) -> torch.Tensor:
@@ -31,7 +41,7 @@ def test_torch_matches_float64(n, k, d, dtype, metric):
     assert torch.equal(index, _cdist_argmin(z, e, metric))
 
 
-@pytest.mark.parametrize("d", [64, 160])  # l2's beta as a GEMM feature / as addmm's added matrix
+@pytest.mark.parametrize("d", [64, 160])  # l2's beta as a GEMM feature / added by the GEMM (BLAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_planted_near_ties(dtype, d):
     """Gaps 1e-2 .. 1e-7 between the two nearest codes: the float32 scan cannot decide the small ones;
@@ -117,7 +127,7 @@ def test_row_norms_in_chunks_give_vector_norms_bits(dtype, chunked, monkeypatch)
 
 @pytest.mark.parametrize("d", [8, torch_impl.ADDMM_MIN_D])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_scan_operand_is_formed_in_float32(dtype, d):
+def test_scan_operand_is_formed_in_float32(dtype, d, fp32_gemm):
     """The l2 scan's operand -2 e (with beta as its last feature in the "feature" form) is float32
     arithmetic on the codes: -2 e in float16 would be -inf past 32768 (the exact re-score would then
     have to catch every such row)."""
@@ -126,7 +136,7 @@ def test_scan_operand_is_formed_in_float32(dtype, d):
     assert float(e.abs().max()) > 16384
     terms = certify.codebook_terms(e, "l2")
     form = torch_impl._form("l2", dtype, d)
-    assert form == ("bf16_l2" if dtype == torch.bfloat16 else "feature" if d == 8 else "addmm")
+    assert form == ("bf16_l2" if dtype == torch.bfloat16 else "feature" if d == 8 and fp32_gemm == "blas" else "bias")
     codes = torch_impl._codes(e, terms["alpha"], terms["beta"], form)
     assert torch.equal(codes[:, :d], e.float() * -2)
     assert codes.shape[1] == d + (form == "feature")
@@ -267,21 +277,22 @@ def test_rescore_from_the_scan_is_the_exact_argmin(dtype, metric):
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("d", [64, 1000])
-def test_scan_scores_are_within_the_dot_error_bound(metric, d):
+def test_scan_scores_are_within_the_dot_error_bound(metric, d, fp32_gemm):
     """Every float32 score of the scan's GEMM is within dot_error(terms) * sum_k |z_k c_k| of the float64
     product of the same float32 operands (the bound score_error builds on), for features of mixed scales
     and signs: it holds for the GEMM PyTorch runs here, in whatever order it sums. l2 sums beta as one
-    more term, as a feature at D = 64 and as addmm's added matrix at D = 1000."""
+    more term: with BLAS as a feature at D = 64 and as addmm's added matrix at D = 1000; oneDNN adds it
+    as the GEMM's bias."""
     g = torch.Generator().manual_seed(d)
     z = torch.randn(300, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
     e = torch.randn(200, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
     terms = certify.codebook_terms(e, metric)
     form = torch_impl._form(metric, torch.float32, d)
-    assert form == ("scaled" if metric == "cosine" else "feature" if d == 64 else "addmm")
+    assert form == ("scaled" if metric == "cosine" else "feature" if d == 64 and fp32_gemm == "blas" else "bias")
     codes = torch_impl._codes(e, terms["alpha"], terms["beta"], form)
     rows = torch.cat([z, torch.ones(z.shape[0], 1)], dim=1) if form == "feature" else z
     scores = torch_impl._scores(rows, codes, terms["alpha"], terms["beta"], form, torch.empty(300, 200))
-    if form == "addmm":  # the same D + 1 terms as the "feature" form's
+    if form == "bias":  # the same D + 1 terms as the "feature" form's
         rows, codes = torch.cat([z, torch.ones(z.shape[0], 1)], dim=1), torch.cat([codes, terms["beta"][:, None]], 1)
     exact = rows.double() @ codes.double().T
     bound = torch_impl.dot_error(rows.shape[1]) * (rows.double().abs() @ codes.double().abs().T)

@@ -137,7 +137,8 @@ def score_error(norm_z: Tensor, terms: dict, d: int, c: float, metric: str, prod
     """eps_i (N,) float64: a bound on |scan score - exact score| for every code, plus the definition's
     own float64 error; inf where fp32 could overflow (derivation in the module docstring).
     beta_in_dot (l2): the scan sums beta~ as one more term of its dot product <[z, 1], [-2 e, beta~]>
-    (or as addmm's added matrix: the same D + 1 terms in another order; c then covers D + 1 terms), so the sum's error also scales |beta~| <= (1 + u) E^2: c E^2 more.
+    (or the GEMM adds it, as addmm's matrix or a bias: the same D + 1 terms in another order; c then
+    covers D + 1 terms), so the sum's error also scales |beta~| <= (1 + u) E^2: c E^2 more.
 
     With n = ||z_i||, E, scale = |alpha| (2 for l2), P products and q = (D + 3) 2^-52, the sum of
         relative     l2: (2c + 4u) n E + (4u + c [beta_in_dot]) E^2     cosine: (c + 4u) n

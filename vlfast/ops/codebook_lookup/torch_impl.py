@@ -1,7 +1,8 @@
 """Exact codebook lookup as a composition of PyTorch's own kernels: impl="torch", the CPU fast path.
 
 A float32 GEMM scan (torch.mm on chunks of rows, the score's constants folded into the GEMM's
-operands, or l2's beta as addmm's added matrix for deep codes; then two row minima) gives each row's best score, its index and the second-best score;
+operands, or l2's beta added by the GEMM itself; oneDNN's float32 GEMM where it beats torch.mm's BLAS,
+vlfast._gemm.linear_f32; then two row minima) gives each row's best score, its index and the second-best score;
 certify.py's bound on the scan's error keeps the rows whose gap proves the pick; for the others the
 scan's scores again leave a handful of candidates, scored by the definition in float64 (_rescore).
 bf16 / fp16 inputs are upcast to float32 (their products are then exact); bf16 ones take oneDNN's bf16
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ... import _workspace
-from ..._gemm import ieee_fp32_gemms
+from ..._gemm import cpu_fp32_gemm, ieee_fp32_gemms, linear_f32
 from ..clip_loss.torch_impl import bf16_valued_fp32_gemms
 from . import certify, reference
 
@@ -91,35 +92,38 @@ def _best_two(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return best, second, index
 
 
-# l2 float32 / float16 from this many features on: beta joins as addmm's added matrix, not as a GEMM
-# feature. One feature more crosses a k-block of the CPU's GEMM at D = 256 (1024 x 4096: 11.3 against
-# 10.1 ms, measured on a Zen 5 core pair), while addmm's pass writing beta into the output first is
-# small next to a GEMM this deep; below it, the extra feature is free and that pass is not.
+# l2 float32 / float16 with torch.mm's BLAS (vlfast._gemm.cpu_fp32_gemm), from this many features on:
+# beta joins as addmm's added matrix, not as a GEMM feature. One feature more crosses a k-block of
+# MKL's GEMM at D = 256 (1024 x 4096: 11.3 against 10.1 ms, measured on a Zen 5 core pair), while
+# addmm's pass writing beta into the output first is small next to a GEMM this deep; below it, the
+# extra feature is free and that pass is not.
 ADDMM_MIN_D = 128
 
 
 def _form(metric: str, dtype: torch.dtype, d: int) -> str:
-    """How _scores forms s = alpha_j <z, e_j> + beta_j: "feature" (l2, one GEMM over [z, 1] and
-    [-2 e, beta]), "addmm" (l2, beta + z @ (-2 e)^T), "bf16_l2" / "bf16_cosine" (the bf16-mode GEMM,
-    then beta added / alpha multiplied in float32) or "scaled" (cosine: z @ (alpha e)^T)."""
+    """How _scores forms s = alpha_j <z, e_j> + beta_j:
+    "feature"  l2, one GEMM over [z, 1] and [-2 e, beta] (BLAS, D < ADDMM_MIN_D);
+    "bias"     l2, z @ (-2 e)^T + beta, beta added by the GEMM (addmm, or oneDNN's bias);
+    "scaled"   cosine, z @ (alpha e)^T;
+    "bf16_l2" / "bf16_cosine"  the bf16-mode GEMM, then beta added / alpha multiplied in float32.
+    "feature" and "bias" both sum beta as one more term of the dot product (lookup's beta_in_dot)."""
     if dtype == torch.bfloat16:
         return f"bf16_{metric}"
     if metric != "l2":
         return "scaled"
-    return "addmm" if d >= ADDMM_MIN_D else "feature"
+    return "bias" if d >= ADDMM_MIN_D or cpu_fp32_gemm() == "onednn" else "feature"
 
 
 def _codes(e: Tensor, alpha: Tensor, beta: Tensor, form: str) -> Tensor:
     """The GEMM's right operand (K, D, or D + 1 for "feature") float32 (see _form).
 
-    "feature": alpha = -2 folds into the codebook exactly and lookup's error bound counts beta as the
-    GEMM's extra term (as it does addmm's added one). Cosine: alpha folded into the codebook (rounded
-    once: the bound is unchanged). bf16: never rounded to bf16 itself.
+    l2: alpha = -2 folds into the codebook exactly ("feature": beta as the last feature). Cosine: alpha
+    folded into the codebook (rounded once: the bound is unchanged). bf16: never rounded to bf16 itself.
     Written into a scratch buffer (kept between calls): a fresh one was faulted in on every call.
     """
     k, d = e.shape
     codes = _workspace.matrix("codebook_lookup.codes", k, d + (form == "feature"), torch.float32, e.device)
-    if form in ("feature", "addmm", "bf16_l2"):
+    if form in ("feature", "bias", "bf16_l2"):
         codes[:, :d].copy_(e).mul_(-2.0)  # in float32: -2 e would overflow float16 past 32768
         if form == "feature":
             codes[:, d] = beta
@@ -131,11 +135,10 @@ def _codes(e: Tensor, alpha: Tensor, beta: Tensor, form: str) -> Tensor:
 
 
 def _scores(rows: Tensor, codes: Tensor, alpha: Tensor, beta: Tensor, form: str, out: Tensor) -> Tensor:
-    """s (C, K) float32 into out, for rows (C, D + 1) = [z, 1] ("feature") or z (C, D) float32."""
-    if form == "addmm":
-        return torch.addmm(beta, rows, codes.T, out=out)
+    """s (C, K) float32, for rows (C, D + 1) = [z, 1] ("feature") or z (C, D) float32: into out, or a
+    fresh tensor where the float32 GEMM is oneDNN's (vlfast._gemm.linear_f32)."""
     if not form.startswith("bf16"):
-        return torch.mm(rows, codes.T, out=out)
+        return linear_f32(rows, codes, beta if form == "bias" else None, out=out)
     with bf16_valued_fp32_gemms(True):  # exact products, float32 sums, float32 result
         scores = torch.mm(rows, codes.T, out=out)
     return scores.add_(beta) if form == "bf16_l2" else scores.mul_(alpha)
@@ -215,8 +218,8 @@ def lookup(z: Tensor, e: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     if z.dtype == torch.float64 or not ieee_fp32_gemms(z.device):
         # float64 inputs, or float32 GEMMs allowed to drop precision (bf16 / tf32): no float32 bound holds.
         return reference.lookup(z, e, metric)
-    # _scan's GEMM sums D + 1 terms: beta as a feature or as addmm's added matrix
-    beta_in_dot = _form(metric, z.dtype, z.shape[1]) in ("feature", "addmm")
+    # _scan's GEMM sums D + 1 terms: beta as a feature or added by the GEMM
+    beta_in_dot = _form(metric, z.dtype, z.shape[1]) in ("feature", "bias")
     held = {}  # the scan's GEMM operand, for the rescore of the uncertain rows
     index, dist, _ = certify.lookup(z, e, metric, functools.partial(_scan, metric=metric, held=held),
                                     reference.chosen_distances, dot_error(z.shape[1] + beta_in_dot),
