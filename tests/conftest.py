@@ -45,3 +45,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=("blas", "onednn"))
+def fp32_gemm(request, monkeypatch):
+    """Runs a test with each library under the CPU paths' float32 GEMMs (vlfast._gemm.cpu_fp32_gemm):
+    the default depends on the CPU's vendor, so each is forced here. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("fp32_gemm")`."""
+    from vlfast import _gemm
+    if request.param == "onednn" and not _gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 inner product")
+    monkeypatch.setenv("VLFAST_CPU_FP32_GEMM", request.param)
+    return request.param

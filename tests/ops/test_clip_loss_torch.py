@@ -10,6 +10,9 @@ from vlfast.ops.clip_loss import torch_impl
 from .clip_loss_cases import Case, assert_close64, make_inputs, pytorch_same_dtype, reference64, run_vlfast
 from .test_clip_loss import LAYOUTS, _case, _check, _margin_form_softmax64
 
+# every test with either library under the float32 GEMMs (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fp32_gemm")
+
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}-sym{l[1]}-off{l[2]}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -136,11 +139,13 @@ def test_scale_gradient_accurate_over_many_logits(kind):
 
 
 def _gemms_in_backward(loss, d: int) -> int:
-    """aten::mm / addmm calls (as the profiler records them) with a (., d) or (d, .) operand while
-    loss.backward() runs: the logits GEMM and the gradient ones, not small helper products."""
+    """GEMM calls (aten::mm / addmm, or oneDNN's float32 inner product, as the profiler records them)
+    with a (., d) or (d, .) operand while loss.backward() runs: the logits GEMM and the gradient ones,
+    not small helper products."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         loss.backward()
-    return sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")
+    names = ("aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise")
+    return sum(1 for e in prof.events() if e.name in names
                and any(d in shape for shape in e.input_shapes if len(shape) == 2))
 
 

@@ -6,21 +6,14 @@ import torch
 import torch.nn.functional as F
 
 import vlfast
-from vlfast import _gemm
 from vlfast.ops.codebook_lookup import certify, torch_impl
 
 from .codebook_lookup_cases import assert_exact, planted_near_ties, random_case
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-
-@pytest.fixture(autouse=True, params=_gemm.CPU_FP32_GEMMS)
-def fp32_gemm(request, monkeypatch):
-    """Every test runs with either library under the float32 GEMMs (vlfast._gemm.cpu_fp32_gemm)."""
-    if request.param == "onednn" and not _gemm.onednn_available():
-        pytest.skip("this torch build has no oneDNN float32 inner product")
-    monkeypatch.setenv("VLFAST_CPU_FP32_GEMM", request.param)
-    return request.param
+# every test with either library under the float32 GEMMs (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fp32_gemm")
 
 
 def _cdist_argmin(z: torch.Tensor, e: torch.Tensor, metric: str) -> torch.Tensor:

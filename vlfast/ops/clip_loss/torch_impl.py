@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _workspace
+from ..._gemm import linear_f32
 from .reference import compute_dtype
 
 # Elements of one chunk buffer (16 MiB at float32); tests shrink it to force several chunks.
@@ -68,6 +69,25 @@ def bf16_valued_fp32_gemms(active: bool):
         yield
     finally:
         matmul.fp32_precision = old
+
+
+def _mm(x: Tensor, y: Tensor, out: Tensor) -> Tensor:
+    """x @ y into out, or into a fresh tensor where float32 GEMMs run in oneDNN (vlfast._gemm.linear_f32,
+    about twice as fast as torch.mm's BLAS on AMD CPUs); float64 stays torch.mm."""
+    if x.dtype != torch.float32:
+        return torch.mm(x, y, out=out)
+    return linear_f32(x, y.T, out=out)
+
+
+def _copy_into(whole: Tensor, rows: slice, part: Tensor) -> Tensor:
+    """whole with its rows `rows` = part (a product _mm wrote there, or a fresh one): part itself where it
+    covers every row, without a copy."""
+    if part.data_ptr() == whole[rows].data_ptr():
+        return whole
+    if part.shape[0] == whole.shape[0]:
+        return part
+    whole[rows].copy_(part)
+    return whole
 
 
 def _softplus(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -193,10 +213,14 @@ def forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: s
     buf = kept_e if kept_e is not None else _chunk_buffer("logits", min(step, n), m, ct, a.device)
 
     def products(r0: int, c: int, out: Optional[Tensor] = None) -> Tensor:
-        """a[r0:r0 + c] @ b^T (C, M) into out, else the kept chunk (one chunk), else buf."""
-        with bf16_valued_fp32_gemms(bf16_values):
-            into = out if out is not None else (kept_dot if kept_dot is not None else buf)[:c]
-            return torch.mm(a[r0:r0 + c], b.T, out=into)
+        """a[r0:r0 + c] @ b^T (C, M) into out, else the kept chunk (one chunk), else buf (or, float32 in
+        oneDNN, a fresh tensor: copied over only to be kept)."""
+        into = out if out is not None else (kept_dot if kept_dot is not None else buf)[:c]
+        if bf16_values:
+            with bf16_valued_fp32_gemms(True):
+                return torch.mm(a[r0:r0 + c], b.T, out=into)
+        dot = _mm(a[r0:r0 + c], b.T, out=into)
+        return into.copy_(dot) if kept_dot is not None and out is None and dot is not into else dot
 
     if kind == "softmax":
         # The bias shifts every logit of a row and its positive alike: the margins do not see it.
@@ -290,7 +314,7 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
     gb = torch.empty(gb_rows, a.shape[1], dtype=a.dtype if bf16_out else ct, device=a.device)
     # bf16: d_b = (s G)^T @ a_c straight from the transposed view (2048 x 2048 x 512: 2.7 ms, against
     # 3.7 for a_c^T made contiguous, its product, and that transposed back); chunks summed in float32
-    db = torch.zeros(m if need_b and not bf16_gemms else 0, b.shape[1], dtype=ct, device=a.device)
+    db = torch.empty(m if need_b and not bf16_gemms else 0, b.shape[1], dtype=ct, device=a.device)  # chunk 0 writes it
     db_lp = None
     dbias = torch.zeros((), dtype=ct, device=a.device)
     s_num = float(s)
@@ -338,9 +362,11 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
         g = g_buf[:c]
         if kept is not None:
             dot = kept[1]
-        else:
-            with bf16_valued_fp32_gemms(bf16_gemms):
+        elif bf16_gemms:
+            with bf16_valued_fp32_gemms(True):
                 dot = torch.mm(ar, b_c.T, out=dot_buf[:c])
+        else:
+            dot = _mm(ar, b_c.T, out=dot_buf[:c])
         if kind == "softmax":
             if fac is not None:
                 alpha, v, k = fac
@@ -375,16 +401,17 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
             if bf16_out:
                 torch.mm(g_lp, b, out=gb[rs])
             else:
-                torch.mm(g, b_c, out=gb[rs])
+                gb = _copy_into(gb, rs, _mm(g, b_c, out=gb[rs]))
             if need_b:
                 part = torch.mm(g_lp.T, a[rs])
                 # one chunk: its bf16 product is d_b; more: summed in float32
                 db_lp = part if db_lp is None else (db_lp if db_lp.dtype == ct else db_lp.float()).add_(part)
             continue
         if gb_rows:
-            torch.mm(g, b_c, out=gb[rs])
+            gb = _copy_into(gb, rs, _mm(g, b_c, out=gb[rs]))
         if need_b:
-            db.addmm_(g.T, ar)
+            part = _mm(g.T, ar, out=db if r0 == 0 else None)
+            db = part if r0 == 0 else db.add_(part)
     dscale = _dot_sum(a_c, gb) if gb_rows else _dot_sum(b_c, db)
     if db_lp is not None:
         db = db_lp
