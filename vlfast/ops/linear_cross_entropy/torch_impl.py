@@ -2,8 +2,9 @@
 
 The math is reference.py's. Rows go in chunks whose logits (float32, float64 for float64 inputs) fit in
 CHUNK_BYTES, so memory stays bounded for any N; each chunk is one GEMM, torch's log_softmax written over
-the logits, then the gradient G = dloss/dlogits written over them too, and two GEMMs for d_hidden and
-d_weight. No step allocates more than one chunk's logits.
+the logits, then the gradient G = dloss/dlogits (log_softmax's backward) written over them too, and two
+GEMMs for d_hidden and d_weight. The chunk buffers (logits, a zero matrix for log_softmax's backward,
+and bf16's copies) are scratch kept between calls; no step allocates more.
 
 Precision: bfloat16 inputs use bfloat16 GEMMs (AMX / AVX512-BF16 kernels through oneDNN are several
 times faster than float32 ones on CPUs that have them; they accumulate in float32). The logits come out
@@ -95,15 +96,24 @@ class _Chunk:
             loss = loss + self.z_loss * lse ** 2
         return lse, torch.where(self.kept[r0:r1], loss, 0)
 
-    def gradient(self, logp: Tensor, lse: Tensor, w: Tensor, r0: int, r1: int) -> Tensor:
-        """w_i * dloss_i / draw_ij written over the log-probabilities logp (C, V), without the target
-        column (set to 0); returns that column's entries (C,), exact in the compute dtype."""
-        v = logp.shape[1]
+    def gradient(self, logp: Tensor, lse: Tensor, w: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """(G, g_t): G (C, V) = w_i * dloss_i / draw_ij written over the log-probabilities logp (C, V),
+        without the target column (set to 0); g_t (C,) that column's entries, exact in the compute dtype."""
+        c, v = logp.shape
         tc = self.safe_targets[r0:r1, None]
         logp_t = logp.gather(1, tc)[:, 0]
-        # off the target: w * (p + 2 z_loss lse p - eps / V), one pass over the chunk
+        # off the target: w * (p + 2 z_loss lse p - eps / V). scale * p is log_softmax's backward for an
+        # upstream gradient of -scale at the target and 0 elsewhere, written over logp: one pass with
+        # log_softmax's own exp (1024 x 4096: 0.71 ms, against 1.4 for exp_ and mul_). The upstream
+        # gradient is a kept zero matrix whose target entries are set and cleared again.
         scale = w * (1 + (2 * self.z_loss) * lse) if self.z_loss else w
-        g = logp.exp_().mul_(scale[:, None])
+        upstream = _workspace.zeros("linear_cross_entropy.upstream", c, v, logp.dtype, logp.device)
+        try:
+            upstream.scatter_(1, tc, -scale[:, None])
+            # elementwise per row after the row's sum of upstream: out may be logp itself
+            g = torch.ops.aten._log_softmax_backward_data.out(upstream, logp, 1, logp.dtype, out=logp)
+        finally:
+            upstream.scatter_(1, tc, 0.0)
         if self.eps:
             g.sub_((w * (self.eps / v))[:, None])
         # on the target, term by term as reference.py (p_t - 1 as expm1: no cancellation)
@@ -117,7 +127,7 @@ class _Chunk:
             g_t = g_t * (1 - t.gather(1, tc)[:, 0] ** 2)
             g.mul_(t.square_().neg_().add_(1))
         g.scatter_(1, tc, 0)
-        return g_t
+        return g, g_t
 
     def accumulate(self, g: Tensor, g_t: Tensor, r0: int, r1: int, dh: Tensor, dw: Optional[Tensor],
                    db: Optional[Tensor], first: bool) -> None:
@@ -191,8 +201,8 @@ def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tens
         z = chunk.logits_of(r0, r1)
         lse[r0:r1], rows[r0:r1] = chunk.losses(z, r0, r1)
         if eager:
-            g_t = chunk.gradient(z, lse[r0:r1], w_rows[r0:r1], r0, r1)
-            chunk.accumulate(z, g_t, r0, r1, dh, dw, db, first=r0 == 0)
+            g, g_t = chunk.gradient(z, lse[r0:r1], w_rows[r0:r1], r0, r1)
+            chunk.accumulate(g, g_t, r0, r1, dh, dw, db, first=r0 == 0)
     loss = reduce(rows, targets, ignore_index, reduction)
     return (loss, lse, dh) + _finish(dw if chunk.weight_grad is None else chunk.weight_grad, db, weight)
 
@@ -211,6 +221,6 @@ def backward(grad_rows: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
         r1 = min(n, r0 + chunk.rows)
         z = chunk.logits_of(r0, r1)
         logp = z.sub_(lse[r0:r1, None])
-        g_t = chunk.gradient(logp, lse[r0:r1], w_rows[r0:r1], r0, r1)
-        chunk.accumulate(logp, g_t, r0, r1, dh, dw, db, first=r0 == 0)
+        g, g_t = chunk.gradient(logp, lse[r0:r1], w_rows[r0:r1], r0, r1)
+        chunk.accumulate(g, g_t, r0, r1, dh, dw, db, first=r0 == 0)
     return (dh,) + _finish(dw if chunk.weight_grad is None else chunk.weight_grad, db, weight)
