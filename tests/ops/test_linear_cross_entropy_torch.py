@@ -236,3 +236,24 @@ def test_bf16_single_chunk_weight_gradient_has_the_float32_accumulators_bits():
     got = chunk._bf16_weight_grad(gg, g_t, chunk.safe_targets, chunk.hidden)
     want = torch.mm(gg.T, hidden).float().index_add_(0, targets, g_t[:, None] * hidden.float()).bfloat16()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_upstream_zero_matrix_is_handed_back_zero(reduction, monkeypatch):
+    """G comes from log_softmax's backward over a kept zero matrix with -w at the targets: every chunk
+    clears its targets again (several chunks, forward-fused and recomputing backwards), also when the
+    call fails inside."""
+    from vlfast import _workspace
+    monkeypatch.setattr(torch_impl, "CHUNK_BYTES", 37 * 4 * 53)  # chunks of 37 rows
+    monkeypatch.setattr(torch_impl, "MIN_CHUNK_ROWS", 1)
+    h, w = torch.randn(100, 24, requires_grad=True), torch.randn(53, 24, requires_grad=True)
+    t = torch.randint(0, 53, (100,))
+    loss = vlfast.linear_cross_entropy(h, w, t, reduction=reduction, impl="torch")
+    loss.sum().backward()
+    upstream = _workspace.zeros("linear_cross_entropy.upstream", 37, 53, torch.float32, "cpu")
+    assert bool((upstream == 0).all())
+    monkeypatch.setattr(torch.ops.aten._log_softmax_backward_data, "out",
+                        lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("inside")))
+    with pytest.raises(RuntimeError, match="inside"):
+        vlfast.linear_cross_entropy(h, w, t, reduction=reduction, impl="torch").sum().backward()
+    assert bool((upstream == 0).all())
