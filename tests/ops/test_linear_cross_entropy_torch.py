@@ -12,6 +12,9 @@ from vlfast.ops.linear_cross_entropy import torch_impl
 from .clip_loss_cases import assert_close64, assert_relative_rule
 from .linear_cross_entropy_cases import IGNORE, Case, make_inputs, pytorch_same_dtype, reference64, run_vlfast
 
+# every test with either library under the float32 GEMMs (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fp32_gemm")
+
 OPTIONS = [  # (reduction, label_smoothing, softcap, z_loss, bias)
     ("mean", 0.0, None, 0.0, False),
     ("sum", 0.1, None, 0.0, True),

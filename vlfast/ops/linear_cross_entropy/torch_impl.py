@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ... import _workspace
+from ..._gemm import linear_f32
 from .reference import compute_dtype, reduce, row_weights
 
 # Bytes of one chunk's logits at most; tests shrink it to force many chunks.
@@ -72,7 +73,9 @@ class _Chunk:
         h = self.hidden[r0:r1]
         # the bias inside the GEMM, before a bf16 output's rounding (a logit near 0 stays exact)
         out = z if self.narrow is None else self.narrow[:c]
-        if self.bias is None:
+        if self.gt == torch.float32:  # oneDNN where it beats the BLAS: a fresh z (vlfast._gemm.linear_f32)
+            z = linear_f32(h, self.weight, self.bias, out=out)
+        elif self.bias is None:
             torch.mm(h, self.weight.T, out=out)
         else:
             torch.addmm(self.bias, h, self.weight.T, out=out)
@@ -130,13 +133,14 @@ class _Chunk:
         return g, g_t
 
     def accumulate(self, g: Tensor, g_t: Tensor, r0: int, r1: int, dh: Tensor, dw: Optional[Tensor],
-                   db: Optional[Tensor], first: bool) -> None:
-        """dh[r0:r1] = G @ W, dw += G.T @ h, db += G.sum(0), with G's target column added exactly."""
+                   db: Optional[Tensor], first: bool) -> Optional[Tensor]:
+        """dh[r0:r1] = G @ W, dw += G.T @ h, db += G.sum(0), with G's target column added exactly;
+        returns dw (the first chunk's float32 product may be a fresh tensor, not the dw passed in)."""
         t = self.safe_targets[r0:r1]
         h = self.hidden[r0:r1]
         gg = g if self.narrow is None else self.narrow[:g.shape[0]].copy_(g)
         if dh.shape[0]:
-            dh[r0:r1] = torch.addcmul(torch.mm(gg, self.weight).to(self.ct), g_t[:, None],
+            dh[r0:r1] = torch.addcmul(self._mm(gg, self.weight).to(self.ct), g_t[:, None],
                                       self.weight.index_select(0, t).to(self.ct))
         if dw is not None and self.narrow is not None and first and r1 == self.hidden.shape[0]:
             self.weight_grad = self._bf16_weight_grad(gg, g_t, t, h)
@@ -144,13 +148,21 @@ class _Chunk:
             if self.narrow is not None:  # the bf16 GEMM's partial sums accumulate in float32
                 dw.copy_(torch.mm(gg.T, h)) if first else dw.add_(torch.mm(gg.T, h))
             elif first:
-                torch.mm(gg.T, h, out=dw)
+                dw = self._mm(gg.T, h, out=dw)
             else:
-                dw.addmm_(gg.T, h)
+                dw = dw.add_(self._mm(gg.T, h)) if self.gt == torch.float32 else dw.addmm_(gg.T, h)
             dw.index_add_(0, t, g_t[:, None] * h.to(self.ct))
         if db is not None:
             db.add_(g.sum(dim=0)).index_add_(0, t, g_t)
+        return dw
 
+
+    def _mm(self, x: Tensor, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """x @ y in the GEMM dtype: float32 through vlfast._gemm.linear_f32 (oneDNN where it beats the
+        BLAS; a fresh result then, not out)."""
+        if self.gt == torch.float32:
+            return linear_f32(x, y.T, out=out)
+        return torch.mm(x, y, out=out)
 
     def _bf16_weight_grad(self, gg: Tensor, g_t: Tensor, t: Tensor, h: Tensor) -> Tensor:
         """d_weight (V, H) bf16 of a single chunk: the bf16 GEMM's result, where only the target rows
@@ -202,7 +214,7 @@ def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tens
         lse[r0:r1], rows[r0:r1] = chunk.losses(z, r0, r1)
         if eager:
             g, g_t = chunk.gradient(z, lse[r0:r1], w_rows[r0:r1], r0, r1)
-            chunk.accumulate(g, g_t, r0, r1, dh, dw, db, first=r0 == 0)
+            dw = chunk.accumulate(g, g_t, r0, r1, dh, dw, db, first=r0 == 0)
     loss = reduce(rows, targets, ignore_index, reduction)
     return (loss, lse, dh) + _finish(dw if chunk.weight_grad is None else chunk.weight_grad, db, weight)
 
@@ -222,5 +234,5 @@ def backward(grad_rows: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
         z = chunk.logits_of(r0, r1)
         logp = z.sub_(lse[r0:r1, None])
         g, g_t = chunk.gradient(logp, lse[r0:r1], w_rows[r0:r1], r0, r1)
-        chunk.accumulate(g, g_t, r0, r1, dh, dw, db, first=r0 == 0)
+        dw = chunk.accumulate(g, g_t, r0, r1, dh, dw, db, first=r0 == 0)
     return (dh,) + _finish(dw if chunk.weight_grad is None else chunk.weight_grad, db, weight)
