@@ -6,6 +6,9 @@ import torch.nn.functional as F
 
 import vlfast
 
+# every test with either library under the float32 GEMMs (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fp32_gemm")
+
 IMPLS = ["reference", "torch"]
 
 
