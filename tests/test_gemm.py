@@ -75,3 +75,18 @@ def test_cpu_vendor_reads_proc_cpuinfo():
             assert (f"vendor_id\t: {vendor}" in f.read()) or vendor == ""
     except OSError:
         assert vendor == ""
+
+
+@pytest.mark.parametrize("library", _gemm.CPU_FP32_GEMMS)
+def test_add_linear_f32_accumulates_in_place(library, monkeypatch):
+    if library == "onednn" and not _gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 inner product")
+    monkeypatch.setenv("VLFAST_CPU_FP32_GEMM", library)
+    g = torch.Generator().manual_seed(3)
+    acc, x, w = torch.randn(9, 5, generator=g), torch.randn(9, 70, generator=g), torch.randn(5, 70, generator=g)
+    want = acc.double() + x.double() @ w.double().T
+    ptr = acc.data_ptr()
+    got = _gemm.add_linear_f32_(acc, x, w.T.contiguous().T)
+    assert got.data_ptr() == ptr
+    magnitude = acc.double().abs() + x.double().abs() @ w.double().abs().T
+    assert ((got.double() - want).abs() <= _gamma(71) * magnitude).all()

@@ -123,3 +123,11 @@ def linear_f32(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, out: Optiona
     if bias is None:
         return torch.mm(x, w.T, out=out)
     return torch.addmm(bias, x, w.T, out=out)
+
+
+def add_linear_f32_(acc: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """acc (M, N) float32 += x (M, D) @ w (N, D)^T, as linear_f32: torch's addmm_ in place with the BLAS,
+    the product (fresh) added with oneDNN."""
+    if x.device.type == "cpu" and cpu_fp32_gemm() == "onednn":
+        return acc.add_(linear_f32(x, w))
+    return acc.addmm_(x, w.T)

@@ -73,7 +73,8 @@ COSINE_BLOCK_ELEMENTS = 1 << 22
 def float64_argmin(z: torch.Tensor, e: torch.Tensor, metric: str, rows: int = 1024) -> torch.Tensor:
     """The nearest code per row (N,) int64 in float64, independent of vlfast: l2 by torch.cdist without the
     matrix-product shortcut (differences, no cancellation), cosine by the largest float64 similarity to the
-    normalised codes (a zero code scores 0), each summed on its own; ties go to the lowest index, stated explicitly (not left to argmin)."""
+    normalised codes (a zero code scores 0), each summed on its own; ties go to the lowest index, stated
+    explicitly (not left to argmin)."""
     z64, e64 = z.double(), e.double()
     if metric == "cosine":
         norm = e64.norm(dim=1, keepdim=True)

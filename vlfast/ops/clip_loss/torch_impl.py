@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _workspace
-from ..._gemm import linear_f32
+from ..._gemm import add_linear_f32_, linear_f32
 from .reference import compute_dtype
 
 # Elements of one chunk buffer (16 MiB at float32); tests shrink it to force several chunks.
@@ -410,8 +410,10 @@ def backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[T
         if gb_rows:
             gb = _copy_into(gb, rs, _mm(g, b_c, out=gb[rs]))
         if need_b:
-            part = _mm(g.T, ar, out=db if r0 == 0 else None)
-            db = part if r0 == 0 else db.add_(part)
+            if r0 == 0:
+                db = _mm(g.T, ar, out=db)
+            else:
+                db = add_linear_f32_(db, g.T, ar.T) if ct == torch.float32 else db.addmm_(g.T, ar)
     dscale = _dot_sum(a_c, gb) if gb_rows else _dot_sum(b_c, db)
     if db_lp is not None:
         db = db_lp

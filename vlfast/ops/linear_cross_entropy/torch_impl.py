@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ... import _workspace
-from ..._gemm import linear_f32
+from ..._gemm import add_linear_f32_, linear_f32
 from .reference import compute_dtype, reduce, row_weights
 
 # Bytes of one chunk's logits at most; tests shrink it to force many chunks.
@@ -150,7 +150,7 @@ class _Chunk:
             elif first:
                 dw = self._mm(gg.T, h, out=dw)
             else:
-                dw = dw.add_(self._mm(gg.T, h)) if self.gt == torch.float32 else dw.addmm_(gg.T, h)
+                dw = add_linear_f32_(dw, gg.T, h.T) if self.gt == torch.float32 else dw.addmm_(gg.T, h)
             dw.index_add_(0, t, g_t[:, None] * h.to(self.ct))
         if db is not None:
             db.add_(g.sum(dim=0)).index_add_(0, t, g_t)
