@@ -44,6 +44,9 @@ def test_info_json_fields(info_json):
     assert (info_json["cuda"] is None) == (not torch.cuda.is_available())
     assert "clip_loss" in info_json["ops"]
     assert info_json["launch_configs"]["summary"]
+    from vlfast import _gemm
+    gemm = info_json["cpu_fp32_gemm"]
+    assert gemm["library"] == _gemm.cpu_fp32_gemm() and gemm["error"] is None
     for entry in info_json["ops"].values():
         assert set(entry["impls"]) == set(vlfast.IMPLS)
         assert all(why is None or (isinstance(why, str) and why) for why in entry["impls"].values())
@@ -56,6 +59,7 @@ def test_info_text_names_every_impl_and_each_reason(info_json):
     if not torch.cuda.is_available():
         assert "no CUDA device" in text
     assert f"configs  {info_json['launch_configs']['summary']}" in text  # how every kernel picks its configs
+    assert f"cpu gemm float32 products of the CPU paths: {info_json['cpu_fp32_gemm']['library']} (" in text
     for op, entry in info_json["ops"].items():
         assert op in text
         for impl, why in entry["impls"].items():

@@ -87,8 +87,20 @@ def collect() -> dict:
         "env": {k: os.environ.get(k) for k in ENV_VARS},
         "extension": _extension_info(ext, ext_reason),
         "launch_configs": launch_configs.describe(),
+        "cpu_fp32_gemm": _cpu_fp32_gemm(),
         "ops": ops,
     }
+
+
+def _cpu_fp32_gemm() -> dict:
+    """Which library runs the CPU paths' float32 GEMMs (vlfast._gemm.cpu_fp32_gemm), and why."""
+    from vlfast import _gemm
+    override = os.environ.get("VLFAST_CPU_FP32_GEMM") or None
+    try:
+        library = _gemm.cpu_fp32_gemm()
+    except (RuntimeError, ValueError) as e:  # a bad or unrunnable override: info reports it, ops raise it
+        return {"library": None, "vendor": _gemm._cpu_vendor(), "override": override, "error": str(e)}
+    return {"library": library, "vendor": _gemm._cpu_vendor(), "override": override, "error": None}
 
 
 def format_report(info: dict) -> str:
@@ -110,6 +122,10 @@ def format_report(info: dict) -> str:
     else:
         lines.append(f"vlfast._C not built: {ext['reason']}")
     lines.append(f"configs  {info['launch_configs']['summary']}")
+    gemm = info["cpu_fp32_gemm"]
+    why = (f"VLFAST_CPU_FP32_GEMM={gemm['override']}" if gemm["override"]
+           else f"default for {gemm['vendor'] or 'an unknown CPU vendor'}; VLFAST_CPU_FP32_GEMM=blas|onednn overrides")
+    lines.append(f"cpu gemm float32 products of the CPU paths: {gemm['library'] or gemm['error']} ({why})")
     for op, entry in info["ops"].items():
         lines.append(f"{op} (inputs on {entry['device']}):")
         lines.append(f"  {'auto':<10} {entry['auto']}")
