@@ -28,7 +28,10 @@ def _git_sha() -> Optional[str]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    from vlfast import _gemm
+    vendor = _gemm._cpu_vendor() or "unknown vendor"
+    return (f"cpu ({platform.machine()}, {vendor}, {torch.get_num_threads()} threads, "
+            f"float32 GEMMs: {_gemm.cpu_fp32_gemm()})")
 
 
 def metadata_fields(device: torch.device) -> dict:
