@@ -90,3 +90,18 @@ def test_add_linear_f32_accumulates_in_place(library, monkeypatch):
     assert got.data_ptr() == ptr
     magnitude = acc.double().abs() + x.double().abs() @ w.double().abs().T
     assert ((got.double() - want).abs() <= _gamma(71) * magnitude).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("library", _gemm.CPU_FP32_GEMMS)
+def test_mm_is_torch_mm_with_float32_through_linear_f32(library, dtype, monkeypatch):
+    if library == "onednn" and not _gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 inner product")
+    monkeypatch.setenv("VLFAST_CPU_FP32_GEMM", library)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(13, 40, generator=g).to(dtype), torch.randn(40, 7, generator=g).to(dtype)
+    out = torch.empty(13, 7, dtype=dtype)
+    got = _gemm.mm(x, y, out=out)
+    assert got.dtype == dtype and torch.allclose(got.double(), x.double() @ y.double(), rtol=1e-2, atol=1e-2)
+    if dtype != torch.float32 or library == "blas":
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, torch.mm(x, y))

@@ -131,3 +131,11 @@ def add_linear_f32_(acc: Tensor, x: Tensor, w: Tensor) -> Tensor:
     if x.device.type == "cpu" and cpu_fp32_gemm() == "onednn":
         return acc.add_(linear_f32(x, w))
     return acc.addmm_(x, w.T)
+
+
+def mm(x: Tensor, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """x @ y as torch.mm (into out), but float32 products through linear_f32: oneDNN's where it beats the
+    BLAS, into a fresh tensor then."""
+    if x.dtype != torch.float32:
+        return torch.mm(x, y, out=out)
+    return linear_f32(x, y.T, out=out)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _workspace
-from ..._gemm import add_linear_f32_, linear_f32
+from ..._gemm import add_linear_f32_, mm as _mm
 from .reference import compute_dtype
 
 # Elements of one chunk buffer (16 MiB at float32); tests shrink it to force several chunks.
@@ -69,14 +69,6 @@ def bf16_valued_fp32_gemms(active: bool):
         yield
     finally:
         matmul.fp32_precision = old
-
-
-def _mm(x: Tensor, y: Tensor, out: Tensor) -> Tensor:
-    """x @ y into out, or into a fresh tensor where float32 GEMMs run in oneDNN (vlfast._gemm.linear_f32,
-    about twice as fast as torch.mm's BLAS on AMD CPUs); float64 stays torch.mm."""
-    if x.dtype != torch.float32:
-        return torch.mm(x, y, out=out)
-    return linear_f32(x, y.T, out=out)
 
 
 def _copy_into(whole: Tensor, rows: slice, part: Tensor) -> Tensor:

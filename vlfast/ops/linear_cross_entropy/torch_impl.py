@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ... import _workspace
-from ..._gemm import add_linear_f32_, linear_f32
+from ..._gemm import add_linear_f32_, linear_f32, mm as _mm
 from .reference import compute_dtype, reduce, row_weights
 
 # Bytes of one chunk's logits at most; tests shrink it to force many chunks.
@@ -140,7 +140,7 @@ class _Chunk:
         h = self.hidden[r0:r1]
         gg = g if self.narrow is None else self.narrow[:g.shape[0]].copy_(g)
         if dh.shape[0]:
-            dh[r0:r1] = torch.addcmul(self._mm(gg, self.weight).to(self.ct), g_t[:, None],
+            dh[r0:r1] = torch.addcmul(_mm(gg, self.weight).to(self.ct), g_t[:, None],
                                       self.weight.index_select(0, t).to(self.ct))
         if dw is not None and self.narrow is not None and first and r1 == self.hidden.shape[0]:
             self.weight_grad = self._bf16_weight_grad(gg, g_t, t, h)
@@ -148,7 +148,7 @@ class _Chunk:
             if self.narrow is not None:  # the bf16 GEMM's partial sums accumulate in float32
                 dw.copy_(torch.mm(gg.T, h)) if first else dw.add_(torch.mm(gg.T, h))
             elif first:
-                dw = self._mm(gg.T, h, out=dw)
+                dw = _mm(gg.T, h, out=dw)
             else:
                 dw = add_linear_f32_(dw, gg.T, h.T) if self.gt == torch.float32 else dw.addmm_(gg.T, h)
             dw.index_add_(0, t, g_t[:, None] * h.to(self.ct))
@@ -156,13 +156,6 @@ class _Chunk:
             db.add_(g.sum(dim=0)).index_add_(0, t, g_t)
         return dw
 
-
-    def _mm(self, x: Tensor, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """x @ y in the GEMM dtype: float32 through vlfast._gemm.linear_f32 (oneDNN where it beats the
-        BLAS; a fresh result then, not out)."""
-        if self.gt == torch.float32:
-            return linear_f32(x, y.T, out=out)
-        return torch.mm(x, y, out=out)
 
     def _bf16_weight_grad(self, gg: Tensor, g_t: Tensor, t: Tensor, h: Tensor) -> Tensor:
         """d_weight (V, H) bf16 of a single chunk: the bf16 GEMM's result, where only the target rows
