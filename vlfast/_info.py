@@ -94,8 +94,8 @@ def collect() -> dict:
 
 def _cpu_fp32_gemm() -> dict:
     """Which library runs the CPU paths' float32 GEMMs (vlfast._gemm.cpu_fp32_gemm), and why."""
-    from vlfast import _gemm
-    override = os.environ.get("VLFAST_CPU_FP32_GEMM") or None
+    from vlfast import _env, _gemm
+    override = _env._raw("VLFAST_CPU_FP32_GEMM") or None  # as _gemm reads it
     try:
         library = _gemm.cpu_fp32_gemm()
     except (RuntimeError, ValueError) as e:  # a bad or unrunnable override: info reports it, ops raise it
