@@ -45,13 +45,3 @@ def test_a_storage_is_reused_only_once_nothing_holds_it():
     th.start()
     th.join()
     assert other[0] != _workspace.storage("test.s", 32, "cpu").data_ptr()  # kept per thread
-
-
-def test_zeros_start_zero_and_are_reused_per_name():
-    z = _workspace.zeros("test.z", 4, 5, torch.float32, "cpu")
-    assert z.shape == (4, 5) and bool((z == 0).all())
-    z[1, 2] = 3.0  # a caller writes entries and clears them again before handing the matrix back
-    z[1, 2] = 0.0
-    assert _workspace.zeros("test.z", 2, 5, torch.float32, "cpu").data_ptr() == z.data_ptr()
-    grown = _workspace.zeros("test.z", 8, 5, torch.float32, "cpu")
-    assert grown.data_ptr() != z.data_ptr() and bool((grown == 0).all())

@@ -30,18 +30,6 @@ def matrix(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch
     return buffer(name, rows * cols, dtype, device).view(rows, cols)
 
 
-def zeros(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A (rows, cols) matrix of zeros kept per thread between calls, that the caller hands back all zero
-    (it may write a few entries, and must set them to 0 again, also on error): a sparse operand such as
-    a one-hot gradient costs no fill pass."""
-    key = f"zeros.{name}"
-    held = getattr(_held, key, None)
-    if held is None or held.numel() < rows * cols or held.dtype != dtype or held.device != torch.device(device):
-        held = torch.zeros(rows * cols, dtype=dtype, device=device)
-        setattr(_held, key, held)
-    return held[:rows * cols].view(rows, cols)
-
-
 def _use_count(storage) -> int:
     """References to storage's memory (tensors, views, autograd's saved tensors, Python storage objects);
     0 where this torch cannot tell (a private function: then nothing is reused)."""

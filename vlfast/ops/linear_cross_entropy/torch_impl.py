@@ -1,10 +1,11 @@
 """Linear + cross-entropy from PyTorch's own kernels: the "torch" implementation (impl="auto" on a CPU).
 
 The math is reference.py's. Rows go in chunks whose logits (float32, float64 for float64 inputs) fit in
-CHUNK_BYTES, so memory stays bounded for any N; each chunk is one GEMM, torch's log_softmax written over
-the logits, then the gradient G = dloss/dlogits (log_softmax's backward) written over them too, and two
-GEMMs for d_hidden and d_weight. The chunk buffers (logits, a zero matrix for log_softmax's backward,
-and bf16's copies) are scratch kept between calls; no step allocates more.
+CHUNK_BYTES, so memory stays bounded for any N; each chunk is one GEMM, then, a block of rows at a time
+(SUB_BYTES of scores, in cache), torch's softmax written over the logits (the loss takes log p_t of the
+target column) and the gradient G = dloss/dlogits, the probabilities scaled per row in place; then two
+GEMMs for d_hidden and d_weight. The chunk buffers (the GEMM's logits, bf16's float32 block) are scratch
+kept between calls; no step allocates more.
 
 Precision: bfloat16 inputs use bfloat16 GEMMs (AMX / AVX512-BF16 kernels through oneDNN are several
 times faster than float32 ones on CPUs that have them; they accumulate in float32). The logits come out
@@ -32,6 +33,14 @@ CHUNK_BYTES = 64 << 20
 # 47 ms with its gradients).
 CACHE_CHUNK_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
+# A chunk's softmax and gradient go SUB_BYTES of scores at a time (at least MIN_SUB_ROWS rows): the
+# passes over a block then stay in cache (1024 x 512 x V4096 bf16: 256-row blocks took 0.55 ms less than
+# the whole 16 MiB chunk).
+SUB_BYTES = 4 << 20
+MIN_SUB_ROWS = 32
+# A target probability below this (log p_t < -69) takes lse from the row's logits, not log p_t: float32
+# keeps full precision down to 1.2e-38, and 1e-30 leaves the softmax's own rounding room.
+TINY_P = 1e-30
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,8 +53,15 @@ def chunk_rows(v: int, ct: torch.dtype) -> int:
     return max(1, min(CHUNK_BYTES // row, max(CACHE_CHUNK_BYTES // row, MIN_CHUNK_ROWS)))
 
 
+def sub_rows(v: int, ct: torch.dtype, rows: int) -> int:
+    """Rows of a chunk whose softmax and gradient run as one block."""
+    row = max(1, v * torch.finfo(ct).bits // 8)
+    return max(1, min(rows, max(SUB_BYTES // row, MIN_SUB_ROWS)))
+
+
 class _Chunk:
-    """The per-call constants and reusable buffers of the chunk loop (logits of at most `rows` rows)."""
+    """The per-call constants and reusable buffers of the chunk loop (logits of at most `rows` rows,
+    their softmax and gradient in blocks of `sub` rows)."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
                  label_smoothing: float, softcap: float, z_loss: float):
@@ -57,66 +73,102 @@ class _Chunk:
         self.safe_targets = torch.where(self.kept, targets, 0)  # ignored rows read column 0, weighted 0
         self.eps, self.softcap, self.z_loss = label_smoothing, softcap, z_loss
         self.rows = max(1, min(n, chunk_rows(v, self.ct)))
+        self.sub = sub_rows(v, self.ct, self.rows)
         self.weight_grad = None  # bf16 in one chunk: the finished d_weight (accumulate)
-        # scratch kept per thread between calls (vlfast._workspace): fresh chunks were faulted in page by page
-        self.logits = _workspace.matrix("linear_cross_entropy.logits", self.rows, v, self.ct, hidden.device)
-        # bf16: the GEMM's logits, later the bf16 copy of G
+        # scratch kept per thread between calls (vlfast._workspace): fresh chunks were faulted in page by page.
+        # The GEMM's logits (later G) go to `narrow` for bf16 (a block's float32 copy to `logits`), else to
+        # `logits`, in place.
+        dev = hidden.device
         self.narrow = None if self.gt == self.ct else \
-            _workspace.matrix("linear_cross_entropy.narrow", self.rows, v, self.gt, hidden.device)
-        self.tanh = _workspace.matrix("linear_cross_entropy.tanh", self.rows, v, self.ct, hidden.device) \
-            if softcap else None
+            _workspace.matrix("linear_cross_entropy.narrow", self.rows, v, self.gt, dev)
+        self.logits = _workspace.matrix("linear_cross_entropy.logits", self.rows if self.narrow is None else self.sub,
+                                        v, self.ct, dev)
+        self.tanh = _workspace.matrix("linear_cross_entropy.tanh", self.sub, v, self.ct, dev) if softcap else None
 
-    def logits_of(self, r0: int, r1: int) -> Tensor:
-        """z (C, V) for rows r0:r1, softcapped, in the chunk's logits buffer (tanh(raw / c) kept for G)."""
-        c = r1 - r0
-        z = self.logits[:c]
-        h = self.hidden[r0:r1]
+    def _gemm(self, h: Tensor, out: Tensor) -> Tensor:
+        """h @ W.T + b (rows of h, V) in the GEMM dtype, in `out` or (oneDNN's float32) a fresh tensor."""
         # the bias inside the GEMM, before a bf16 output's rounding (a logit near 0 stays exact)
-        out = z if self.narrow is None else self.narrow[:c]
-        if self.gt == torch.float32:  # oneDNN where it beats the BLAS: a fresh z (vlfast._gemm.linear_f32)
-            z = linear_f32(h, self.weight, self.bias, out=out)
-        elif self.bias is None:
-            torch.mm(h, self.weight.T, out=out)
-        else:
-            torch.addmm(self.bias, h, self.weight.T, out=out)
-        if self.narrow is not None:
-            z.copy_(out)
-        if self.softcap:
-            t = self.tanh[:c]
-            torch.div(z, self.softcap, out=t).tanh_()
-            torch.mul(t, self.softcap, out=z)
-        return z
+        if self.gt == torch.float32:  # oneDNN where it beats the BLAS (vlfast._gemm.linear_f32)
+            return linear_f32(h, self.weight, self.bias, out=out)
+        if self.bias is None:
+            return torch.mm(h, self.weight.T, out=out)
+        return torch.addmm(self.bias, h, self.weight.T, out=out)
 
-    def losses(self, z: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
-        """(lse (C,), loss (C,)) of capped logits z; turns z into log-probabilities in place."""
+    def _cap(self, z: Tensor, t: Tensor) -> Tensor:
+        """z <- c * tanh(z / c) in place, tanh(z / c) kept in t (G's chain factor)."""
+        torch.div(z, self.softcap, out=t).tanh_()
+        return torch.mul(t, self.softcap, out=z)
+
+    def run(self, r0: int, r1: int, lse: Tensor, loss: Optional[Tensor], w: Optional[Tensor],
+            db: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
+        """Rows r0:r1: their GEMM, then block by block the softmax, the loss and the gradient. The forward
+        (loss given) writes lse[r0:r1] and loss[r0:r1]; the backward's recompute (loss None) reads lse. With
+        row weights w (N,): adds G's column sums to db and returns (G, g_t): G (C, V) in the GEMM dtype over
+        the chunk's logits, its target column 0, and g_t (C,) that column's entries, exact in the compute
+        dtype."""
+        raw = self._gemm(self.hidden[r0:r1], self.logits[:r1 - r0] if self.narrow is None else self.narrow[:r1 - r0])
+        g_t = None if w is None else torch.empty(r1 - r0, dtype=self.ct, device=raw.device)
+        for a in range(0, r1 - r0, self.sub):
+            b = min(r1 - r0, a + self.sub)
+            s0, s1 = r0 + a, r0 + b
+            z = raw[a:b] if self.narrow is None else self.logits[:b - a].copy_(raw[a:b])
+            if self.softcap:
+                self._cap(z, self.tanh[:b - a])
+            z_t, p_t, z_mean = self.softmax(z, s0, s1, want_mean=loss is not None and bool(self.eps))
+            if loss is not None:
+                lse[s0:s1], loss[s0:s1], logp_t = self.losses(z_t, p_t, z_mean, s0, s1)
+            else:  # p normalised again; log p_t from the forward's lse
+                logp_t = z_t - lse[s0:s1]
+            if w is not None:
+                g, g_t[a:b] = self.gradient(z, lse[s0:s1], logp_t, w[s0:s1], s0, s1)
+                if db is not None:
+                    db.add_(g.sum(dim=0))
+                if self.narrow is not None:
+                    raw[a:b].copy_(g)
+        return None if w is None else (raw, g_t)
+
+    def softmax(self, z: Tensor, r0: int, r1: int, want_mean: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(z_t, p_t, mean_j z or None), each (C,): the target column's logit and probability, and the row
+        mean of z when want_mean; turns z (C, V) into its softmax in place."""
         tc = self.safe_targets[r0:r1, None]
         z_t = z.gather(1, tc)[:, 0]
-        torch._log_softmax(z, 1, False, out=z)
-        logp_t = z.gather(1, tc)[:, 0]
+        z_mean = z.mean(dim=1) if want_mean else None
+        torch._softmax(z, 1, False, out=z)
+        return z_t, z.gather(1, tc)[:, 0], z_mean
+
+    def losses(self, z_t: Tensor, p_t: Tensor, z_mean: Optional[Tensor], r0: int, r1: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """(lse, loss, log p_t), each (C,), of rows r0:r1 from softmax's results."""
+        logp_t = p_t.log()
+        # p_t below float32's normal range (a target the row rules out by ~70 nats or more) has lost its
+        # digits: those rows' lse is the logsumexp of their logits, computed again
+        low = p_t < TINY_P
+        if bool(low.any()):
+            idx = low.nonzero()[:, 0]
+            logp_t = logp_t.index_put((idx,), z_t[idx] - self._logsumexp(r0 + idx))
         lse = z_t - logp_t
-        loss = -logp_t if not self.eps else (self.eps - 1) * logp_t - self.eps * z.mean(dim=1)
+        loss = -logp_t if not self.eps else (self.eps - 1) * logp_t - self.eps * (z_mean - lse)
         if self.z_loss:
             loss = loss + self.z_loss * lse ** 2
-        return lse, torch.where(self.kept[r0:r1], loss, 0)
+        return lse, torch.where(self.kept[r0:r1], loss, 0), logp_t
 
-    def gradient(self, logp: Tensor, lse: Tensor, w: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
-        """(G, g_t): G (C, V) = w_i * dloss_i / draw_ij written over the log-probabilities logp (C, V),
+    def _logsumexp(self, rows: Tensor) -> Tensor:
+        """logsumexp of the capped logits of `rows` (global row indices), from their own GEMM (its bf16
+        rounding may differ from the chunk's GEMM's in the last bit)."""
+        h = self.hidden.index_select(0, rows)
+        z = self._gemm(h, torch.empty(h.shape[0], self.weight.shape[0], dtype=self.gt, device=h.device)).to(self.ct)
+        if self.softcap:
+            self._cap(z, torch.empty_like(z))
+        return torch.logsumexp(z, dim=1)
+
+    def gradient(self, p: Tensor, lse: Tensor, logp_t: Tensor, w: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """(G, g_t) of rows r0:r1: G (C, V) = w_i * dloss_i / draw_ij written over their probabilities p (C, V),
         without the target column (set to 0); g_t (C,) that column's entries, exact in the compute dtype."""
-        c, v = logp.shape
+        c, v = p.shape
         tc = self.safe_targets[r0:r1, None]
-        logp_t = logp.gather(1, tc)[:, 0]
-        # off the target: w * (p + 2 z_loss lse p - eps / V). scale * p is log_softmax's backward for an
-        # upstream gradient of -scale at the target and 0 elsewhere, written over logp: one pass with
-        # log_softmax's own exp (1024 x 4096: 0.71 ms, against 1.4 for exp_ and mul_). The upstream
-        # gradient is a kept zero matrix whose target entries are set and cleared again.
-        scale = w * (1 + (2 * self.z_loss) * lse) if self.z_loss else w
-        upstream = _workspace.zeros("linear_cross_entropy.upstream", c, v, logp.dtype, logp.device)
-        try:
-            upstream.scatter_(1, tc, -scale[:, None])
-            # elementwise per row after the row's sum of upstream: out may be logp itself
-            g = torch.ops.aten._log_softmax_backward_data.out(upstream, logp, 1, logp.dtype, out=logp)
-        finally:
-            upstream.scatter_(1, tc, 0.0)
+        # off the target: w * (p + 2 z_loss lse p - eps / V), the row's factor applied in place (1024 x
+        # 4096: softmax and this pass 1.0 ms, where log_softmax and its backward took 1.6)
+        g = p.mul_((w * (1 + (2 * self.z_loss) * lse) if self.z_loss else w)[:, None])
         if self.eps:
             g.sub_((w * (self.eps / v))[:, None])
         # on the target, term by term as reference.py (p_t - 1 as expm1: no cancellation)
@@ -126,19 +178,19 @@ class _Chunk:
             g_t = g_t + (2 * self.z_loss) * lse * p_t
         g_t = g_t * w
         if self.softcap:  # chain factor d(c tanh(raw / c)) / draw = 1 - tanh^2
-            t = self.tanh[:g.shape[0]]
+            t = self.tanh[:c]
             g_t = g_t * (1 - t.gather(1, tc)[:, 0] ** 2)
             g.mul_(t.square_().neg_().add_(1))
         g.scatter_(1, tc, 0)
         return g, g_t
 
-    def accumulate(self, g: Tensor, g_t: Tensor, r0: int, r1: int, dh: Tensor, dw: Optional[Tensor],
+    def accumulate(self, gg: Tensor, g_t: Tensor, r0: int, r1: int, dh: Tensor, dw: Optional[Tensor],
                    db: Optional[Tensor], first: bool) -> Optional[Tensor]:
-        """dh[r0:r1] = G @ W, dw += G.T @ h, db += G.sum(0), with G's target column added exactly;
-        returns dw (the first chunk's float32 product may be a fresh tensor, not the dw passed in)."""
+        """dh[r0:r1] = G @ W, dw += G.T @ h, db's target entries, for G (C, V) in the GEMM dtype without
+        its target column, which g_t (C,) adds exactly; returns dw (the first chunk's float32 product may
+        be a fresh tensor, not the dw passed in)."""
         t = self.safe_targets[r0:r1]
         h = self.hidden[r0:r1]
-        gg = g if self.narrow is None else self.narrow[:g.shape[0]].copy_(g)
         if dh.shape[0]:
             dh[r0:r1] = torch.addcmul(_mm(gg, self.weight).to(self.ct), g_t[:, None],
                                       self.weight.index_select(0, t).to(self.ct))
@@ -153,9 +205,8 @@ class _Chunk:
                 dw = add_linear_f32_(dw, gg.T, h.T) if self.gt == torch.float32 else dw.addmm_(gg.T, h)
             dw.index_add_(0, t, g_t[:, None] * h.to(self.ct))
         if db is not None:
-            db.add_(g.sum(dim=0)).index_add_(0, t, g_t)
+            db.index_add_(0, t, g_t)
         return dw
-
 
     def _bf16_weight_grad(self, gg: Tensor, g_t: Tensor, t: Tensor, h: Tensor) -> Tensor:
         """d_weight (V, H) bf16 of a single chunk: the bf16 GEMM's result, where only the target rows
@@ -203,11 +254,9 @@ def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tens
     dh, dw, db = _buffers(chunk, n, h, v, hidden, need if eager else (False, False, False))
     for r0 in range(0, n, chunk.rows):
         r1 = min(n, r0 + chunk.rows)
-        z = chunk.logits_of(r0, r1)
-        lse[r0:r1], rows[r0:r1] = chunk.losses(z, r0, r1)
+        grads = chunk.run(r0, r1, lse, rows, w_rows, db)
         if eager:
-            g, g_t = chunk.gradient(z, lse[r0:r1], w_rows[r0:r1], r0, r1)
-            dw = chunk.accumulate(g, g_t, r0, r1, dh, dw, db, first=r0 == 0)
+            dw = chunk.accumulate(*grads, r0, r1, dh, dw, db, first=r0 == 0)
     loss = reduce(rows, targets, ignore_index, reduction)
     return (loss, lse, dh) + _finish(dw if chunk.weight_grad is None else chunk.weight_grad, db, weight)
 
@@ -224,8 +273,5 @@ def backward(grad_rows: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
     dh, dw, db = _buffers(chunk, n, h, v, hidden, need)
     for r0 in range(0, n, chunk.rows):
         r1 = min(n, r0 + chunk.rows)
-        z = chunk.logits_of(r0, r1)
-        logp = z.sub_(lse[r0:r1, None])
-        g, g_t = chunk.gradient(logp, lse[r0:r1], w_rows[r0:r1], r0, r1)
-        dw = chunk.accumulate(g, g_t, r0, r1, dh, dw, db, first=r0 == 0)
+        dw = chunk.accumulate(*chunk.run(r0, r1, lse, None, w_rows, db), r0, r1, dh, dw, db, first=r0 == 0)
     return (dh,) + _finish(dw if chunk.weight_grad is None else chunk.weight_grad, db, weight)
