@@ -28,9 +28,9 @@ from .reference import compute_dtype, reduce, row_weights
 # Bytes of one chunk's logits at most; tests shrink it to force many chunks.
 CHUNK_BYTES = 64 << 20
 # Rows are taken CACHE_CHUNK_BYTES of logits at a time, or MIN_CHUNK_ROWS when that is fewer rows: a
-# chunk that stays in cache between the GEMM and log_softmax ran 256 x 256 x V32000 in 16.3 ms against
-# 18.3 as one 32 MiB chunk, while chunks of fewer rows re-read the weight too often (8 MiB: 54 against
-# 47 ms with its gradients).
+# chunk that stays in cache between the GEMM and its log_softmax (before G came from the softmax) ran
+# 256 x 256 x V32000 in 16.3 ms against 18.3 as one 32 MiB chunk, while chunks of fewer rows re-read the
+# weight too often (8 MiB: 54 against 47 ms with its gradients).
 CACHE_CHUNK_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
 # A chunk's softmax and gradient go SUB_BYTES of scores at a time (at least MIN_SUB_ROWS rows): the
