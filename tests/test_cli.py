@@ -210,15 +210,21 @@ def test_bench_ratios_reads_a_saved_run(tmp_path):
     assert missing.returncode == 2 and "absent.json" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_cpu_contenders_are_timed_in_turns():
-    """On a CPU every contender of a case and mode runs once per round, in a rotated order."""
+@pytest.mark.parametrize("names", ["abc", "ab", "abcd"])
+def test_cpu_contenders_are_timed_in_turns(names):
+    """On a CPU every contender of a case and mode runs once per round, in a rotated order (two simply
+    alternate), and never twice in a row."""
     from vlfast.bench.common import MAX_ROUNDS, MIN_ROUNDS, measure_interleaved
     calls = []
-    ms = measure_interleaved({name: (lambda n=name: calls.append(n)) for name in "abc"})
-    assert set(ms) == set("abc") and all(t >= 0 for t in ms.values())
-    rounds = len(calls) // 3
-    assert MIN_ROUNDS <= rounds <= MAX_ROUNDS and len(calls) == 3 * rounds
-    assert calls[3:6] == ["b", "c", "a"]  # the second round starts one later
+    ms = measure_interleaved({name: (lambda n=name: calls.append(n)) for name in names})
+    n = len(names)
+    assert set(ms) == set(names) and all(t >= 0 for t in ms.values())
+    rounds = len(calls) // n
+    assert MIN_ROUNDS <= rounds <= MAX_ROUNDS and len(calls) == n * rounds
+    assert all(sorted(calls[i:i + n]) == list(names) for i in range(0, len(calls), n))
+    assert all(a != b for a, b in zip(calls, calls[1:]))
+    if n > 2:
+        assert calls[n:2 * n] == list(names[1:] + names[0])  # the second round starts one later
 
 
 def test_gpu_contenders_are_timed_one_at_a_time(monkeypatch):
