@@ -210,6 +210,29 @@ def test_bench_ratios_reads_a_saved_run(tmp_path):
     assert missing.returncode == 2 and "absent.json" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_bench_ratios_over_several_runs(tmp_path):
+    """More runs: the first run's table, and a last column with each row's lowest and highest ratio over all
+    of them (a row no other run has, or one without a correct peer, counts only where it has a ratio)."""
+    runs = [[_row("vlfast-torch", 1.0, 0.0), _row("peer", 2.0, 0.0), _row("vlfast-torch", 1.0, 0.0, case="d"),
+             _row("peer", 1.0, 0.5, case="d")],
+            [_row("vlfast-torch", 3.0, 0.0), _row("peer", 2.5, 0.0)],
+            [_row("vlfast-torch", 1.1, 0.0), _row("peer", 2.0, 0.0), _row("vlfast-torch", 1.0, 0.0, case="e"),
+             _row("peer", 1.0, 0.0, case="e")]]
+    paths = []
+    for i, rows in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(rows))
+    out = _run("-m", "vlfast", "bench", "--ratios", *map(str, paths))
+    assert out.returncode == 0, out.stderr
+    assert "| ratio | ratio over 3 runs |" in out.stdout
+    assert "| op | c | fwd | torch 1.00 | peer 2.00 | 0.50 | 0.50–1.20 (3) |" in out.stdout
+    assert "| op | d | fwd | torch 1.00 | none correct (peer wrong) | — | — |" in out.stdout
+    assert "| e |" not in out.stdout  # rows of the first run only
+    paths[1].write_text("not json")
+    bad = _run("-m", "vlfast", "bench", "--ratios", *map(str, paths))
+    assert bad.returncode == 2 and "run1.json" in bad.stderr
+
+
 @pytest.mark.parametrize("names", ["abc", "ab", "abcd"])
 def test_cpu_contenders_are_timed_in_turns(names):
     """On a CPU every contender of a case and mode runs once per round, in a rotated order (two simply

@@ -68,7 +68,10 @@ def write_json(rows: list, path: str) -> None:
 
 def read_json(path: str) -> list:
     """The rows of a run saved with --json."""
-    rows = json.loads(Path(path).read_text())
+    try:
+        rows = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"op", "case", "impl", "status"} <= set(r)
                                              for r in rows):
         raise ValueError(f"{path}: expected the JSON list of rows that `python -m vlfast bench --json` writes")
@@ -158,9 +161,19 @@ def ratios(rows: list) -> list:
     return out
 
 
-def ratio_table(rows: list) -> str:
-    """The ratios as a Markdown table (the README's CPU table is this, for one quick run)."""
-    lines = ["| op | case | mode | vlfast, ms | fastest correct peer, ms | ratio |", "|---|---|---|---|---|---|"]
+def ratio_table(rows: list, others: tuple = ()) -> str:
+    """The ratios as a Markdown table (the README's CPU table is this, for one quick run). others: the rows
+    of more runs; a last column then gives each row's lowest and highest ratio over all the runs, where a
+    busy host moves single rows from run to run."""
+    head, rule = "| op | case | mode | vlfast, ms | fastest correct peer, ms | ratio |", "|---|---|---|---|---|---|"
+    if others:
+        head, rule = head + f" ratio over {len(others) + 1} runs |", rule + "---|"
+    spread = {}
+    for run in (rows, *others):
+        for r in ratios(run):
+            if r["ratio"] is not None:
+                spread.setdefault((r["op"], r["case"], r["dtype"], r["mode"]), []).append(r["ratio"])
+    lines = [head, rule]
     for r in ratios(rows):
         wrong = f" ({', '.join(r['wrong_peers'])}: wrong)" if r["wrong_peers"] and r["peer"] else ""
         peer = (f"{r['peer']} {r['peer_ms']:.2f}{wrong}" if r["peer"]
@@ -168,7 +181,11 @@ def ratio_table(rows: list) -> str:
         peer += "".join(f" (bar, not a peer: {name} {ms:.2f})" for name, ms in r.get("bars", ()))
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "—"
         ours = r["impl"][len("vlfast-"):]
-        lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {ours} {r['ms']:.2f} | {peer} | {ratio} |")
+        line = f"| {r['op']} | {r['case']} | {r['mode']} | {ours} {r['ms']:.2f} | {peer} | {ratio} |"
+        if others:
+            seen = spread.get((r["op"], r["case"], r["dtype"], r["mode"]))
+            line += f" {min(seen):.2f}–{max(seen):.2f} ({len(seen)}) |" if seen else " — |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -43,8 +43,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: grouped bars per case, log-scale ms")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
-    p.add_argument("--ratios", metavar="PATH", help="run nothing: print the ratio table of the rows saved in PATH "
-                                                    "(a --json file)")
+    p.add_argument("--ratios", metavar="PATH", nargs="+",
+                   help="run nothing: print the ratio table of the rows saved in PATH (a --json file); given more "
+                        "runs, a last column has each row's lowest and highest ratio over them all")
     args = p.parse_args(argv)
     if args.ratios and (args.ops or args.json or args.plot):
         p.error("--ratios reads a saved run; it takes no ops, --json or --plot")
@@ -181,11 +182,11 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.ratios:
         try:
-            rows = report.read_json(args.ratios)
+            runs = [report.read_json(path) for path in args.ratios]
         except (OSError, ValueError) as e:  # a missing file, not JSON, not a run's rows
             print(f"python -m vlfast bench --ratios: {e}", file=sys.stderr)
             return 2
-        print(report.ratio_table(rows))
+        print(report.ratio_table(runs[0], tuple(runs[1:])))
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
