@@ -194,18 +194,39 @@ def test_one_length_for_every_row_under_a_batch_wide_mask(layout, sq, hq, length
     _run_and_check("torch", q, k, v, lengths, g, layout, _masks(34, 2)[kind])
 
 
+@pytest.mark.parametrize("runs", ["views", "gathered"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged-16"])
 @pytest.mark.parametrize("hq", [2, 4])
 @pytest.mark.parametrize("length", [300, 277, 40])
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
-def test_one_query_reads_only_the_keys_its_dalle_layer_keeps(layout, hq, length, kind):
-    """Past GATHER_MIN_KEYS keys in its span, a step's one query under a DALL-E layer gathers the keys it
-    keeps (a row: the text and its row so far) instead of masking the rest; GQA groups share them."""
+def test_one_query_reads_only_the_keys_its_dalle_layer_keeps(monkeypatch, runs, layout, hq, length, kind):
+    """Past GATHER_MIN_KEYS keys in its span, a step's one query under a DALL-E layer reads only the keys it
+    keeps (a row: the text and its row so far) instead of masking the rest, GQA groups sharing them: as
+    views of the cache, one kernel call per arithmetic run of them merged by lse (row and column layers), or
+    gathered into one call (more runs; forced here with MAX_KEY_RUNS = 0)."""
     from vlfast.ops.attention_decode import torch_impl
+    if runs == "gathered":
+        monkeypatch.setattr(torch_impl, "MAX_KEY_RUNS", 0)
     mask = masks.dalle(64, 16, 16, kind, kernel=5)
     assert 64 + 16 * 16 - 64 >= torch_impl.GATHER_MIN_KEYS
     q, k, v, lengths, g = _case(2, hq, 2, 1, 16, 320, [length, length], seed=length + hq)
     _run_and_check("torch", q, k, v, lengths, g, layout, mask)
+
+
+@pytest.mark.parametrize("kind, want", [("row", 2), ("column", 2), ("conv", 4)])
+def test_a_dalle_layers_kept_keys_as_runs(kind, want):
+    """What _forward_pattern reads for the last query of 300 keys: the text, then the layer's image keys (its
+    row so far; every 16th key of its column; the 5 x 5 window's rows up to it), as arithmetic runs that
+    cover exactly the kept keys."""
+    from vlfast.ops.attention_decode import torch_impl
+    mask = masks.dalle(64, 16, 16, kind, kernel=5)
+    pat = torch_impl.pattern(mask, 320, torch.float32, torch.device("cpu"))
+    cols, runs = pat.kept_keys(299, 300)
+    assert len(runs) == want and runs[0] == (0, 64, 1)
+    assert [c for start, stop, step in runs for c in range(start, stop, step)] == cols.tolist()
+    assert torch_impl.arithmetic_runs([0, 1, 2, 9, 13, 17]) == [(0, 3, 1), (9, 18, 4)]
+    assert torch_impl.arithmetic_runs([5]) == [(5, 6, 1)] and torch_impl.arithmetic_runs([]) == []
+    assert torch_impl.arithmetic_runs([3, 10]) == [(3, 11, 7)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
